@@ -1,0 +1,74 @@
+"""Shipmate: keeps containerized services at the right size, deploys and announces them.
+
+The public API for plugin authors is what this module exports; ``plugins``
+(the built-ins) import nothing else from ``agent``.
+
+Writing a plugin
+----------------
+A plugin is a module with ``@hookimpl`` functions named after the specs in
+:mod:`agent.hookspecs` (the whole contract). Offer a type of a kind::
+
+    from pydantic import Field
+    from agent import SourceConfig, Source, hookimpl
+
+    class QueueConfig(SourceConfig):
+        queue: str
+        per_instance: int = Field(100, ge=1)
+
+    class QueueSource(Source):
+        type_name = "queue"
+        Config = QueueConfig
+
+        def read(self) -> float:
+            return queue_length(self.config.queue) / self.config.per_instance
+
+    @hookimpl
+    def shipmate_source_types():
+        return [QueueSource]
+
+and ship it with an entry point in its ``pyproject.toml``::
+
+    [project.entry-points.shipmate]
+    queue = "shipmate_queue"
+
+Then ``source: {type: queue, queue: jobs}`` works in ``etc/agent.yaml``, and
+``shipmate plugins`` lists it.
+"""
+
+import pluggy
+
+from agent.durations import Duration, format_duration, parse_duration
+from agent.health import probe
+from agent.hookspecs import PROJECT
+from agent.instances import (
+    LABEL_CLUSTER,
+    LABEL_SERVICE,
+    LABEL_SLOT,
+    LABEL_VERSION,
+    Instance,
+    InstanceSpec,
+    fill,
+)
+from agent.kinds import (
+    Actuator,
+    Announcer,
+    Context,
+    PluginType,
+    Source,
+    SourceConfig,
+    SourceError,
+    Strategy,
+    TypeConfig,
+)
+from agent.store import Entry, Lease, Store, StoreError, Watch, WatchEvent
+
+hookimpl = pluggy.HookimplMarker(PROJECT)
+"""Marks a function as the implementation of the hook spec of the same name."""
+
+__all__ = [
+    "LABEL_CLUSTER", "LABEL_SERVICE", "LABEL_SLOT", "LABEL_VERSION", "PROJECT",
+    "Actuator", "Announcer", "Context", "Duration", "Entry", "Instance", "InstanceSpec",
+    "Lease", "PluginType", "Source", "SourceConfig", "SourceError", "Store", "StoreError",
+    "Strategy", "TypeConfig", "Watch", "WatchEvent",
+    "fill", "format_duration", "hookimpl", "parse_duration", "probe",
+]

@@ -1,0 +1,364 @@
+"""The config file: YAML with line numbers, ``${VAR}``, defaults, and every error at once.
+
+Loading goes in three steps, so that every mistake is reported with its file,
+line and key, and all of them together:
+
+1. YAML is composed into nodes (keeping each node's line) and turned into
+   plain data; ``${VAR}`` and ``${VAR:-default}`` are filled from the
+   environment; duplicate keys are errors.
+2. ``defaults`` are merged under each service (a plugin block whose ``type``
+   differs from the default's replaces it whole).
+3. The data is validated by a pydantic model built from the registered plugin
+   types, so plugin keys are checked (and appear in ``shipmate schema``) like
+   built-in ones.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from agent.durations import Duration
+from agent.plugins import Plugins
+
+NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+PLUGIN_BLOCKS = {"source": "source", "actuator": "actuator", "announce": "announcer",
+                 "deploy": "strategy"}
+Path_ = tuple[str | int, ...]
+
+
+class ConfigError(Exception):
+    """Every problem found in a config file, each as ``file:line: key: message``."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StoreConfig(Model):
+    backend: Literal["embedded", "etcd", "etcd2"] = "embedded"
+    path: Path = Path(".shipmate/state.db")
+    "embedded only; relative to the config file's folder"
+    endpoints: list[str] = ["http://127.0.0.1:2379"]
+    prefix: str = Field("/shipmate", pattern=r"^/")
+    timeout: Duration = 5.0
+
+
+class PluginsConfig(Model):
+    autoload: bool = True
+    block: list[str] = []
+
+
+class AgentConfig(Model):
+    cluster: str = Field(pattern=NAME)
+    store: StoreConfig = StoreConfig()
+    interval: Duration = 10.0
+    "a full pass at least this often"
+    http: str | None = Field(None, pattern=r"^[^:]*:\d+$")
+    "host:port of /healthz and /metrics"
+    state_dir: Path = Path(".shipmate")
+    "local state (process records, logs); relative to the config file's folder"
+    plugins: PluginsConfig = PluginsConfig()
+    grace: Duration = 10.0
+    "how long a stopping instance gets between SIGTERM and SIGKILL"
+    parallelism: int = Field(4, ge=1)
+    "starts and stops run at once per actuator"
+
+
+class HealthConfig(Model):
+    http: str | None = Field(None, pattern=r"^/")
+    "an HTTP path that must answer 2xx or 3xx"
+    tcp: bool = False
+    "a TCP connect to the instance's port"
+    timeout: Duration = 2.0
+    "how long one check may take"
+
+
+class PolicyConfig(Model):
+    min: int = Field(0, ge=0)
+    max: int | None = Field(None, ge=0)
+    cooldown: Duration = 0.0
+    max_step: int | None = Field(None, ge=1)
+    on_error: Literal["hold", "fallback"] = "hold"
+
+
+class ServiceBase(Model):
+    image: str | None = None
+    command: list[str] | None = None
+    port: int | None = Field(None, ge=1, le=65535)
+    env: dict[str, str] = {}
+    health: HealthConfig | None = None
+    policy: PolicyConfig = PolicyConfig()
+
+
+class Config(BaseModel):
+    """A loaded config: ``agent``, ``services`` (defaults merged in), and where it came from."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    agent: AgentConfig
+    services: dict[str, Any]
+    path: Path
+    base_dir: Path
+
+    def resolve(self, path: Path) -> Path:
+        """A path from the config, relative to the config file's folder."""
+        return path if path.is_absolute() else self.base_dir / path
+
+    @property
+    def key_prefix(self) -> str:
+        """``<prefix>/<cluster>``: where this cluster's keys live."""
+        return f"{self.agent.store.prefix.rstrip('/')}/{self.agent.cluster}"
+
+
+# ---------------------------------------------------------------- models
+
+
+def _union(plugins: Plugins, kind: str) -> Any:
+    models = [entry.model for entry in plugins.types[kind].values()]
+    if not models:
+        return None
+    key = "strategy" if kind == "strategy" else "type"
+    return Annotated[Union[tuple(models)], Field(discriminator=key)]  # noqa: UP007
+
+
+def service_model(plugins: Plugins) -> type[BaseModel]:
+    """The service model with each plugin block typed by the registered types."""
+    fields: dict[str, Any] = {}
+    for block, kind in PLUGIN_BLOCKS.items():
+        union = _union(plugins, kind)
+        if union is None:
+            fields[block] = (None, None)
+        elif block in ("source", "actuator"):
+            fields[block] = (union, ...)
+        else:
+            fields[block] = (union | None, None)
+    return create_model("ServiceConfig", __base__=ServiceBase, **fields)
+
+
+def file_model(plugins: Plugins, service: type[BaseModel] | None = None) -> type[BaseModel]:
+    """The model of the whole file (what ``shipmate schema`` prints)."""
+    service = service or service_model(plugins)
+    return create_model(
+        "ShipmateConfig", __base__=Model,
+        agent=(AgentConfig, ...),
+        defaults=(dict[str, Any], {}),
+        services=(dict[Annotated[str, Field(pattern=NAME)], service], {}),
+    )
+
+
+class _FileFields(BaseModel):
+    agent: AgentConfig
+    defaults: dict[str, Any] = {}
+    services: dict[str, Any] = {}
+
+
+FILE_MODEL_FIELDS = _FileFields
+
+
+# ---------------------------------------------------------------- YAML with lines
+
+
+class _Reader:
+    """Turns YAML nodes into data, recording the line of every key and value."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self.loader = yaml.SafeLoader(text)
+        self.source = source
+        self.lines: dict[Path_, int] = {}
+        self.errors: list[tuple[int, str, str]] = []
+
+    def read(self) -> Any:
+        node = self.loader.get_single_node()
+        return {} if node is None else self.value(node, ())
+
+    def value(self, node: yaml.Node, path: Path_) -> Any:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            self.loader.flatten_mapping(node)
+            out: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                key = self.loader.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in out:
+                    self.errors.append((line, _dotted(path + (key,)), "duplicate key"))
+                self.lines[path + (key,)] = line
+                out[key] = self.value(value_node, path + (key,))
+            return out
+        if isinstance(node, yaml.SequenceNode):
+            return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
+        scalar = self.loader.construct_object(node)
+        if isinstance(scalar, str) and "${" in scalar:
+            scalar = self.substitute(scalar, node.start_mark.line + 1, path)
+        return scalar
+
+    def substitute(self, text: str, line: int, path: Path_) -> str:
+        def repl(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            self.errors.append((line, _dotted(path), f"environment variable {name} is not set"))
+            return ""
+
+        return ENV_VAR.sub(repl, text)
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top)"
+
+
+# ---------------------------------------------------------------- defaults
+
+
+def merge(default: Any, override: Any) -> Any:
+    """``override`` laid over ``default``; a plugin block of another type replaces it."""
+    if not (isinstance(default, dict) and isinstance(override, dict)):
+        return override
+    for key in ("type", "strategy"):
+        if key in default and key in override and default[key] != override[key]:
+            return override
+    out = dict(default)
+    for key, value in override.items():
+        out[key] = merge(default[key], value) if key in default else value
+    return out
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _unwrap(annotation: Any) -> Any:
+    while hasattr(annotation, "__origin__") or hasattr(annotation, "__args__"):
+        args = [a for a in getattr(annotation, "__args__", ()) if a is not type(None)]
+        if hasattr(annotation, "__metadata__"):
+            annotation = annotation.__origin__
+        elif len(args) == 1:
+            annotation = args[0]
+        else:
+            return annotation
+    return annotation
+
+
+def _locate(loc: Path_, service_types: set[str]) -> Path_:
+    """Drop discriminator tags that pydantic puts in locations (``source.static.count``)."""
+    out: list[str | int] = []
+    for i, part in enumerate(loc):
+        if (i > 0 and loc[i - 1] in PLUGIN_BLOCKS and isinstance(part, str)
+                and part in service_types and len(loc) > i + 1):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _line(lines: dict[Path_, int], path: Path_) -> int:
+    """The line of ``path``; for a key merged from ``defaults``, the default's line."""
+    if path in lines:
+        return lines[path]
+    if len(path) > 2 and path[0] == "services" and ("defaults", *path[2:]) in lines:
+        return lines[("defaults", *path[2:])]
+    for n in range(len(path) - 1, 0, -1):
+        if path[:n] in lines:
+            return lines[path[:n]]
+    return 1
+
+
+def _allowed_keys(service: Any, loc: Path_, plugins: Plugins, data: Any) -> list[str]:
+    """The keys allowed at ``loc`` (for "did you mean" hints), following the chosen types."""
+    model: Any = FILE_MODEL_FIELDS
+    node = data
+    for i, part in enumerate(loc):
+        node = node.get(part) if isinstance(node, dict) else None
+        if loc[0] == "services" and i == 1:
+            model = service
+            continue
+        if loc[0] == "services" and i == 2 and part in PLUGIN_BLOCKS:
+            kind = PLUGIN_BLOCKS[part]
+            tag = node.get("strategy" if kind == "strategy" else "type") if isinstance(
+                node, dict) else None
+            entry = plugins.types[kind].get(tag)
+            model = entry.model if entry else None
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = _unwrap(fields[part].annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _messages(exc: ValidationError, service: Any, plugins: Plugins,
+              lines: dict[Path_, int], data: dict[str, Any]) -> list[tuple[int, str, str]]:
+    tags = {name for kind in plugins.types.values() for name in kind}
+    out = []
+    for err in exc.errors(include_input=False, include_url=False):
+        loc = _locate(tuple(err["loc"]), tags)
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(service, loc[:-1], plugins, data)
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key {loc[-1]!r}" + (
+                f" (did you mean {close[0]!r}?)" if close
+                else f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif err["type"] == "union_tag_invalid":
+            ctx = err.get("ctx", {})
+            msg = (f"unknown type {ctx.get('tag')!r}; installed: {ctx.get('expected_tags')}"
+                   " (`shipmate plugins` lists them)")
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        out.append((_line(lines, loc), _dotted(loc), msg))
+    return out
+
+
+def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
+    """Read, merge and validate a config file.
+
+    :raises ConfigError: with every problem, each naming file, line and key.
+    """
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([f"{source}: cannot read config: {exc.strerror}"]) from exc
+    reader = _Reader(text, source)
+    try:
+        data = reader.read()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc}"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from exc
+    problems = list(reader.errors)
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}:1: the file must be a mapping with agent and services"])
+    defaults = data.get("defaults") or {}
+    services = data.get("services") or {}
+    if isinstance(services, dict) and isinstance(defaults, dict):
+        data = {**data, "services": {name: merge(defaults, svc or {})
+                                     for name, svc in services.items()}}
+    service = service_model(plugins)
+    try:
+        parsed = file_model(plugins, service).model_validate(data)
+    except ValidationError as exc:
+        problems += _messages(exc, service, plugins, reader.lines, data)
+        parsed = None
+    if problems:
+        problems.sort(key=lambda p: p[0])
+        raise ConfigError([f"{source}:{line}: {key}: {msg}" for line, key, msg in problems])
+    assert parsed is not None
+    return Config(agent=parsed.agent, services=dict(parsed.services), path=path,
+                  base_dir=path.resolve().parent)

@@ -1,0 +1,164 @@
+"""The four plugin kinds: the small base class each type of a kind extends.
+
+A *type* (``static``, ``docker``, ``etcd``, ``rolling``...) is a class with a
+``type_name``, a pydantic ``Config`` model for its YAML block, and the one or
+two role methods of its kind. A plugin offers types through the registration
+hooks in :mod:`agent.hookspecs`; the agent builds one object per distinct
+config and calls the role methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from agent.durations import Duration
+
+if TYPE_CHECKING:
+    from agent.instances import Instance, InstanceSpec
+    from agent.store import Store
+
+
+class TypeConfig(BaseModel):
+    """Base of every type's config model: unknown keys are errors.
+
+    The registry adds the ``type`` field (a literal of the type's name), so a
+    type's model lists only its own keys.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(TypeConfig):
+    """Keys every source has."""
+
+    interval: Duration = 30.0
+    "how often the source is read, on its own schedule"
+    expiry: Duration | None = None
+    "a reading older than this is an error (default: three intervals)"
+
+
+@dataclass
+class Context:
+    """What the agent hands every plugin object it builds."""
+
+    cluster: str
+    store: Store
+    state_dir: Path
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("shipmate"))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PluginType:
+    """Common base: ``type_name``, ``Config``, and the constructor the agent calls."""
+
+    kind: ClassVar[str]
+    type_name: ClassVar[str]
+    Config: ClassVar[type[TypeConfig]] = TypeConfig
+
+    def __init__(self, config: Any, context: Context) -> None:
+        self.config = config
+        self.context = context
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Release clients and threads when the agent stops or reloads."""
+
+
+class SourceError(Exception):
+    """A source could not give a reading; the message says why (no secrets)."""
+
+
+class Source(PluginType):
+    """Reads how many instances a service should have."""
+
+    kind = "source"
+    Config: ClassVar[type[TypeConfig]] = SourceConfig
+
+    @abstractmethod
+    def read(self) -> float:
+        """The number of instances wanted now (fractions are rounded up).
+
+        Raise :class:`SourceError` (or any exception) when there is no good
+        reading; never return 0 for "unknown". None and NaN are errors too.
+        """
+
+
+class Actuator(PluginType, ABC):
+    """Lists, starts, stops and health-checks instances.
+
+    One object serves every service with the same actuator config, so
+    :meth:`list` is called once per pass for all of them.
+    """
+
+    kind = "actuator"
+    parallelism: int = 1
+    "how many starts or stops the loop may run at once on this actuator"
+
+    @abstractmethod
+    def list(self) -> list[Instance]:
+        """Every instance of this cluster this actuator can see, running or exited."""
+
+    @abstractmethod
+    def start(self, spec: InstanceSpec) -> Instance:
+        """Start one instance and return it (it need not be healthy yet)."""
+
+    @abstractmethod
+    def stop(self, instance: Instance, grace: float) -> None:
+        """Stop and remove ``instance``: ask nicely, force after ``grace`` seconds."""
+
+    def healthy(self, instance: Instance, check: Any) -> bool:
+        """Whether ``instance`` passes ``check`` (the service's ``health`` block, or None).
+
+        The default probes ``instance.host:instance.port`` over HTTP or TCP;
+        an actuator with a better source of truth (a container's HEALTHCHECK)
+        overrides it.
+        """
+        from agent.health import probe
+
+        return probe(instance, check)
+
+
+class Announcer(PluginType, ABC):
+    """Publishes healthy instances for service discovery.
+
+    One object serves every service with the same announce config.
+    """
+
+    kind = "announcer"
+
+    @abstractmethod
+    def sync(self, healthy: dict[str, list[Instance]]) -> None:
+        """Make the announced set of each service equal its healthy instances.
+
+        Called once per pass with every service this announcer serves (services
+        with no healthy instance map to an empty list): write what is missing,
+        remove what is stale, keep the rest alive.
+        """
+
+    @abstractmethod
+    def withdraw(self, instance: Instance) -> None:
+        """Remove one instance's announcement; called before it is stopped."""
+
+
+class Strategy(PluginType, ABC):
+    """Replaces one release of a service by another."""
+
+    kind = "strategy"
+
+    @abstractmethod
+    def run(self, deploy: Any) -> None:
+        """Carry out ``deploy`` (an :class:`agent.deploys.Deployment`) to the end.
+
+        Record progress through the deployment's journal so another agent can
+        resume; raise to fail (the deployment then rolls back).
+        """
+
+
+KINDS: dict[str, type[PluginType]] = {
+    "source": Source, "actuator": Actuator, "announcer": Announcer, "strategy": Strategy,
+}

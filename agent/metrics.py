@@ -1,0 +1,64 @@
+"""/metrics (Prometheus) and /healthz on ``agent.http``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+
+
+class Metrics:
+    """The agent's gauges and counters, in a registry of its own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["service"]
+        self.desired = Gauge("shipmate_desired_instances", "effective desired count", labels,
+                             registry=self.registry)
+        self.running = Gauge("shipmate_running_instances", "instances running", labels,
+                             registry=self.registry)
+        self.healthy = Gauge("shipmate_healthy_instances", "instances passing health", labels,
+                             registry=self.registry)
+        self.passes = Counter("shipmate_passes", "reconcile passes", registry=self.registry)
+        self.errors = Counter("shipmate_errors", "errors by where they happened", ["where"],
+                              registry=self.registry)
+        self.pass_seconds = Gauge("shipmate_pass_seconds", "duration of the last pass",
+                                  registry=self.registry)
+        self.leader = Gauge("shipmate_leader", "1 if this agent acts for the cluster",
+                            registry=self.registry)
+        self.last_pass = 0.0
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class _ThreadingServer(WSGIServer):
+    daemon_threads = True
+
+
+def serve(address: str, metrics: Metrics, stale_after: float) -> WSGIServer:
+    """Serve /metrics and /healthz on ``host:port`` from a daemon thread.
+
+    /healthz answers 200 while passes complete (or the agent is a standby), 503
+    when none completed for ``stale_after`` seconds.
+    """
+    host, port = address.rsplit(":", 1)
+    prometheus = make_wsgi_app(metrics.registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/healthz":
+            age = time.time() - metrics.last_pass
+            ok = age < stale_after
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])
+            return [f"{'ok' if ok else 'stale'}: last pass {age:.1f}s ago\n".encode()]
+        return prometheus(environ, start_response)
+
+    server = make_server(host or "127.0.0.1", int(port), app, server_class=_ThreadingServer,
+                         handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

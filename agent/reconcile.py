@@ -1,0 +1,305 @@
+"""The reconcile pass: compare what should run with what runs, and act.
+
+One pass costs one prefix read of the store (every service's desired,
+override, release and deploy keys at once) and one ``list`` per distinct
+actuator, whatever the number of services. Then, per service:
+
+- effective desired = ``override`` if present, else ``desired``; absent or
+  unreadable means *unknown*, and nothing is stopped or started by count;
+- a service with a ``deploy`` key is left to its deploy (no count changes);
+- exited instances are removed and their slots started again;
+- slots ``0 .. n-1`` that do not run are started; instances on slots ``>= n``
+  (and the older of two instances on one slot) are stopped, highest slot first,
+  each withdrawn from discovery before it is stopped;
+- healthy instances are announced, everything else de-announced.
+
+If the store cannot be read the pass does nothing at all: losing the store
+freezes changes, it never stops what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.instances import (
+    LABEL_CLUSTER,
+    LABEL_SERVICE,
+    LABEL_SLOT,
+    LABEL_VERSION,
+    Instance,
+    InstanceSpec,
+    fill,
+    instance_name,
+    release_version,
+)
+from agent.keys import Keys, parse_count
+from agent.kinds import Actuator, Announcer, Source
+from agent.store import Entry, Store
+
+log = logging.getLogger("shipmate.reconcile")
+
+
+@dataclass
+class ServiceRuntime:
+    """One configured service with the plugin objects that serve it."""
+
+    name: str
+    config: Any
+    cluster: str
+    source: Source
+    actuator: Actuator
+    announcer: Announcer | None
+
+    @property
+    def version(self) -> str:
+        c = self.config
+        return release_version(c.image, c.command, c.env, c.port)
+
+    def spec(self, slot: int, version: str | None = None, port: int | None = None,
+             image: str | None = None) -> InstanceSpec:
+        """The spec of ``slot``'s instance, with ``{port}``-style fields filled in."""
+        c = self.config
+        version = version or self.version
+        port = port if port is not None else (c.port + slot if c.port is not None else None)
+        name = instance_name(self.cluster, self.name, slot, version)
+        values = {"port": port, "instance": name, "service": self.name, "slot": slot}
+        labels = {LABEL_CLUSTER: self.cluster, LABEL_SERVICE: self.name,
+                  LABEL_VERSION: version, LABEL_SLOT: str(slot)}
+        return InstanceSpec(
+            cluster=self.cluster, service=self.name, slot=slot, version=version, name=name,
+            port=port, image=image or c.image,
+            command=[fill(part, **values) for part in c.command] if c.command else None,
+            env={k: fill(v, **values) for k, v in c.env.items()}, labels=labels,
+        )
+
+
+@dataclass(frozen=True)
+class Action:
+    """One start or stop the pass decided on."""
+
+    verb: str  # "start" | "stop"
+    service: str
+    slot: int
+    reason: str
+    instance: Instance | None = None
+
+    def __str__(self) -> str:
+        what = self.instance.name if self.instance else f"slot {self.slot}"
+        return f"{self.verb} {self.service} {what}: {self.reason}"
+
+
+@dataclass
+class ServiceView:
+    """What one pass saw of a service (``shipmate status`` shows it)."""
+
+    name: str
+    desired: int | None = None
+    override: int | None = None
+    release: dict[str, Any] | None = None
+    deploy: dict[str, Any] | None = None
+    instances: list[Instance] = field(default_factory=list)
+    healthy: list[Instance] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    listed: bool = True
+
+    @property
+    def effective(self) -> int | None:
+        return self.override if self.override is not None else self.desired
+
+    @property
+    def running(self) -> list[Instance]:
+        return [i for i in self.instances if i.running]
+
+
+def _json(entry: Entry | None, what: str, problems: list[str]) -> dict[str, Any] | None:
+    if entry is None:
+        return None
+    try:
+        value = json.loads(entry.value)
+        if isinstance(value, dict):
+            return value
+    except ValueError:
+        pass
+    problems.append(f"{what} key {entry.key} does not hold a JSON object")
+    return {"invalid": entry.value[:80]}
+
+
+def _count(entry: Entry | None, problems: list[str]) -> int | None:
+    if entry is None:
+        return None
+    count = parse_count(entry.value)
+    if count is None:
+        problems.append(f"{entry.key} holds {entry.value[:20]!r}, not a count: treated as unknown")
+    return count
+
+
+class Reconciler:
+    """Observes, plans and applies one pass over every service.
+
+    Built with its dependencies as keyword arguments so that tests can hand it
+    a real store and fresh plugin objects.
+    """
+
+    def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
+                 emit: Callable[..., None] = lambda *a, **k: None, grace: float = 10.0,
+                 parallelism: int = 4, health_workers: int = 16) -> None:
+        self.services = services
+        self.store = store
+        self.keys = keys
+        self.emit = emit
+        self.grace = grace
+        self.parallelism = parallelism
+        self.health_workers = health_workers
+
+    # ---------------------------------------------------------------- observe
+    def observe(self, *, check_health: bool = True) -> dict[str, ServiceView]:
+        """Read the store (one prefix read) and every actuator (one list each).
+
+        :raises StoreError: if the store cannot be read; the caller must then do nothing.
+        """
+        entries = self.store.get_prefix(self.keys.services)
+        per_service: dict[str, dict[str, Entry]] = defaultdict(dict)
+        for key, entry in entries.items():
+            parsed = self.keys.parse(key)
+            if parsed:
+                per_service[parsed[0]][parsed[1]] = entry
+        views = {}
+        for name in self.services:
+            got, problems = per_service.get(name, {}), []
+            views[name] = ServiceView(
+                name, desired=_count(got.get("desired"), problems),
+                override=_count(got.get("override"), problems),
+                release=_json(got.get("release"), "release", problems),
+                deploy=_json(got.get("deploy"), "deploy", problems), problems=problems)
+        for actuator, names in self._by_actuator().items():
+            try:
+                listed = actuator.list()
+            except Exception as exc:  # noqa: BLE001 - any actuator failure freezes its services
+                for name in names:
+                    views[name].listed = False
+                    views[name].problems.append(f"cannot list instances: {exc}")
+                continue
+            for instance in listed:
+                if instance.service in names:
+                    views[instance.service].instances.append(instance)
+        if check_health:
+            self._check_health(views)
+        return views
+
+    def _by_actuator(self) -> dict[Actuator, set[str]]:
+        out: dict[Actuator, set[str]] = defaultdict(set)
+        for name, runtime in self.services.items():
+            out[runtime.actuator].add(name)
+        return out
+
+    def _check_health(self, views: dict[str, ServiceView]) -> None:
+        jobs = [(view, instance) for view in views.values() for instance in view.running]
+        checks = {name: getattr(rt.config, "health", None) for name, rt in self.services.items()}
+
+        def check(job: tuple[ServiceView, Instance]) -> bool:
+            view, instance = job
+            if checks[view.name] is None:
+                return True
+            try:
+                return self.services[view.name].actuator.healthy(instance, checks[view.name])
+            except Exception:  # noqa: BLE001 - a failing check is an unhealthy instance
+                return False
+
+        if any(checks.values()) and jobs:
+            with ThreadPoolExecutor(self.health_workers) as pool:
+                results = list(pool.map(check, jobs))
+        else:
+            results = [True] * len(jobs)
+        for (view, instance), ok in zip(jobs, results, strict=True):
+            if ok:
+                view.healthy.append(instance)
+
+    # ---------------------------------------------------------------- plan
+    def plan(self, views: dict[str, ServiceView]) -> list[Action]:
+        """The starts and stops that would bring each service to its count."""
+        actions: list[Action] = []
+        for name, view in views.items():
+            if not view.listed:
+                continue
+            for instance in view.instances:
+                if not instance.running:
+                    actions.append(Action("stop", name, instance.slot, "exited", instance))
+            if view.deploy is not None:
+                continue  # the deploy owns this service's instances
+            n = view.effective
+            by_slot: dict[int, list[Instance]] = defaultdict(list)
+            for instance in view.running:
+                by_slot[instance.slot].append(instance)
+            current = self.services[name].version
+            for slot, group in sorted(by_slot.items(), reverse=True):
+                group.sort(key=lambda i: i.version != current)  # current version first
+                for extra in group[1:]:
+                    actions.append(Action("stop", name, slot, "duplicate of its slot", extra))
+                if n is not None and slot >= n:
+                    actions.append(Action("stop", name, slot, f"scale down to {n}", group[0]))
+            if n is None:
+                # unknown count: keep what runs, restart what crashed
+                for instance in view.instances:
+                    if not instance.running and instance.slot not in by_slot:
+                        actions.append(Action("start", name, instance.slot, "restart exited"))
+                continue
+            for slot in range(n):
+                if slot not in by_slot:
+                    actions.append(Action("start", name, slot, f"scale up to {n}"))
+        return actions
+
+    # ---------------------------------------------------------------- apply
+    def apply(self, actions: list[Action]) -> list[str]:
+        """Carry out ``actions`` (stops before starts, per actuator in parallel); errors in words."""
+        errors: list[str] = []
+        stops = [a for a in actions if a.verb == "stop"]
+        starts = [a for a in actions if a.verb == "start"]
+        for batch in (stops, starts):
+            by_actuator: dict[Actuator, list[Action]] = defaultdict(list)
+            for action in batch:
+                by_actuator[self.services[action.service].actuator].append(action)
+            for actuator, todo in by_actuator.items():
+                workers = max(1, min(self.parallelism, actuator.parallelism, len(todo)))
+                with ThreadPoolExecutor(workers) as pool:
+                    errors += [e for e in pool.map(self._do, todo) if e]
+        return errors
+
+    def _do(self, action: Action) -> str | None:
+        runtime = self.services[action.service]
+        try:
+            if action.verb == "stop":
+                assert action.instance is not None
+                if runtime.announcer is not None:
+                    runtime.announcer.withdraw(action.instance)
+                runtime.actuator.stop(action.instance, self.grace)
+                self.emit("shipmate_instance_stopped", instance=action.instance,
+                          reason=action.reason)
+            else:
+                instance = runtime.actuator.start(runtime.spec(action.slot))
+                self.emit("shipmate_instance_started", instance=instance)
+            log.info("%s", action)
+            return None
+        except Exception as exc:  # noqa: BLE001 - one failed action must not stop the others
+            log.error("%s failed: %s", action, exc)
+            return f"{action}: failed: {exc}"
+
+    def announce(self, views: dict[str, ServiceView], stopped: set[str]) -> list[str]:
+        """Sync every announcer with the healthy instances (minus those just stopped)."""
+        errors = []
+        groups: dict[Announcer, dict[str, list[Instance]]] = defaultdict(dict)
+        for name, view in views.items():
+            announcer = self.services[name].announcer
+            if announcer is not None and view.listed:
+                groups[announcer][name] = [i for i in view.healthy if i.name not in stopped]
+        for announcer, healthy in groups.items():
+            try:
+                announcer.sync(healthy)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"announce {', '.join(sorted(healthy))}: {exc}")
+        return errors

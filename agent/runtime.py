@@ -1,0 +1,342 @@
+"""The running agent: wiring config, plugins, store and loop together.
+
+:class:`Agent` owns the threads: the main loop (passes, reloads, leadership),
+the store watch that wakes it, the source polls on their own schedules, and
+the HTTP endpoint. SIGTERM and Ctrl-C stop the agent and leave every instance
+running; SIGHUP reloads the config (a bad new config is reported and the old
+one kept).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import schedule
+
+from agent.config import Config, ConfigError, load_config
+from agent.keys import Keys, parse_count
+from agent.kinds import Context, PluginType
+from agent.leader import Leadership
+from agent.metrics import Metrics, serve
+from agent.plugins import Plugins, load_plugins
+from agent.policy import Decision, decide
+from agent.reconcile import Reconciler, ServiceRuntime
+from agent.store import Store, StoreError, open_store
+
+log = logging.getLogger("shipmate")
+QUICK_PASS = 1.0  # seconds to the next pass while instances are starting
+
+
+def open_config(path: str | Path, *, plugins: Plugins | None = None) -> tuple[Config, Plugins]:
+    """Load plugins and the config; reload the plugins if the config blocks some.
+
+    :raises ConfigError, PluginError: with every problem named.
+    """
+    plugins = plugins or load_plugins()
+    config = load_config(path, plugins)
+    settings = config.agent.plugins
+    if settings.block or not settings.autoload:
+        plugins = load_plugins(block=settings.block, autoload=settings.autoload or None)
+        config = load_config(path, plugins)
+    return config, plugins
+
+
+def connect(config: Config) -> Store:
+    """Open the configured store (the embedded path relative to the config file)."""
+    settings = config.agent.store
+    if settings.backend == "embedded":
+        settings = settings.model_copy(update={"path": config.resolve(settings.path)})
+    return open_store(settings)
+
+
+class Builder:
+    """Builds plugin objects, one per distinct config, reusing them across reloads."""
+
+    def __init__(self, plugins: Plugins, context: Context) -> None:
+        self.plugins, self.context = plugins, context
+        self.shared: dict[tuple[str, str], PluginType] = {}
+
+    def make(self, kind: str, cfg: Any, share: bool = True) -> Any:
+        if cfg is None:
+            return None
+        name = cfg.strategy if kind == "strategy" else cfg.type
+        entry = self.plugins.types[kind][name]
+        key = (kind, cfg.model_dump_json())
+        if not share:
+            return entry.cls(cfg, self.context)
+        if key not in self.shared:
+            self.shared[key] = entry.cls(cfg, self.context)
+        return self.shared[key]
+
+    def services(self, config: Config) -> dict[str, ServiceRuntime]:
+        used = set()
+        out = {}
+        for name, svc in config.services.items():
+            actuator = self.make("actuator", svc.actuator)
+            announcer = self.make("announcer", svc.announce)
+            used |= {id(actuator), id(announcer)}
+            out[name] = ServiceRuntime(
+                name=name, config=svc, cluster=config.agent.cluster,
+                source=self.make("source", svc.source, share=False),
+                actuator=actuator, announcer=announcer)
+        for key, obj in list(self.shared.items()):
+            if id(obj) not in used:
+                obj.close()
+                del self.shared[key]
+        return out
+
+    def close(self) -> None:
+        for obj in self.shared.values():
+            obj.close()
+        self.shared.clear()
+
+
+@dataclass
+class Reading:
+    """The last poll of a service's source, for status and plan."""
+
+    at: float
+    value: float | None
+    error: str | None
+    decision: Decision
+
+
+class Scaler:
+    """Polls sources and writes desired counts through the policy (compare-and-set)."""
+
+    def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
+                 emit: Any, dry_run: bool = False) -> None:
+        self.services, self.store, self.keys = services, store, keys
+        self.emit, self.dry_run = emit, dry_run
+        self.readings: dict[str, Reading] = {}
+        self.changed_at: dict[str, float] = {}
+
+    def poll(self, name: str) -> Reading:
+        runtime = self.services[name]
+        value: float | None = None
+        error: str | None = None
+        try:
+            raw = runtime.source.read()
+            value = float(raw) if raw is not None else None
+            if value is None or math.isnan(value) or value < 0:
+                error, value = f"{runtime.source.type_name} source gave {raw!r}", None
+        except Exception as exc:  # noqa: BLE001 - a failing source is a held count
+            error = f"{runtime.source.type_name} source: {exc}"
+        now = time.time()
+        got = self.store.get_prefix(f"{self.keys.services}{name}/")
+        if self.keys.service(name, "deploy") in got:
+            decision = Decision(None, "paused: a deploy is in progress")
+        else:
+            entry = got.get(self.keys.service(name, "desired"))
+            current = parse_count(entry.value) if entry else None
+            since = now - self.changed_at[name] if name in self.changed_at else None
+            decision = decide(value, error, current, runtime.config.policy, since)
+            if decision.count is not None and not self.dry_run:
+                key = self.keys.service(name, "desired")
+                written = (self.store.create(key, str(decision.count)) if entry is None
+                           else self.store.replace(key, str(decision.count), entry.revision))
+                if written:
+                    self.changed_at[name] = now
+                    log.info("%s: desired %s", name, decision.reason)
+                    self.emit("shipmate_desired_changed", service=name, old=current,
+                              new=decision.count, reason=decision.reason)
+        if error:
+            log.warning("%s: %s", name, decision.reason)
+        reading = Reading(now, value, error, decision)
+        self.readings[name] = reading
+        return reading
+
+
+class Agent:
+    """The agent process. ``run()`` blocks until stopped and returns an exit code."""
+
+    def __init__(self, config_path: str | Path, *, dry_run: bool = False, once: bool = False,
+                 plugins: Plugins | None = None) -> None:
+        self.config_path = Path(config_path)
+        self.dry_run, self.once = dry_run, once
+        self.config, self.plugins = open_config(self.config_path, plugins=plugins)
+        self.store = connect(self.config)
+        self.keys = Keys(self.config.key_prefix)
+        self.metrics = Metrics()
+        self.leadership = Leadership(self.store, self.keys.leader)
+        context = Context(cluster=self.config.agent.cluster, store=self.store,
+                          state_dir=self.config.resolve(self.config.agent.state_dir))
+        self.builder = Builder(self.plugins, context)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._reload = False
+        self._polls: dict[str, Future[Any]] = {}
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="source")
+        self._next_pass = 0.0
+        self._apply_config()
+
+    # ---------------------------------------------------------------- wiring
+    def _apply_config(self) -> None:
+        agent = self.config.agent
+        self.services = self.builder.services(self.config)
+        emit = self.plugins.call_event
+        self.reconciler = Reconciler(services=self.services, store=self.store, keys=self.keys,
+                                     emit=emit, grace=agent.grace, parallelism=agent.parallelism)
+        self.scaler = Scaler(services=self.services, store=self.store, keys=self.keys,
+                             emit=emit, dry_run=self.dry_run)
+        self.scheduler = schedule.Scheduler()
+        for name, runtime in self.services.items():
+            self.scheduler.every(runtime.source.config.interval).seconds.do(self._poll, name)
+
+    def reload(self) -> None:
+        """Re-read the config; keep the old one if the new one has errors."""
+        try:
+            config, plugins = open_config(self.config_path)
+        except (ConfigError, Exception) as exc:  # noqa: BLE001
+            log.error("reload failed, keeping the running config:\n%s", exc)
+            return
+        if (config.agent.store != self.config.agent.store
+                or config.agent.cluster != self.config.agent.cluster):
+            log.error("reload: agent.store and agent.cluster cannot change while running; "
+                      "restart the agent")
+            return
+        self.config, self.plugins = config, plugins
+        self.builder.plugins = plugins
+        self._apply_config()
+        self._poll_all()
+        log.info("config reloaded: %d services", len(self.services))
+
+    # ---------------------------------------------------------------- work
+    def _poll(self, name: str) -> None:
+        if not (self.leadership.is_leader or self.dry_run):
+            return
+        running = self._polls.get(name)
+        if running is None or running.done():
+            self._polls[name] = self._pool.submit(self._poll_now, name)
+
+    def _poll_now(self, name: str) -> None:
+        try:
+            self.scaler.poll(name)
+        except StoreError as exc:
+            self.metrics.errors.labels("store").inc()
+            log.warning("%s: store unreachable, desired count unchanged: %s", name, exc)
+
+    def _poll_all(self) -> None:
+        for name in self.services:
+            self._poll(name)
+
+    def run_pass(self) -> None:
+        """One reconcile pass; with the store unreachable it changes nothing."""
+        started = time.monotonic()
+        try:
+            views = self.reconciler.observe()
+        except StoreError as exc:
+            self.metrics.errors.labels("store").inc()
+            log.warning("store unreachable, changing nothing: %s", exc)
+            return
+        actions = self.reconciler.plan(views)
+        if self.dry_run:
+            for action in actions:
+                log.info("would %s", action)
+            errors: list[str] = []
+        else:
+            errors = self.reconciler.apply(actions)
+            stopped = {a.instance.name for a in actions if a.instance is not None}
+            errors += self.reconciler.announce(views, stopped)
+        for error in errors + [p for v in views.values() for p in v.problems]:
+            self.metrics.errors.labels("pass").inc()
+            log.warning("%s", error)
+        for name, view in views.items():
+            self.metrics.desired.labels(name).set(
+                view.effective if view.effective is not None else math.nan)
+            self.metrics.running.labels(name).set(len(view.running))
+            self.metrics.healthy.labels(name).set(len(view.healthy))
+        self.metrics.passes.inc()
+        self.metrics.pass_seconds.set(time.monotonic() - started)
+        self.metrics.last_pass = time.time()
+        settling = any(a.verb == "start" for a in actions) or any(
+            len(v.healthy) < len(v.running) for v in views.values())
+        interval = QUICK_PASS if settling else self.config.agent.interval
+        self._next_pass = time.monotonic() + interval
+
+    def _on_watch(self, events: list[Any]) -> None:
+        self._wake.set()
+
+    # ---------------------------------------------------------------- main loop
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload = True
+        self._wake.set()
+
+    def run(self) -> int:
+        """Run until stopped (or one pass with ``once``); return the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+            signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
+        server = None
+        if self.config.agent.http and not self.once:
+            server = serve(self.config.agent.http, self.metrics,
+                           stale_after=max(3 * self.config.agent.interval, 30))
+        watch = self.store.watch(self.keys.services, self._on_watch)
+        try:
+            if self.once:
+                return self._run_once()
+            self._loop()
+            return 0
+        finally:
+            watch.cancel()
+            if server is not None:
+                server.shutdown()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self.builder.close()
+            if not self.dry_run:
+                self.leadership.resign()
+            self.store.close()
+            log.info("agent stopped; instances left running")
+
+    def _run_once(self) -> int:
+        if not self.dry_run and not self.leadership.campaign():
+            log.error("another agent leads this cluster; --once changes nothing")
+            return 1
+        for name in self.services:
+            self._poll_now(name)
+        self.run_pass()
+        return 0
+
+    def _loop(self) -> None:
+        log.info("agent started: cluster %s, %d services, store %s", self.config.agent.cluster,
+                 len(self.services), self.config.agent.store.backend)
+        next_campaign = 0.0
+        while not self._stop.is_set():
+            if self._reload:
+                self._reload = False
+                self.reload()
+            now = time.monotonic()
+            leading = self.dry_run or self.leadership.is_leader
+            if not leading and now >= next_campaign:
+                next_campaign = now + self.leadership.ttl / 3
+                try:
+                    leading = self.leadership.campaign()
+                except StoreError as exc:
+                    log.warning("store unreachable, cannot campaign: %s", exc)
+                if leading:
+                    self._poll_all()
+                    self._next_pass = 0.0
+            self.metrics.leader.set(1 if leading else 0)
+            if leading:
+                self.scheduler.run_pending()
+                if self._wake.is_set() or now >= self._next_pass:
+                    self._wake.clear()
+                    self.run_pass()
+            else:
+                self.metrics.last_pass = time.time()  # a healthy standby
+            timeout = max(0.0, min(self._next_pass - time.monotonic(),
+                                   self.scheduler.idle_seconds or 1.0, 1.0))
+            self._wake.wait(timeout)

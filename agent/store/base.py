@@ -1,0 +1,115 @@
+"""The store contract: one interface, three backends (embedded, etcd v3, etcd v2).
+
+Semantics every backend keeps (the contract suite in tests/agent/store checks them):
+
+- Keys and values are strings. Every write gets a ``revision`` that grows across the
+  whole store (etcd's mod_revision on v3, modifiedIndex on v2, a counter in the
+  embedded file), so a caller can compare-and-set against what it read.
+- ``create`` succeeds only if the key is absent; ``replace`` only if the key's
+  revision still equals the one given; ``delete`` with a revision likewise.
+  They return False on a lost race and never raise for it.
+- A :class:`Lease` gives keys a time to live. Keys written with a lease vanish
+  when it expires unless ``refresh`` is called in time; ``revoke`` removes them at
+  once. (etcd v3 has real leases; v2 and the embedded store keep the same promise
+  with per-key TTLs.)
+- ``watch`` calls back, from a background thread, with the changes under a
+  prefix. It is a wake-up signal: a watcher must tolerate missed or repeated
+  events and re-read state, because etcd may compact history and drop watches.
+- Any failure to reach the backend raises :class:`StoreError`, never a library's
+  own exception, so callers can freeze instead of acting on a half answer.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class StoreError(Exception):
+    """The store could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One key as read from the store."""
+
+    key: str
+    value: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """A change seen by a watch: ``value`` is None when the key was deleted or expired."""
+
+    key: str
+    value: str | None
+
+
+class Lease(ABC):
+    """A time to live shared by the keys written with it."""
+
+    ttl: float
+
+    @abstractmethod
+    def refresh(self) -> None:
+        """Extend the lease by its ttl from now. Raises StoreError if it already expired."""
+
+    @abstractmethod
+    def revoke(self) -> None:
+        """End the lease now, deleting its keys."""
+
+
+class Watch(ABC):
+    """A running watch; ``cancel`` stops it."""
+
+    @abstractmethod
+    def cancel(self) -> None:
+        """Stop watching; the callback is not called afterwards."""
+
+
+class Store(ABC):
+    """A consistent key-value store with compare-and-set, leases and watches.
+
+    ``round_trips`` counts requests sent to the backend, for benchmarks.
+    """
+
+    round_trips: int = 0
+
+    @abstractmethod
+    def get(self, key: str) -> Entry | None:
+        """The entry at ``key``, or None if absent."""
+
+    @abstractmethod
+    def get_prefix(self, prefix: str) -> dict[str, Entry]:
+        """Every entry whose key starts with ``prefix``, in one request."""
+
+    @abstractmethod
+    def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
+        """Write unconditionally; return the new revision."""
+
+    @abstractmethod
+    def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
+        """Write only if ``key`` is absent; False if it exists."""
+
+    @abstractmethod
+    def replace(
+        self, key: str, value: str, revision: int, *, lease: Lease | None = None
+    ) -> bool:
+        """Write only if ``key`` exists at ``revision``; False otherwise."""
+
+    @abstractmethod
+    def delete(self, key: str, revision: int | None = None) -> bool:
+        """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""
+
+    @abstractmethod
+    def lease(self, ttl: float) -> Lease:
+        """Grant a lease of ``ttl`` seconds."""
+
+    @abstractmethod
+    def watch(self, prefix: str, callback: Callable[[list[WatchEvent]], None]) -> Watch:
+        """Call ``callback`` from a background thread with changes under ``prefix``."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends with nothing to release
+        """Release connections and threads."""

@@ -1,0 +1,441 @@
+"""The ``etcd`` backend: etcd's v3 API through its grpc-gateway (JSON over HTTP), with etcd3gw.
+
+Keys and values travel base64-encoded as UTF-8 bytes (etcd3gw's own string
+encoding is latin-1, which would not match what ``etcdctl`` writes, so this
+module hands it bytes). Compare-and-set operations are real etcd transactions:
+``create`` compares ``create_revision == 0``, ``replace`` and ``delete`` compare
+``mod_revision``. Leases are etcd leases; ``refresh`` is one keep-alive.
+
+Endpoints are tried in turn: reads, lease keep-alives and any request that never
+reached a server move on to the next endpoint; a write whose fate is unknown
+raises :class:`StoreError` instead of being retried elsewhere (a replayed
+``create`` would report a lost race it actually won).
+
+A watch is one long-lived streaming ``POST /v3/watch`` read in a daemon thread.
+etcd3gw's own ``Watcher`` hides stream failures, so the stream is read here: it
+resumes from the next revision after an idle timeout, and after any failure it
+reconnects with a backoff and calls the callback with ``[]`` (re-read state),
+also when history was compacted or the store went backwards (a new data dir).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import math
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import requests
+from etcd3gw.client import Etcd3Client
+from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+from etcd3gw.lease import Lease as GwLease
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+
+from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+API_PATH = "/v3/"  # etcd >= 3.4; saves etcd3gw a /version request per endpoint
+WATCH_IDLE = 60.0  # seconds without a message before a watch re-opens its stream
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
+
+# Errors that mean "no answer from this endpoint" (as opposed to etcd answering with an error).
+_TRANSPORT = (ConnectionFailedError, ConnectionTimeoutError, requests.ConnectionError,
+              requests.Timeout)
+_FAILURES = (Etcd3Exception, requests.RequestException, ValueError, KeyError)
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8", "surrogateescape")).decode("ascii")
+
+
+def _b64_bytes(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(data: str | None) -> str:
+    return base64.b64decode(data or "").decode("utf-8", "surrogateescape")
+
+
+def range_end(prefix: str) -> bytes:
+    """The first key after every key that starts with ``prefix`` (etcd's prefix range end)."""
+    raw = bytearray(prefix.encode("utf-8", "surrogateescape"))
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return b"\0"  # every key
+    raw[-1] += 1
+    return bytes(raw)
+
+
+def display(url: str) -> str:
+    """An endpoint as it may appear in errors and logs: scheme://host:port, no credentials."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    host = parts.hostname or "?"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """True if the request certainly did not reach a server (so replaying it elsewhere is safe)."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, (NewConnectionError, ConnectTimeoutError, requests.ConnectTimeout)):
+            return True
+        todo += [err.__context__, err.__cause__, getattr(err, "reason", None),
+                 *[a for a in getattr(err, "args", ()) if isinstance(a, BaseException)]]
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, secret-free description of a failure."""
+    if isinstance(exc, (ConnectionTimeoutError, requests.Timeout)):
+        return "timed out"
+    if isinstance(exc, (ConnectionFailedError, requests.ConnectionError)):
+        if isinstance(exc, ConnectionFailedError) and exc.args:  # etcd answered 503
+            return f"unavailable: {_etcd_message(exc.detail_text)}"
+        return "cannot connect" if _never_sent(exc) else "connection lost"
+    if isinstance(exc, Etcd3Exception):
+        status = " ".join(str(a) for a in exc.args)
+        return f"{status or 'error'}: {_etcd_message(exc.detail_text)}".strip()
+    if isinstance(exc, ValueError):
+        return "malformed response"
+    return type(exc).__name__
+
+
+def _etcd_message(text: str | None) -> str:
+    try:
+        body = json.loads(text or "")
+        return str(body.get("message") or body.get("error") or "")[:200]
+    except (ValueError, AttributeError):
+        return (text or "")[:200]
+
+
+class _CountingSession(requests.Session):
+    """A requests session that counts every HTTP request it sends in its store's round_trips."""
+
+    def __init__(self, store: Etcd3Store) -> None:
+        super().__init__()
+        self.trust_env = False  # loopback etcd must never go through an http_proxy
+        self._store = weakref.ref(store)
+
+    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        store = self._store()
+        if store is not None:
+            with store._count_lock:
+                store.round_trips += 1
+        return super().request(*args, **kwargs)
+
+
+class Etcd3Lease(Lease):
+    """An etcd v3 lease; ``refresh`` sends one keep-alive."""
+
+    def __init__(self, store: Etcd3Store, lease_id: int, ttl: float) -> None:
+        self.store, self.id, self.ttl = store, lease_id, ttl
+
+    def refresh(self) -> None:
+        """Keep the lease alive for another ttl; StoreError if it already expired."""
+        ttl = self.store._call(lambda c: GwLease(self.id, c).refresh(), idempotent=True)
+        if ttl <= 0:
+            raise StoreError(f"lease {self.id:x} has expired")
+
+    def revoke(self) -> None:
+        """Revoke the lease (its keys are deleted); a lease that already expired is fine."""
+        try:
+            self.store._call(lambda c: GwLease(self.id, c).revoke(), idempotent=True)
+        except StoreError as exc:
+            if "lease not found" not in str(exc):
+                raise
+
+
+class Etcd3Watch(Watch):
+    """A prefix watch: a streaming ``/v3/watch`` request read by a daemon thread."""
+
+    def __init__(self, store: Etcd3Store, prefix: str,
+                 callback: Callable[[list[WatchEvent]], None]) -> None:
+        self._store, self._prefix, self._callback = store, prefix, callback
+        self._stop = threading.Event()
+        self._response: requests.Response | None = None
+        self._session = _CountingSession(store)
+        self._healthy = False  # the current stream was accepted by etcd
+        try:  # pin the start now, so every change after watch() returns is seen
+            self._next: int | None = store._head() + 1
+            self._resync = False
+        except StoreError:  # etcd is down: the thread connects later, then signals a re-read
+            self._next, self._resync = None, True
+        self._thread = threading.Thread(target=self._run, name=f"etcd3-watch {prefix}",
+                                        daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """Stop the thread and close its stream; the callback is not called afterwards."""
+        self._stop.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):  # already closed or released
+                response.raw.shutdown()  # unblocks the reading thread at once
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+
+    # -- the thread -------------------------------------------------------
+    def _deliver(self, events: list[WatchEvent]) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            self._callback(events)
+        except Exception:
+            log.exception("etcd watch callback for %s failed", self._prefix)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                self._connect()
+                continue  # an idle stream timed out: reopen where it stopped, nothing was lost
+            except _Resync:  # history compacted: start over from the head, after a re-read
+                self._next = None
+            except StoreError as exc:
+                log.debug("etcd watch on %s: %s", self._prefix, exc)
+            except Exception:  # never let the thread die
+                log.exception("etcd watch on %s failed", self._prefix)
+            self._resync = True
+            if self._healthy:
+                failures, self._healthy = 0, False
+            failures += 1  # never spin: every reconnect after a failure waits
+            self._stop.wait(min(BACKOFF_MAX, BACKOFF_MIN * 2 ** min(failures - 1, 8)))
+        self._session.close()
+
+    def _connect(self) -> None:
+        """Open a stream on the first endpoint that takes it and read it; return on idle timeout."""
+        head = self._store._head()
+        if self._next is None or head < self._next - 1:  # first contact, or a store gone backwards
+            self._next, self._resync = head + 1, True
+        errors = []
+        for index in self._store._order():
+            if self._stop.is_set():
+                return
+            try:
+                self._stream(index)
+                return
+            except _ReadIdle:
+                return
+            except _FAILURES as exc:
+                errors.append(f"etcd {self._store._names[index]}: {_reason(exc)}")
+        raise StoreError("; ".join(errors) or "cancelled")
+
+    def _stream(self, index: int) -> None:
+        """Read one watch stream from endpoint ``index``; raise when it fails or ends."""
+        client = self._store._clients[index]
+        request = {"create_request": {
+            "key": _b64(self._prefix or "\0"), "range_end": _b64_bytes(range_end(self._prefix)),
+            "start_revision": self._next,
+        }}
+        response = self._session.post(client.get_url("/watch"), json=request, stream=True,
+                                      timeout=(self._store.timeout, WATCH_IDLE))
+        self._response = response
+        try:
+            if self._stop.is_set():
+                return
+            if response.status_code != 200:
+                raise Etcd3Exception(response.text, response.reason)
+            buffer = b""
+            for chunk in response.iter_content(chunk_size=None):
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        self._message(json.loads(line))
+        except requests.ConnectionError as exc:
+            if _is_read_timeout(exc) and not self._stop.is_set():
+                raise _ReadIdle() from None
+            raise
+        finally:
+            self._response = None
+            response.close()
+        if not self._stop.is_set():
+            raise requests.ConnectionError("the watch stream ended")
+
+    def _message(self, message: dict[str, Any]) -> None:
+        if "error" in message:
+            raise Etcd3Exception(json.dumps(message["error"]), "watch error")
+        result = message.get("result", {})
+        if result.get("canceled") or int(result.get("compact_revision", 0)):
+            raise _Resync()  # compacted (or cancelled by etcd)
+        if result.get("created"):
+            self._healthy = True
+            if self._resync:
+                self._resync = False
+                self._deliver([])
+            return
+        batch = []
+        for event in result.get("events") or []:  # none: a progress notification
+            kv = event.get("kv", {})
+            value = None if event.get("type") == "DELETE" else _unb64(kv.get("value"))
+            batch.append(WatchEvent(_unb64(kv.get("key")), value))
+            self._next = max(self._next or 0, int(kv.get("mod_revision", 0)) + 1)
+        if batch:
+            self._deliver(batch)
+
+
+class _Resync(Exception):
+    """The watch lost history: re-read everything and start over from the head."""
+
+
+class _ReadIdle(Exception):
+    """No message within WATCH_IDLE: reopen the stream where it stopped."""
+
+
+def _is_read_timeout(exc: BaseException) -> bool:
+    return any(isinstance(a, ReadTimeoutError) for a in exc.args) or isinstance(
+        exc.__context__, ReadTimeoutError)
+
+
+class Etcd3Store(Store):
+    """The ``etcd`` backend: etcd's v3 API over HTTP at ``endpoints`` (tried in turn)."""
+
+    def __init__(self, endpoints: list[str], timeout: float = 5.0) -> None:
+        if not endpoints:
+            raise StoreError("etcd: no endpoints configured")
+        self.timeout = timeout
+        self.round_trips = 0
+        self._count_lock = threading.Lock()
+        self._names = [display(url) for url in endpoints]
+        self._clients: list[Etcd3Client] = []
+        for url in endpoints:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise StoreError(f"etcd: not an http(s) endpoint: {display(url)}")
+            self._clients.append(Etcd3Client(
+                host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
+                timeout=timeout, api_path=API_PATH, session=_CountingSession(self)))
+        self._current = 0
+        self._watches: weakref.WeakSet[Etcd3Watch] = weakref.WeakSet()
+
+    # -- plumbing ---------------------------------------------------------
+    def _order(self) -> list[int]:
+        n = len(self._clients)
+        return [(self._current + i) % n for i in range(n)]
+
+    def _call(self, fn: Callable[[Etcd3Client], T], *, idempotent: bool) -> T:
+        """Run ``fn`` against the endpoints in turn; every library failure becomes StoreError."""
+        errors = []
+        for index in self._order():
+            try:
+                result = fn(self._clients[index])
+            except _FAILURES as exc:
+                error = f"etcd {self._names[index]}: {_reason(exc)}"
+                if not isinstance(exc, _TRANSPORT) or not (idempotent or _never_sent(exc)):
+                    raise StoreError(error) from None
+                errors.append(error)
+                continue
+            self._current = index
+            return result
+        raise StoreError("; ".join(errors))
+
+    def _post(self, path: str, payload: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
+        return self._call(lambda c: c.post(c.get_url(path), json=payload), idempotent=idempotent)
+
+    def _head(self) -> int:
+        """The store's current revision (one small range request)."""
+        reply = self._post("/kv/range", {"key": _b64("\0"), "count_only": True, "limit": 1},
+                           idempotent=True)
+        return int(reply["header"]["revision"])
+
+    @staticmethod
+    def _entry(kv: dict[str, Any]) -> Entry:
+        return Entry(_unb64(kv["key"]), _unb64(kv.get("value")), int(kv["mod_revision"]))
+
+    @staticmethod
+    def _lease_id(lease: Lease | None) -> dict[str, Any]:
+        return {} if lease is None else {"lease": lease.id}  # type: ignore[attr-defined]
+
+    def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
+        txn = {"compare": compare, "success": success, "failure": []}
+        reply = self._call(lambda c: c.transaction(txn), idempotent=False)
+        return bool(reply.get("succeeded"))
+
+    # -- the contract -----------------------------------------------------
+    def get(self, key: str) -> Entry | None:
+        """The entry at ``key``, or None."""
+        reply = self._post("/kv/range", {"key": _b64(key)}, idempotent=True)
+        kvs = reply.get("kvs") or []
+        return self._entry(kvs[0]) if kvs else None
+
+    def get_prefix(self, prefix: str) -> dict[str, Entry]:
+        """Every entry under ``prefix``, in one range request."""
+        payload = {"key": _b64(prefix or "\0"), "range_end": _b64_bytes(range_end(prefix))}
+        reply = self._post("/kv/range", payload, idempotent=True)
+        entries = (self._entry(kv) for kv in reply.get("kvs") or [])
+        return {entry.key: entry for entry in entries}
+
+    def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
+        """Write unconditionally; return the new revision."""
+        payload = {"key": _b64(key), "value": _b64(value), **self._lease_id(lease)}
+        reply = self._post("/kv/put", payload, idempotent=False)
+        return int(reply["header"]["revision"])
+
+    def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
+        """Write only if ``key`` is absent (a transaction on create_revision == 0)."""
+        k = _b64(key)
+        return self._txn(
+            [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
+            [{"request_put": {"key": k, "value": _b64(value), **self._lease_id(lease)}}],
+        )
+
+    def replace(self, key: str, value: str, revision: int, *,
+                lease: Lease | None = None) -> bool:
+        """Write only if ``key`` exists at ``revision`` (a transaction on mod_revision)."""
+        if revision <= 0:
+            return False
+        k = _b64(key)
+        return self._txn(
+            [{"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision}],
+            [{"request_put": {"key": k, "value": _b64(value), **self._lease_id(lease)}}],
+        )
+
+    def delete(self, key: str, revision: int | None = None) -> bool:
+        """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""
+        k = _b64(key)
+        if revision is None:
+            reply = self._post("/kv/deleterange", {"key": k}, idempotent=False)
+            return int(reply.get("deleted", 0)) > 0
+        if revision <= 0:
+            return False
+        return self._txn(
+            [{"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision}],
+            [{"request_delete_range": {"key": k}}],
+        )
+
+    def lease(self, ttl: float) -> Lease:
+        """Grant an etcd lease of ``ttl`` seconds (rounded up; etcd may enforce a minimum)."""
+        seconds = max(1, math.ceil(ttl))
+        # a replayed grant only leaks an empty lease, which expires by itself
+        reply = self._post("/lease/grant", {"TTL": seconds, "ID": 0}, idempotent=True)
+        return Etcd3Lease(self, int(reply["ID"]), float(seconds))
+
+    def watch(self, prefix: str, callback: Callable[[list[WatchEvent]], None]) -> Watch:
+        """Watch ``prefix`` from now on, in a background thread (see the module docstring)."""
+        watch = Etcd3Watch(self, prefix, callback)
+        self._watches.add(watch)
+        return watch
+
+    def close(self) -> None:
+        """Cancel this store's watches and close its connections."""
+        for watch in list(self._watches):
+            watch.cancel()
+        for client in self._clients:
+            client.session.close()

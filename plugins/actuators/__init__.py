@@ -1,0 +1,1 @@
+"""Built-in actuators: what runs instances."""

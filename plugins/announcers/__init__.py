@@ -1,0 +1,1 @@
+"""Built-in announcers: where healthy instances are published."""

@@ -1,0 +1,1 @@
+"""Built-in sources: where desired counts come from."""

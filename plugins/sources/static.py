@@ -1,0 +1,27 @@
+"""The ``static`` source: a fixed count from the YAML."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from agent import Source, SourceConfig, hookimpl
+
+
+class StaticConfig(SourceConfig):
+    count: int = Field(ge=0)
+    "how many instances the service should have"
+
+
+class StaticSource(Source):
+    """Always reads ``count``."""
+
+    type_name = "static"
+    Config = StaticConfig
+
+    def read(self) -> float:
+        return self.config.count
+
+
+@hookimpl
+def shipmate_source_types() -> list[type[Source]]:
+    return [StaticSource]

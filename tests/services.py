@@ -1,0 +1,546 @@
+"""Real services for the test suite: etcd, dockerd, moto_server, prometheus.
+
+Each service runs from its own binary on free loopback ports, in its own
+temporary directory, and is started only when a test asks for it.  ``start()``
+waits until the service answers; ``stop()`` ends it by its own pid (SIGTERM,
+then SIGKILL, then whatever is left in its process group) and keeps its
+directory; ``close()`` stops it and removes the directory.  Every service still
+alive when the interpreter exits is closed by an ``atexit`` hook, and each child
+gets SIGTERM from the kernel if the test process dies without running it
+(Linux ``PR_SET_PDEATHSIG``; start services from the main thread).
+
+The output of a service goes to ``<dir>/service.log``; its last lines are in
+the error raised when a service fails to start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+POLL = 0.05  # seconds between readiness probes
+
+# Loopback only: never let an http_proxy from the environment see these requests.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+APT_PACKAGES = "etcd-server etcd-client docker.io busybox-static prometheus"
+
+
+class MissingDependency(RuntimeError):
+    """A binary or Python package that a service needs is not installed."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        super().__init__(f"{what} not found; {hint}")
+        self.what = what
+
+
+class ServiceError(RuntimeError):
+    """A service exited early or did not answer in time."""
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """Return ``count`` distinct TCP ports on 127.0.0.1 that are free right now."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``url`` without any proxy; return (status, body), also for HTTP errors."""
+    try:
+        with _OPENER.open(url, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` every POLL seconds until it is true; raise TimeoutError at the deadline.
+
+    Exceptions from ``check`` count as "not yet"; the last one is in the error.
+    """
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            if check():
+                return
+        except Exception as err:  # noqa: BLE001 - "not ready yet"
+            last = err
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not true after {timeout}s (last error: {last!r})")
+        time.sleep(POLL)
+
+
+def _find_binary(name: str, package: str) -> str:
+    path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
+    if path is None:
+        raise MissingDependency(
+            f"binary {name!r}",
+            f"install {package} (scripts/test does: apt-get install {APT_PACKAGES})",
+        )
+    return path
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """Return a preexec_fn that makes the child get SIGTERM when we die (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
+
+
+_PREEXEC = _die_with_parent()
+_LIVE: set[Service] = set()
+
+
+@atexit.register
+def _close_all() -> None:
+    for service in list(_LIVE):
+        service.close()
+
+
+class Service:
+    """Base class: one process, one temporary directory, one log file."""
+
+    start_timeout = 30.0
+    stop_timeout = 10.0
+
+    def __init__(self, prefix: str, tmp_root: str | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+        self.log_path = self.dir / "service.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+        _LIVE.add(self)
+
+    # -- to implement -----------------------------------------------------
+    def command(self) -> list[str]:
+        """The argv that runs the service."""
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """True once the service answers."""
+        raise NotImplementedError
+
+    # -- lifecycle --------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        """Pid of the running process, or None."""
+        return self._proc.pid if self.running else None  # type: ignore[union-attr]
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the process and wait until it answers (no-op if it runs)."""
+        if self.running:
+            return
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                self.command(),
+                cwd=self.dir,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_PREEXEC,  # noqa: PLW1509 - only prctl, safe after fork
+            )
+        _LIVE.add(self)
+        deadline = time.monotonic() + self.start_timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                raise ServiceError(f"{self!r} exited with code {code}:\n{self.log_tail()}")
+            try:
+                if self.ready():
+                    return
+            except Exception:  # noqa: BLE001, S110 - not ready yet
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(
+                    f"{self!r} did not answer in {self.start_timeout}s:\n{self.log_tail()}"
+                )
+            time.sleep(POLL)
+
+    def stop(self) -> None:
+        """Stop the process by its pid: SIGTERM, then SIGKILL; keep the directory."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # helpers it left in its own process group (e.g. dockerd's containerd)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop the process and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        _LIVE.discard(self)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the service's output."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} pid={self.pid} dir={self.dir}>"
+
+
+class Etcd(Service):
+    """etcd 3.4 on loopback with the v2 and v3 APIs enabled.
+
+    ``stop()`` then ``start()`` brings it back on the same port and data dir.
+    """
+
+    def __init__(self) -> None:
+        self.binary = _find_binary("etcd", "etcd-server")
+        self.etcdctl_binary = _find_binary("etcdctl", "etcd-client")
+        super().__init__("shipmate-etcd-")
+        self.port, self.peer_port = free_ports(2)
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.data_dir = self.dir / "data"
+
+    def command(self) -> list[str]:
+        """The etcd argv."""
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary,
+            "--name=default",
+            f"--data-dir={self.data_dir}",
+            "--enable-v2=true",
+            f"--listen-client-urls={self.endpoint}",
+            f"--advertise-client-urls={self.endpoint}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=default={peer}",
+            # one member, no peers: a short election timeout only makes startup fast
+            "--heartbeat-interval=20",
+            "--election-timeout=100",
+            "--logger=zap",
+            "--log-level=warn",
+        ]
+
+    def ready(self) -> bool:
+        """True once /health says the member is healthy."""
+        status, body = http_get(f"{self.endpoint}/health", timeout=1.0)
+        return status == 200 and json.loads(body).get("health") == "true"
+
+    def etcdctl(self, *args: str, timeout: float = 30.0) -> str:
+        """Run ``etcdctl`` (v3 API) here; return stdout; raise RuntimeError with stderr."""
+        env = dict(os.environ, ETCDCTL_API="3")
+        result = subprocess.run(
+            [self.etcdctl_binary, f"--endpoints={self.endpoint}", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"etcdctl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
+            )
+        return result.stdout
+
+
+# Busybox applets linked into the test image (all in /bin).
+_APPLETS = (
+    "sh",
+    "httpd",
+    "sleep",
+    "cat",
+    "echo",
+    "ls",
+    "env",
+    "true",
+    "false",
+    "wget",
+    "nc",
+    "kill",
+    "ps",
+    "id",
+)
+
+
+class Dockerd(Service):
+    """A private Docker daemon (vfs storage, no bridge, no iptables) on a short unix socket.
+
+    Talk to it with ``docker.DockerClient(base_url=dockerd.host)`` or ``dockerd.client()``,
+    or ``DOCKER_HOST=dockerd.host``.
+    """
+
+    start_timeout = 60.0
+    stop_timeout = 20.0
+
+    #: Image tags made by build_busybox_images().
+    WEB_V1 = "shipmate-test/web:v1"
+    WEB_V2 = "shipmate-test/web:v2"
+    WEB_BROKEN = "shipmate-test/web:broken"
+
+    def __init__(self) -> None:
+        self.binary = _find_binary("dockerd", "docker.io")
+        try:
+            import docker  # noqa: F401
+        except ImportError as err:
+            raise MissingDependency("python package 'docker'", "pip install -e '.[test]'") from err
+        # unix socket paths are limited to ~100 characters: stay directly under /tmp
+        super().__init__("smd-", tmp_root="/tmp")
+        self.socket = self.dir / "docker.sock"
+        self.host = f"unix://{self.socket}"
+        self._client: Any = None
+        self.images: dict[str, str] = {}
+
+    def command(self) -> list[str]:
+        """The dockerd argv."""
+        return [
+            self.binary,
+            f"--data-root={self.dir / 'data'}",
+            f"--exec-root={self.dir / 'exec'}",
+            f"--host={self.host}",
+            f"--pidfile={self.dir / 'docker.pid'}",
+            "--storage-driver=vfs",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--shutdown-timeout=2",
+            "--log-level=warn",
+        ]
+
+    def client(self) -> Any:
+        """A ``docker.DockerClient`` bound to this daemon (shared, created on first use)."""
+        if self._client is None:
+            import docker
+
+            self._client = docker.DockerClient(base_url=self.host, timeout=60)
+        return self._client
+
+    def ready(self) -> bool:
+        """True once the daemon answers /_ping."""
+        return self.socket.exists() and bool(self.client().ping())
+
+    def stop(self) -> None:
+        """Remove every container (fast, SIGKILL), then stop the daemon."""
+        if self.running:
+            try:
+                for container in self.client().containers.list(all=True):
+                    container.remove(force=True)
+            except Exception:  # noqa: BLE001, S110 - best effort; the daemon stops them anyway
+                pass
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        super().stop()
+        _unmount_under(self.dir)  # dockerd leaves exec/netns/default mounted
+
+    def build_busybox_images(self) -> dict[str, str]:
+        """Import the busybox test images; return {"v1": tag, "v2": tag, "broken": tag}.
+
+        Each image is a rootfs with a static /bin/busybox, applet links in /bin
+        and no default command.  Start the web server with
+        ``httpd -f -p PORT -h /www`` (``--network host``):
+
+        - ``shipmate-test/web:v1`` serves "v1\\n" at ``/`` (``/www/index.html``);
+        - ``shipmate-test/web:v2`` serves "v2\\n";
+        - ``shipmate-test/web:broken`` has no ``/www``: the same command exits at
+          once with code 1 ("can't change directory to '/www'") and never listens.
+        """
+        busybox = Path("/bin/busybox")
+        if not busybox.exists():
+            raise MissingDependency(
+                "/bin/busybox", f"install the Debian package busybox-static ({APT_PACKAGES})"
+            )
+        api = self.client().api
+        tags = {"v1": self.WEB_V1, "v2": self.WEB_V2, "broken": self.WEB_BROKEN}
+        for name, tag in tags.items():
+            www = None if name == "broken" else f"{name}\n".encode()
+            repository, _, version = tag.rpartition(":")
+            api.import_image_from_data(
+                _busybox_rootfs_tar(busybox, www),
+                repository=repository,
+                tag=version,
+                changes=["ENV PATH=/bin", "WORKDIR /"],
+            )
+        self.images = tags
+        return tags
+
+
+def _busybox_rootfs_tar(busybox: Path, index_html: bytes | None) -> bytes:
+    """A rootfs tarball: /bin/busybox, applet links, /tmp, and /www/index.html if given."""
+    buf = io.BytesIO()
+    now = int(time.time())
+
+    def add(name: str, kind: bytes, mode: int, data: bytes = b"", link: str = "") -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime, info.linkname, info.size = (
+            kind,
+            mode,
+            now,
+            link,
+            len(data),
+        )
+        tar.addfile(info, io.BytesIO(data) if data else None)
+
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        add("bin", tarfile.DIRTYPE, 0o755)
+        add("bin/busybox", tarfile.REGTYPE, 0o755, busybox.read_bytes())
+        for applet in _APPLETS:
+            add(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox")
+        add("tmp", tarfile.DIRTYPE, 0o1777)
+        add("etc", tarfile.DIRTYPE, 0o755)
+        add("etc/passwd", tarfile.REGTYPE, 0o644, b"root:x:0:0:root:/:/bin/sh\n")
+        if index_html is not None:
+            add("www", tarfile.DIRTYPE, 0o755)
+            add("www/index.html", tarfile.REGTYPE, 0o644, index_html)
+    return buf.getvalue()
+
+
+def _unmount_under(root: Path) -> None:
+    """Lazily unmount every mount point below ``root`` (deepest first)."""
+    prefix = f"{root}/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if line.split()[1].startswith(prefix)]
+    umount2 = ctypes.CDLL(None, use_errno=True).umount2
+    for point in sorted(points, key=len, reverse=True):
+        umount2(point.encode(), 2)  # MNT_DETACH
+
+
+class Moto(Service):
+    """``moto_server``: a local fake of the AWS APIs (ASG, ELB, ELBv2, EC2, ...).
+
+    Use boto3 with ``endpoint_url=moto.endpoint_url`` and fake credentials.
+    """
+
+    def __init__(self) -> None:
+        self.binary = _find_binary(
+            "moto_server", "moto[server] from PyPI (pip install -e '.[test]')"
+        )
+        super().__init__("shipmate-moto-")
+        self.port = free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        """The moto_server argv."""
+        return [self.binary, "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def ready(self) -> bool:
+        """True once the server answers HTTP."""
+        status, _ = http_get(f"{self.endpoint_url}/moto-api/data.json", timeout=1.0)
+        return status == 200
+
+    def reset(self) -> None:
+        """Forget every AWS resource created so far."""
+        req = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        with _OPENER.open(req, timeout=10):
+            pass
+
+
+class Prometheus(Service):
+    """Prometheus 2.x scraping ``targets`` (``"127.0.0.1:PORT"``) every second at /metrics."""
+
+    def __init__(self, targets: Iterable[str] = ()) -> None:
+        self.binary = _find_binary("prometheus", "prometheus")
+        super().__init__("shipmate-prometheus-")
+        self.targets = list(targets)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = self.dir / "prometheus.yml"
+        config = {
+            "global": {
+                "scrape_interval": "1s",
+                "scrape_timeout": "1s",
+                "evaluation_interval": "1s",
+            },
+            "scrape_configs": [
+                {"job_name": "shipmate", "static_configs": [{"targets": self.targets}]}
+            ],
+        }
+        self.config_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+
+    def command(self) -> list[str]:
+        """The prometheus argv."""
+        return [
+            self.binary,
+            f"--config.file={self.config_path}",
+            f"--storage.tsdb.path={self.dir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+
+    def ready(self) -> bool:
+        """True once /-/ready answers 200."""
+        return http_get(f"{self.url}/-/ready", timeout=1.0)[0] == 200
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Run an instant query; return ``data.result`` (raise on an error status)."""
+        status, body = http_get(
+            f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        )
+        doc = json.loads(body)
+        if status != 200 or doc.get("status") != "success":
+            raise RuntimeError(f"query {expr!r} failed ({status}): {doc}")
+        return doc["data"]["result"]
+
+    def wait_for_up(self, timeout: float = 15.0) -> None:
+        """Wait until ``up`` is 1 for every target."""
+        want = set(self.targets)
+
+        def all_up() -> bool:
+            up = {r["metric"].get("instance") for r in self.query("up") if r["value"][1] == "1"}
+            return want <= up
+
+        wait_until(all_up, timeout, f"prometheus up == 1 for {sorted(want)}")
