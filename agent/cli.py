@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -17,13 +16,12 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import ConfigError, file_model
-from agent.durations import format_duration
 from agent.keys import Keys
 from agent.plugins import PluginError, load_plugins
 from agent.store import StoreError
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def default_config() -> str:
@@ -114,9 +112,9 @@ def check(config_path: str) -> None:
 
 
 def _views(config_path: str, *, health: bool = True):
+    from agent.kinds import Context
     from agent.reconcile import Reconciler
     from agent.runtime import Builder, connect
-    from agent.kinds import Context
 
     config, plugins = _open(config_path)
     store = connect(config)
@@ -135,9 +133,9 @@ def _views(config_path: str, *, health: bool = True):
 @friendly
 def plan(config_path: str) -> None:
     """Show what one pass would do now, changing nothing."""
-    config, store, keys, builder, reconciler, views = _views(config_path)
     from agent.policy import decide
-    from agent.keys import parse_count
+
+    config, store, keys, builder, reconciler, views = _views(config_path)
 
     try:
         for name, runtime in reconciler.services.items():
@@ -151,6 +149,8 @@ def plan(config_path: str) -> None:
                 decision_text = "paused: a deploy is in progress"
             else:
                 decision_text = decision.reason
+                if decision.count is not None:
+                    view.desired = decision.count  # plan as the next pass would see it
             console.print(f"[bold]{name}[/bold]: source {runtime.source.type_name}: "
                           f"{'error: ' + error if error else format(value, 'g')}; "
                           f"desired {decision_text}", highlight=False)
@@ -161,7 +161,6 @@ def plan(config_path: str) -> None:
             console.print(f"  would {action}", highlight=False)
         if not actions:
             console.print("nothing to do")
-        del parse_count
     finally:
         builder.close()
         store.close()
@@ -277,5 +276,3 @@ def schema() -> None:
     plugins = load_plugins()
     click.echo(json.dumps(file_model(plugins).model_json_schema(), indent=2))
 
-
-del time, format_duration

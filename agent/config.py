@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from agent.durations import Duration
 from agent.plugins import Plugins
@@ -86,11 +93,54 @@ class HealthConfig(Model):
 
 
 class PolicyConfig(Model):
+    """How readings become a desired count; the rules are in :mod:`agent.policy`."""
+
     min: int = Field(0, ge=0)
+    "never fewer instances than this"
     max: int | None = Field(None, ge=0)
-    cooldown: Duration = 0.0
+    "never more instances than this (none: no upper limit)"
     max_step: int | None = Field(None, ge=1)
+    "the largest change of the count in one decision (none: no limit)"
+    cooldown: Duration | None = None
+    "sets both cooldown_up and cooldown_down (each may still be given on its own)"
+    cooldown_up: Duration | None = None
+    "after any change, how long before the count may rise (default: cooldown, else 0)"
+    cooldown_down: Duration | None = None
+    "after any change, how long before the count may fall (default: cooldown, else 0)"
+    stabilization: Duration = 0.0
+    "a scale-down goes only to the highest count recommended over this window"
     on_error: Literal["hold", "fallback"] = "hold"
+    "when the source fails: hold the count, or after fallback_after failures use fallback"
+    fallback: int | None = Field(None, ge=0)
+    "with on_error fallback: the count to rise to (never lowers the current count)"
+    fallback_after: int = Field(3, ge=1)
+    "consecutive failed readings before the fallback applies"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicyConfig:
+        if self.max is not None and self.max < self.min:
+            raise ValueError(f"max ({self.max}) is below min ({self.min})")
+        if self.on_error == "fallback" and self.fallback is None:
+            raise ValueError("on_error: fallback needs a fallback count (fallback: N)")
+        if self.fallback is not None and not (
+                self.min <= self.fallback <= (self.max if self.max is not None else self.fallback)):
+            raise ValueError(f"fallback ({self.fallback}) must lie within min ({self.min}) "
+                             f"and max ({self.max})")
+        return self
+
+    @property
+    def up_cooldown(self) -> float:
+        """Seconds after a change before the count may rise."""
+        return _first(self.cooldown_up, self.cooldown)
+
+    @property
+    def down_cooldown(self) -> float:
+        """Seconds after a change before the count may fall."""
+        return _first(self.cooldown_down, self.cooldown)
+
+
+def _first(*values: float | None) -> float:
+    return next((v for v in values if v is not None), 0.0)
 
 
 class ServiceBase(Model):
@@ -176,6 +226,7 @@ class _Reader:
         self.loader = yaml.SafeLoader(text)
         self.source = source
         self.lines: dict[Path_, int] = {}
+        self.from_env: set[str] = set()  # values taken from the environment: never echoed
         self.errors: list[tuple[int, str, str]] = []
 
     def read(self) -> Any:
@@ -206,6 +257,8 @@ class _Reader:
         def repl(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
             if name in os.environ:
+                if os.environ[name]:
+                    self.from_env.add(os.environ[name])
                 return os.environ[name]
             if default is not None:
                 return default
@@ -305,7 +358,7 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
     out = []
     for err in exc.errors(include_input=False, include_url=False):
         loc = _locate(tuple(err["loc"]), tags)
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(service, loc[:-1], plugins, data)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
@@ -320,6 +373,12 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
             msg = "required key is missing"
         out.append((_line(lines, loc), _dotted(loc), msg))
     return out
+
+
+def _redact(text: str, secrets: set[str]) -> str:
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
@@ -358,7 +417,8 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
         parsed = None
     if problems:
         problems.sort(key=lambda p: p[0])
-        raise ConfigError([f"{source}:{line}: {key}: {msg}" for line, key, msg in problems])
+        raise ConfigError([_redact(f"{source}:{line}: {key}: {msg}", reader.from_env)
+                           for line, key, msg in problems])
     assert parsed is not None
     return Config(agent=parsed.agent, services=dict(parsed.services), path=path,
                   base_dir=path.resolve().parent)

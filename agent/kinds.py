@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -52,6 +53,8 @@ class Context:
     state_dir: Path
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("shipmate"))
     extra: dict[str, Any] = field(default_factory=dict)
+    wake: Callable[[], None] | None = None
+    """Asks the running agent for a pass now (say, an instance died); None outside the agent."""
 
 
 class PluginType:

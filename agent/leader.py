@@ -9,6 +9,7 @@ instead of waiting out the lease.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -96,8 +97,6 @@ class Leadership:
         self._stop.set()
         with self._lock:
             if self._lease is not None:
-                try:
+                with contextlib.suppress(StoreError):
                     self._lease.revoke()
-                except StoreError:
-                    pass
                 self._lease = None

@@ -1,48 +1,290 @@
 """The scaling policy: readings in, a safe desired count out.
 
-Pure functions: the caller supplies the current count and the clock, so every
-rule is unit-testable. An error never lowers the count.
+:func:`decide` is a pure function: the caller hands it the policy, the state
+remembered from earlier polls, the desired count now in the store, the clock
+and the new reading (or the error that took its place), and gets back the
+count to write (if any), why, and the state to remember. The rules, in order:
+
+1. **A bad reading never lowers the count.** An error, an empty series, a
+   null, a NaN, an infinity or a negative number counts as a failure. With
+   ``on_error: hold`` the count stays (it may still rise to ``min``); with
+   ``on_error: fallback``, after ``fallback_after`` failures in a row, the count
+   rises to ``fallback`` if it is below it. A failure also records the held
+   count as a recommendation, so the stabilization window starts afresh after
+   every failure: a scale-down needs a whole window of good readings.
+2. A good reading is rounded up to whole instances and clamped to
+   ``[min, max]``: that is the reading's *recommendation*.
+3. **Scale-up** goes to the recommendation once ``cooldown_up`` has passed since
+   the last change (either way).
+4. **Scale-down** goes only to the highest recommendation of the last
+   ``stabilization`` seconds, once ``cooldown_down`` has passed since the last
+   change (either way).
+5. No decision moves the count by more than ``max_step``.
+6. With no count in the store yet, a good reading sets it directly.
+
+:class:`PolicyState` is what the policy remembers; the scaler keeps it as JSON
+in the store (``<prefix>/<cluster>/services/<service>/policy``) so that a
+restarted agent keeps honouring cooldowns and the stabilization window.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
+from numbers import Real
+from typing import Any
 
 from agent.config import PolicyConfig
+from agent.durations import format_duration
+
+MAX_ERROR = 300  # characters of an error message kept in the state
+
+
+@dataclass
+class PolicyState:
+    """What the policy remembers between polls (and what status shows)."""
+
+    last_up: float | None = None
+    "when the count last rose (or was first set)"
+    last_down: float | None = None
+    "when the count last fell"
+    recommendations: list[tuple[float, int]] = field(default_factory=list)
+    "(time, count) of the stabilization window, only those that can still be its highest"
+    failures: int = 0
+    "failed readings in a row"
+    reading: float | None = None
+    "the last good reading"
+    reading_at: float | None = None
+    error: str | None = None
+    "why the last poll had no good reading (None once a good one arrives)"
+    error_at: float | None = None
+    decision: str = ""
+    "the last decision, in words"
+    decided_at: float | None = None
+
+    @property
+    def last_change(self) -> float | None:
+        """When the count last changed either way."""
+        times = [t for t in (self.last_up, self.last_down) if t is not None]
+        return max(times) if times else None
+
+    def to_json(self) -> str:
+        """The state as stored (a JSON object)."""
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str) -> PolicyState:
+        """Parse a stored state; ValueError (saying what is wrong) if it is not one."""
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        names = {f for f in cls.__dataclass_fields__}
+        state = cls(**{k: v for k, v in data.items() if k in names})
+        state.recommendations = [(float(t), int(n)) for t, n in state.recommendations]
+        state.failures = int(state.failures)
+        return state
 
 
 @dataclass(frozen=True)
 class Decision:
-    """The count to write (None: keep what is there) and why, in words."""
+    """The count to write (None: keep what is there), why in words, and the new state."""
 
     count: int | None
     reason: str
+    state: PolicyState = field(default_factory=PolicyState, compare=False, repr=False)
 
 
-def decide(reading: float | None, error: str | None, current: int | None,
-           policy: PolicyConfig, since_change: float | None) -> Decision:
-    """Turn one reading into a decision.
+def reading_error(value: Any) -> str | None:
+    """Why ``value`` is not a usable reading (words that follow "gave"), or None if it is one."""
+    if value is None:
+        return "no value (null)"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        return f"{value!r}, not a number"
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return f"{value}, not a finite number"
+    if value < 0:
+        return f"{value:g}, a negative number"
+    return None
 
-    :param reading: the source's value (instances wanted), or None on error.
-    :param error: why there is no reading.
-    :param current: the desired count now in the store (None if unknown).
-    :param since_change: seconds since the desired count last changed (None: never).
+
+def observe(state: PolicyState, now: float, value: Any, error: str | None = None, *,
+            source: str = "source") -> tuple[PolicyState, str | None]:
+    """A copy of ``state`` with this reading, or this failure, recorded; and the failure.
+
+    A good reading resets the failure count; a bad one (``error`` set, or a value
+    that :func:`reading_error` rejects) adds one. Used alone while scaling is
+    paused, so status still shows what the source says.
     """
-    if reading is None or error is not None or math.isnan(reading):
-        why = error or "no reading"
-        return Decision(None, f"held at {current}: {why}")
-    wanted = max(policy.min, math.ceil(reading))
-    if policy.max is not None:
-        wanted = min(policy.max, wanted)
+    state = replace(state, recommendations=list(state.recommendations), decided_at=now)
+    if error is None:
+        bad = reading_error(value)
+        if bad is not None:
+            error = f"{source} gave {bad}"
+    if error is not None:
+        state.failures += 1
+        state.error, state.error_at = error[:MAX_ERROR], now
+        return state, state.error
+    state.failures, state.error, state.error_at = 0, None, None
+    state.reading, state.reading_at = float(value), now
+    return state, None
+
+
+def decide(policy: PolicyConfig, state: PolicyState, current: int | None, now: float,
+           value: float | None, error: str | None = None, *, source: str = "source") -> Decision:
+    """Turn one reading (or failure) into a decision.
+
+    :param policy: the service's ``policy`` block.
+    :param state: what earlier decisions remembered (a fresh state if none); not changed.
+    :param current: the desired count now in the store (None: none yet or unreadable).
+    :param now: the clock, in seconds (``time.time()``).
+    :param value: the source's reading in instances (fractions round up), or None.
+    :param error: why there is no reading; set, it makes ``value`` ignored.
+    :param source: the source's name, for the reason text.
+    :returns: the decision; its ``count`` is None or differs from ``current``.
+    """
+    state, error = observe(state, now, value, error, source=source)
+    if error is not None:
+        decision = _on_error(policy, state, current, now, error)
+    else:
+        assert state.reading is not None
+        decision = _on_reading(policy, state, current, now, state.reading, source)
+    state.decision = decision.reason
+    return decision
+
+
+# ---------------------------------------------------------------- the rules
+
+
+def _on_error(policy: PolicyConfig, state: PolicyState, current: int | None, now: float,
+              error: str) -> Decision:
+    why = error + ("" if state.failures == 1 else f" ({_times(state.failures)} in a row)")
+    floor = policy.min
+    mode = "held"
+    if policy.on_error == "fallback" and state.failures >= policy.fallback_after:
+        assert policy.fallback is not None
+        floor, mode = max(policy.fallback, policy.min), "fallback"
     if current is None:
-        return Decision(wanted, f"initial count {wanted} (reading {reading:g})")
+        if mode != "fallback":
+            return Decision(None, f"no count yet: {why}", state)
+        _remember(state, now, floor, policy.stabilization)
+        _changed(state, now, up=True)
+        return Decision(floor, f"fallback to {floor} after {_times(state.failures)} "
+                               f"failing: {error}", state)
+    if current >= floor:
+        _remember(state, now, current, policy.stabilization)
+        return Decision(None, f"held at {current}: {why}", state)
+    target, limits = _limited(policy, current, floor)
+    wait = _cooldown(policy, state, now, up=True)
+    _remember(state, now, max(current, target) if wait is None else current,
+              policy.stabilization)
+    if wait is not None:
+        return Decision(None, f"held at {current}: {why}; {mode} to {floor} waits for {wait}",
+                        state)
+    _changed(state, now, up=True)
+    goal = "fallback" if mode == "fallback" else "min"
+    return Decision(target, f"up {current} -> {target} ({goal} {floor}{limits}) while the "
+                            f"source fails: {why}", state)
+
+
+def _on_reading(policy: PolicyConfig, state: PolicyState, current: int | None, now: float,
+                value: float, source: str) -> Decision:
+    # round first: 0.7 / 0.1 is 6.999..., and 3.0000000000000004 must not become 4
+    raw = math.ceil(round(value, 9))
+    wanted = _clamp(policy, raw)
+    said = f"{source} reads {value:g}" + _clamped(policy, raw, wanted)
+    _remember(state, now, wanted, policy.stabilization)
+    if current is None:
+        _changed(state, now, up=True)
+        return Decision(wanted, f"set to {wanted}: {said} (no count before)", state)
     if wanted == current:
-        return Decision(None, f"steady at {current} (reading {reading:g})")
-    if since_change is not None and since_change < policy.cooldown:
-        return Decision(None, f"held at {current}: cooldown ({since_change:.0f}s of "
-                              f"{policy.cooldown:.0f}s) before moving to {wanted}")
-    if policy.max_step is not None and abs(wanted - current) > policy.max_step:
-        step = policy.max_step if wanted > current else -policy.max_step
-        wanted = current + step
-    return Decision(wanted, f"{current} -> {wanted} (reading {reading:g})")
+        return Decision(None, f"steady at {current}: {said}", state)
+    if wanted > current:
+        wait = _cooldown(policy, state, now, up=True)
+        if wait is not None:
+            return Decision(None, f"held at {current}: {said}, wants {wanted}; waits for {wait}",
+                            state)
+        target, limits = _limited(policy, current, wanted)
+        _changed(state, now, up=True)
+        return Decision(target, f"up {current} -> {target}: {said}{limits}", state)
+    stable = min(current, state.recommendations[0][1])  # the window's highest
+    window = format_duration(policy.stabilization)
+    if stable >= current:
+        return Decision(None, f"held at {current}: {said}, wants {wanted}; {current} or more "
+                              f"was recommended within the {window} stabilization window",
+                        state)
+    wait = _cooldown(policy, state, now, up=False)
+    if wait is not None:
+        return Decision(None, f"held at {current}: {said}, wants {stable}; waits for {wait}",
+                        state)
+    target, limits = _limited(policy, current, stable)
+    _changed(state, now, up=False)
+    over = (f", the highest in the {window} stabilization window" if policy.stabilization
+            else "")
+    wants = f" (wants {wanted})" if stable != wanted else ""
+    return Decision(target, f"down {current} -> {target}: {said}{wants}{over}{limits}", state)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _clamp(policy: PolicyConfig, count: int) -> int:
+    count = max(policy.min, count)
+    return count if policy.max is None else min(policy.max, count)
+
+
+def _clamped(policy: PolicyConfig, raw: int, wanted: int) -> str:
+    if raw == wanted:
+        return ""
+    bound = "min" if wanted > raw else "max"
+    return f" (wants {raw}, {bound} {wanted})"
+
+
+def _limited(policy: PolicyConfig, current: int, target: int) -> tuple[int, str]:
+    """``target`` moved at most ``max_step`` from ``current``, and a note if it was cut."""
+    step = policy.max_step
+    if step is None or abs(target - current) <= step:
+        return target, ""
+    cut = current + step if target > current else current - step
+    return cut, f"; max_step {step} of the way to {target}"
+
+
+def _cooldown(policy: PolicyConfig, state: PolicyState, now: float, *, up: bool) -> str | None:
+    """None if the cooldown has passed, else what is still awaited, in words."""
+    length = policy.up_cooldown if up else policy.down_cooldown
+    last = state.last_change
+    if not length or last is None:
+        return None
+    since = max(0.0, now - last)
+    if since >= length:
+        return None
+    name = "cooldown_up" if up else "cooldown_down"
+    return f"{name} ({format_duration(since)} of {format_duration(length)} since the last change)"
+
+
+def _changed(state: PolicyState, now: float, *, up: bool) -> None:
+    if up:
+        state.last_up = now
+    else:
+        state.last_down = now
+
+
+def _remember(state: PolicyState, now: float, count: int, window: float) -> None:
+    """Add a recommendation, keeping only those that can still be the window's highest.
+
+    The list stays ordered oldest first with strictly falling counts (a
+    sliding-window maximum), so it is small whatever the window and interval.
+    """
+    recs = [(t, n) for t, n in state.recommendations if t > now - window and n > count]
+    recs.append((now, count))
+    state.recommendations = recs
+
+
+_WORDS = ("once", "twice", "three times", "four times", "five times", "six times",
+          "seven times", "eight times", "nine times", "ten times")
+
+
+def _times(n: int) -> str:
+    return _WORDS[n - 1] if 1 <= n <= len(_WORDS) else f"{n} times"

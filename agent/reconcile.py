@@ -25,6 +25,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from agent.instances import (
@@ -56,8 +57,9 @@ class ServiceRuntime:
     actuator: Actuator
     announcer: Announcer | None
 
-    @property
+    @cached_property
     def version(self) -> str:
+        """The short hash of this service's release spec."""
         c = self.config
         return release_version(c.image, c.command, c.env, c.port)
 
@@ -256,7 +258,7 @@ class Reconciler:
 
     # ---------------------------------------------------------------- apply
     def apply(self, actions: list[Action]) -> list[str]:
-        """Carry out ``actions`` (stops before starts, per actuator in parallel); errors in words."""
+        """Carry out ``actions``: stops first, in parallel per actuator; return the errors."""
         errors: list[str] = []
         stops = [a for a in actions if a.verb == "stop"]
         starts = [a for a in actions if a.verb == "start"]

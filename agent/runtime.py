@@ -15,20 +15,19 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import schedule
 
 from agent.config import Config, ConfigError, load_config
-from agent.keys import Keys, parse_count
+from agent.keys import Keys
 from agent.kinds import Context, PluginType
 from agent.leader import Leadership
 from agent.metrics import Metrics, serve
 from agent.plugins import Plugins, load_plugins
-from agent.policy import Decision, decide
 from agent.reconcile import Reconciler, ServiceRuntime
+from agent.scaling import Scaler
 from agent.store import Store, StoreError, open_store
 
 log = logging.getLogger("shipmate")
@@ -99,62 +98,6 @@ class Builder:
         self.shared.clear()
 
 
-@dataclass
-class Reading:
-    """The last poll of a service's source, for status and plan."""
-
-    at: float
-    value: float | None
-    error: str | None
-    decision: Decision
-
-
-class Scaler:
-    """Polls sources and writes desired counts through the policy (compare-and-set)."""
-
-    def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
-                 emit: Any, dry_run: bool = False) -> None:
-        self.services, self.store, self.keys = services, store, keys
-        self.emit, self.dry_run = emit, dry_run
-        self.readings: dict[str, Reading] = {}
-        self.changed_at: dict[str, float] = {}
-
-    def poll(self, name: str) -> Reading:
-        runtime = self.services[name]
-        value: float | None = None
-        error: str | None = None
-        try:
-            raw = runtime.source.read()
-            value = float(raw) if raw is not None else None
-            if value is None or math.isnan(value) or value < 0:
-                error, value = f"{runtime.source.type_name} source gave {raw!r}", None
-        except Exception as exc:  # noqa: BLE001 - a failing source is a held count
-            error = f"{runtime.source.type_name} source: {exc}"
-        now = time.time()
-        got = self.store.get_prefix(f"{self.keys.services}{name}/")
-        if self.keys.service(name, "deploy") in got:
-            decision = Decision(None, "paused: a deploy is in progress")
-        else:
-            entry = got.get(self.keys.service(name, "desired"))
-            current = parse_count(entry.value) if entry else None
-            since = now - self.changed_at[name] if name in self.changed_at else None
-            decision = decide(value, error, current, runtime.config.policy, since)
-            if decision.count is not None and not self.dry_run:
-                key = self.keys.service(name, "desired")
-                written = (self.store.create(key, str(decision.count)) if entry is None
-                           else self.store.replace(key, str(decision.count), entry.revision))
-                if written:
-                    self.changed_at[name] = now
-                    log.info("%s: desired %s", name, decision.reason)
-                    self.emit("shipmate_desired_changed", service=name, old=current,
-                              new=decision.count, reason=decision.reason)
-        if error:
-            log.warning("%s: %s", name, decision.reason)
-        reading = Reading(now, value, error, decision)
-        self.readings[name] = reading
-        return reading
-
-
 class Agent:
     """The agent process. ``run()`` blocks until stopped and returns an exit code."""
 
@@ -168,7 +111,8 @@ class Agent:
         self.metrics = Metrics()
         self.leadership = Leadership(self.store, self.keys.leader)
         context = Context(cluster=self.config.agent.cluster, store=self.store,
-                          state_dir=self.config.resolve(self.config.agent.state_dir))
+                          state_dir=self.config.resolve(self.config.agent.state_dir),
+                          wake=lambda: self._wake.set())
         self.builder = Builder(self.plugins, context)
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -237,6 +181,10 @@ class Agent:
             self.metrics.errors.labels("store").inc()
             log.warning("store unreachable, changing nothing: %s", exc)
             return
+        if self.dry_run:  # nothing was written: plan with the counts the policy decided
+            for name, reading in self.scaler.readings.items():
+                if reading.decision.count is not None and name in views:
+                    views[name].desired = reading.decision.count
         actions = self.reconciler.plan(views)
         if self.dry_run:
             for action in actions:
@@ -263,6 +211,9 @@ class Agent:
         self._next_pass = time.monotonic() + interval
 
     def _on_watch(self, events: list[Any]) -> None:
+        # the scaler's own policy-state writes (one per poll) need no pass
+        if all((self.keys.parse(e.key) or ("", ""))[1] == "policy" for e in events):
+            return
         self._wake.set()
 
     # ---------------------------------------------------------------- main loop

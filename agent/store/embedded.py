@@ -12,6 +12,7 @@ Expiry is lazy: every transaction first deletes the keys of expired leases
 
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -33,6 +34,8 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS events (rev INTEGER PRIMARY KEY, key TEXT NOT NULL, value TEXT);
 CREATE INDEX IF NOT EXISTS kv_lease ON kv (lease);
 """
+log = logging.getLogger(__name__)
+
 EVENTS_KEPT = 10_000
 WATCH_POLL = 0.05
 
@@ -62,14 +65,22 @@ class EmbeddedLease(Lease):
 class EmbeddedWatch(Watch):
     def __init__(self, store: EmbeddedStore, prefix: str, callback) -> None:
         self._stop = threading.Event()
+        # the start revision is read here, not in the thread: a write made right after
+        # watch() returns must be seen
+        db = store._connect()
+        try:
+            last = db.execute("SELECT rev FROM meta").fetchone()[0]
+        except sqlite3.Error as exc:
+            db.close()
+            raise StoreError(f"embedded store {store.path}: {exc}") from exc
         self._thread = threading.Thread(
-            target=self._run, args=(store, prefix, callback), name="embedded-watch", daemon=True
+            target=self._run, args=(store, prefix, callback, db, last), name="embedded-watch",
+            daemon=True,
         )
         self._thread.start()
 
-    def _run(self, store: EmbeddedStore, prefix: str, callback) -> None:
-        db = store._connect()
-        last = db.execute("SELECT rev FROM meta").fetchone()[0]
+    def _run(self, store: EmbeddedStore, prefix: str, callback, db: sqlite3.Connection,
+             last: int) -> None:
         while not self._stop.wait(WATCH_POLL):
             try:
                 with store._tx(db) as tx:  # a transaction so expired leases fire events too
@@ -81,13 +92,22 @@ class EmbeddedWatch(Watch):
                     head = tx.execute("SELECT rev FROM meta").fetchone()[0]
             except StoreError:
                 continue
+            events = [WatchEvent(key, value) for _, key, value in rows]
             if head < last:  # the file was replaced: resynchronise
-                rows, last = [], head
-                callback([])
+                events, last = [], head
+                self._deliver(callback, [])
             last = max(last, head)
-            if rows and not self._stop.is_set():
-                callback([WatchEvent(key, value) for _, key, value in rows])
+            if events:
+                self._deliver(callback, events)
         db.close()
+
+    def _deliver(self, callback, events: list[WatchEvent]) -> None:
+        if self._stop.is_set():
+            return
+        try:
+            callback(events)
+        except Exception:  # a failing callback must not end the watch
+            log.exception("embedded watch callback failed")
 
     def cancel(self) -> None:
         self._stop.set()
@@ -98,7 +118,10 @@ class EmbeddedStore(Store):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create embedded store {self.path}: {exc}") from exc
         self.round_trips = 0
         self._lock = threading.Lock()
         self._db = self._connect()

@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import etcd
 import urllib3
@@ -71,10 +71,11 @@ def directory_of(prefix: str) -> str:
     return head.rstrip("/") or "/"
 
 
-def _check_key(key: str) -> str:
+def _path(key: str) -> str:
+    """``key`` as python-etcd must get it: checked, and URL-quoted (python-etcd does not)."""
     if not key.startswith("/") or key.endswith("/") or "//" in key:
-        raise ValueError(f"etcd v2 keys are paths like /a/b, not {key!r}")
-    return key
+        raise StoreError(f"etcd2: keys must be paths like /a/b, not {key!r}")
+    return quote(key, safe="/")
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -102,7 +103,7 @@ def _reason(exc: BaseException) -> str:
         code = payload.get("errorCode")
         message = payload.get("message") or (exc.args[0] if exc.args else "error")
         return f"{message} (error {code})" if code else str(message)[:200]
-    return type(exc).__name__
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
 class _Http:
@@ -113,28 +114,38 @@ class _Http:
     def __init__(self, pool: urllib3.PoolManager, store: Etcd2Store) -> None:
         self._pool = pool
         self._store = weakref.ref(store)
-        self.response: urllib3.BaseHTTPResponse | None = None
+        self.response: Any = None
+        self.cancelled = False
 
-    def _count(self) -> None:
+    def cancel(self) -> None:
+        """Abort the request in flight, and any request made from now on."""
+        self.cancelled = True  # set before reading self.response: see _send
+        self._shutdown(self.response)
+
+    @staticmethod
+    def _shutdown(response: Any) -> None:
+        if response is not None:
+            with contextlib.suppress(Exception):  # finished, or already released to the pool
+                response.shutdown()
+
+    def _send(self, send: Callable[..., Any], method: str, url: str, **kwargs: Any) -> Any:
         store = self._store()
         if store is not None:
             with store._count_lock:
                 store.round_trips += 1
+        self.response = send(method, url, retries=False, **kwargs)
+        if self.cancelled:  # cancel() ran while the request was being sent
+            self._shutdown(self.response)
+        return self.response
 
     def request(self, method: str, url: str, **kwargs: Any) -> Any:
-        self._count()
-        self.response = self._pool.request(method, url, retries=False, **kwargs)
-        return self.response
+        return self._send(self._pool.request, method, url, **kwargs)
 
     def request_encode_body(self, method: str, url: str, **kwargs: Any) -> Any:
-        self._count()
-        self.response = self._pool.request_encode_body(method, url, retries=False, **kwargs)
-        return self.response
+        return self._send(self._pool.request_encode_body, method, url, **kwargs)
 
     def urlopen(self, method: str, url: str, **kwargs: Any) -> Any:
-        self._count()
-        self.response = self._pool.urlopen(method, url, retries=False, **kwargs)
-        return self.response
+        return self._send(self._pool.urlopen, method, url, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
@@ -157,17 +168,19 @@ class Etcd2Lease(Lease):
             raise StoreError("etcd2 lease has expired")
 
     def refresh(self) -> None:
-        """Re-set the TTL of every key of the lease; StoreError if the lease or all its keys expired."""
+        """Re-set the TTL of each key; StoreError if the lease or all its keys expired."""
         self.check()
         with self._lock:
             keys = dict(self.keys)
         started = time.monotonic()
         alive = 0
         for key, index in keys.items():
+            path = _path(key)
             try:
+                # not replayed on another endpoint: a refresh that did land moved the index
                 result = self.store._call(
-                    lambda c, k=key, i=index: c.refresh(k, self.seconds, prevIndex=i),
-                    idempotent=True)
+                    lambda c, p=path, i=index: c.refresh(p, self.seconds, prevIndex=i),
+                    idempotent=False)
             except _Gone:
                 self.store._forget(key, self)
                 continue
@@ -186,8 +199,9 @@ class Etcd2Lease(Lease):
         with self._lock:
             keys, self.keys = dict(self.keys), {}
         for key, index in keys.items():
+            path = _path(key)
             with contextlib.suppress(_Gone):
-                self.store._call(lambda c, k=key, i=index: c.delete(k, prevIndex=i),
+                self.store._call(lambda c, p=path, i=index: c.delete(p, prevIndex=i),
                                  idempotent=True)
             self.store._forget(key, self)
 
@@ -219,10 +233,7 @@ class Etcd2Watch(Watch):
         """Stop the thread and abort its long poll; the callback is not called afterwards."""
         self._stop.set()
         for client in self._clients:
-            response = client.http.response
-            if response is not None:
-                with contextlib.suppress(Exception):  # already finished or released
-                    response.shutdown()
+            client.http.cancel()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=2)
 
@@ -269,11 +280,11 @@ class Etcd2Watch(Watch):
                 return
             client = self._clients[i]
             try:
-                result = client.read(self._dir, wait=True, recursive=True,
+                result = client.read(quote(self._dir, safe="/"), wait=True, recursive=True,
                                      waitIndex=self._next, timeout=WATCH_IDLE)
             except etcd.EtcdWatchTimedOut:
                 return  # nothing happened: poll again from the same index
-            except etcd.EtcdEventIndexCleared:
+            except (etcd.EtcdEventIndexCleared, etcd.EtcdWatcherCleared):
                 raise _Cleared() from None
             except _FAILURES as exc:
                 if self._stop.is_set():
@@ -353,9 +364,9 @@ class Etcd2Store(Store):
             try:
                 result = fn(self._clients[index])
             except (etcd.EtcdKeyNotFound, etcd.EtcdCompareFailed, etcd.EtcdAlreadyExist,
-                    etcd.EtcdNotFile):
+                    etcd.EtcdNotFile) as exc:
                 self._current = index
-                raise _Gone() from None
+                raise _Gone(exc) from None
             except _FAILURES as exc:
                 error = f"etcd2 {self._names[index]}: {_reason(exc)}"
                 if not _transport(exc) or not (idempotent or _never_sent(exc)):
@@ -369,19 +380,13 @@ class Etcd2Store(Store):
     def _index(self, directory: str) -> int:
         """etcd's current index (X-Etcd-Index), read with one request on ``directory``."""
         try:
-            return self._call(lambda c: c.read(directory).etcd_index, idempotent=True)
-        except _Gone:
-            pass
-        # the directory does not exist: its 404 still carries the index
-        try:
-            self._call(lambda c: c.read(directory), idempotent=True)
-        except _Gone as gone:
-            payload = getattr(gone.__context__, "payload", None)
-            if isinstance(payload, dict) and "index" in payload:
-                return int(payload["index"])
-        except StoreError:
-            raise
-        return self._call(lambda c: c.read("/").etcd_index, idempotent=True)
+            return self._call(lambda c: c.read(quote(directory, safe="/")).etcd_index,
+                              idempotent=True)
+        except _Gone as gone:  # no such directory: the 404 carries the index too
+            payload = getattr(gone.args[0], "payload", None) or {}
+            if "index" not in payload:
+                raise StoreError(f"etcd2: no index in the answer for {directory}") from None
+            return int(payload["index"])
 
     def _lease_write(self, key: str, lease: Lease | None, index: int) -> None:
         """Record which lease (if any) now owns ``key``."""
@@ -418,8 +423,9 @@ class Etcd2Store(Store):
     # -- the contract -----------------------------------------------------
     def get(self, key: str) -> Entry | None:
         """The entry at ``key``, or None (a directory is not an entry)."""
+        path = _path(key)
         try:
-            result = self._call(lambda c: c.read(_check_key(key)), idempotent=True)
+            result = self._call(lambda c: c.read(path), idempotent=True)
         except _Gone:
             return None
         return None if result.dir else Entry(key, result.value, result.modifiedIndex)
@@ -428,7 +434,8 @@ class Etcd2Store(Store):
         """Every entry under ``prefix``: one recursive read of its directory, filtered."""
         directory = directory_of(prefix)
         try:
-            result = self._call(lambda c: c.read(directory, recursive=True), idempotent=True)
+            result = self._call(lambda c: c.read(quote(directory, safe="/"), recursive=True),
+                                idempotent=True)
         except _Gone:
             return {}
         entries = {}
@@ -439,10 +446,9 @@ class Etcd2Store(Store):
 
     def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
         """Write unconditionally; return the new modifiedIndex."""
-        ttl = self._ttl(lease)
+        path, ttl = _path(key), self._ttl(lease)
         try:
-            result = self._call(lambda c: c.write(_check_key(key), value, ttl=ttl),
-                                idempotent=False)
+            result = self._call(lambda c: c.write(path, value, ttl=ttl), idempotent=False)
         except _Gone:  # a directory has that name
             raise StoreError(f"etcd2: {key} is a directory") from None
         self._lease_write(key, lease, result.modifiedIndex)
@@ -450,11 +456,10 @@ class Etcd2Store(Store):
 
     def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
         """Write only if ``key`` is absent (``prevExist=false``)."""
-        ttl = self._ttl(lease)
+        path, ttl = _path(key), self._ttl(lease)
         try:
-            result = self._call(
-                lambda c: c.write(_check_key(key), value, ttl=ttl, prevExist=False),
-                idempotent=False)
+            result = self._call(lambda c: c.write(path, value, ttl=ttl, prevExist=False),
+                                idempotent=False)
         except _Gone:
             return False
         self._lease_write(key, lease, result.modifiedIndex)
@@ -463,13 +468,12 @@ class Etcd2Store(Store):
     def replace(self, key: str, value: str, revision: int, *,
                 lease: Lease | None = None) -> bool:
         """Write only if ``key`` exists at ``revision`` (``prevIndex``)."""
-        ttl = self._ttl(lease)
+        path, ttl = _path(key), self._ttl(lease)
         if revision <= 0:  # v2 ignores prevIndex=0: it would write unconditionally
             return False
         try:
-            result = self._call(
-                lambda c: c.write(_check_key(key), value, ttl=ttl, prevIndex=revision),
-                idempotent=False)
+            result = self._call(lambda c: c.write(path, value, ttl=ttl, prevIndex=revision),
+                                idempotent=False)
         except _Gone:
             return False
         self._lease_write(key, lease, result.modifiedIndex)
@@ -479,9 +483,10 @@ class Etcd2Store(Store):
         """Delete ``key`` (only at ``revision`` if given, via ``prevIndex``)."""
         if revision is not None and revision <= 0:
             return False
+        path = _path(key)
         condition = {} if revision is None else {"prevIndex": revision}
         try:
-            self._call(lambda c: c.delete(_check_key(key), **condition), idempotent=False)
+            self._call(lambda c: c.delete(path, **condition), idempotent=False)
         except _Gone:
             return False
         self._forget(key)

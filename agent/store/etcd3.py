@@ -424,8 +424,8 @@ class Etcd3Store(Store):
         """Grant an etcd lease of ``ttl`` seconds (rounded up; etcd may enforce a minimum)."""
         seconds = max(1, math.ceil(ttl))
         # a replayed grant only leaks an empty lease, which expires by itself
-        reply = self._post("/lease/grant", {"TTL": seconds, "ID": 0}, idempotent=True)
-        return Etcd3Lease(self, int(reply["ID"]), float(seconds))
+        granted = self._call(lambda c: c.lease(seconds), idempotent=True)
+        return Etcd3Lease(self, granted.id, float(seconds))
 
     def watch(self, prefix: str, callback: Callable[[list[WatchEvent]], None]) -> Watch:
         """Watch ``prefix`` from now on, in a background thread (see the module docstring)."""

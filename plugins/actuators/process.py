@@ -10,6 +10,7 @@ agent reads the records and adopts what still runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -54,7 +55,7 @@ class ProcessActuator(Actuator):
         self.parallelism = 8
 
     def _instance(self, record: dict) -> Instance:
-        alive = _start_ticks(record["pid"]) == record["ticks"]
+        alive = record["ticks"] is not None and _start_ticks(record["pid"]) == record["ticks"]
         return Instance(name=record["name"], service=record["service"], slot=record["slot"],
                         version=record["version"], host=self.config.host, port=record["port"],
                         running=alive, cluster=self.context.cluster, ref=record)
@@ -94,29 +95,33 @@ class ProcessActuator(Actuator):
 
     def stop(self, instance: Instance, grace: float) -> None:
         record = instance.ref
-        pid = record["pid"]
-        if _start_ticks(pid) == record["ticks"]:
+        pid, ticks = record["pid"], record["ticks"]
+        if self._alive(pid, ticks):
             self._signal(pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and self._alive(pid, record["ticks"]):
-                time.sleep(0.05)
-            if self._alive(pid, record["ticks"]):
+            if not self._gone(pid, ticks, grace):
                 self._signal(pid, signal.SIGKILL)
+                self._gone(pid, ticks, 5.0)
         self.children.pop(pid, None)
         (self.records / f"{instance.name}.json").unlink(missing_ok=True)
 
     def _alive(self, pid: int, ticks: int) -> bool:
         child = self.children.get(pid)
         if child is not None:
-            child.poll()
-        return _start_ticks(pid) == ticks
+            child.poll()  # reap it, or it lingers as a zombie
+        return ticks is not None and _start_ticks(pid) == ticks
+
+    def _gone(self, pid: int, ticks: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self._alive(pid, ticks):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     @staticmethod
     def _signal(pid: int, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, sig)  # the whole session: shells and their children too
-        except ProcessLookupError:
-            pass
 
 
 @hookimpl

@@ -113,8 +113,10 @@ class EtcdAnnouncer(Announcer):
                 existing = {}
                 for prefix in prefixes.values():
                     existing.update({k: e.value for k, e in self.store.get_prefix(prefix).items()})
+            owned = set(prefixes.values())
+            lengths = {len(p) for p in owned}
             for key in existing:
-                owner = any(key.startswith(p) and key.endswith(suffix) for p in prefixes.values())
+                owner = key.endswith(suffix) and any(key[:n] in owned for n in lengths)
                 if owner and key not in wanted:
                     self.store.delete(key)
                     self._owned.discard(key)

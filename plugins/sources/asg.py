@@ -1,0 +1,100 @@
+"""The ``asg`` source: one container per in-service instance of an AWS Auto Scaling group.
+
+The count is the number of the group's instances in the ``InService``
+lifecycle state times ``per_instance``, or with ``count_from: desired`` the
+group's DesiredCapacity times ``per_instance``. Credentials come only from
+boto3's default chain (environment, shared profile, instance role), never from
+the YAML.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Literal
+
+from pydantic import Field
+
+from agent import Duration, Source, SourceConfig, SourceError, hookimpl
+
+
+class AsgConfig(SourceConfig):
+    group: str = Field(min_length=1)
+    "the Auto Scaling group's name"
+    region: str = Field(min_length=1)
+    "its AWS region, e.g. eu-west-1"
+    endpoint_url: str | None = None
+    "another endpoint for the Auto Scaling API (a VPC endpoint, or a local fake)"
+    per_instance: int = Field(1, ge=1)
+    "containers per in-service instance"
+    count_from: Literal["in_service", "desired"] = "in_service"
+    "count the group's InService instances, or take its DesiredCapacity"
+    timeout: Duration = 10.0
+    "how long one API call may take"
+
+
+class AsgSource(Source):
+    """Reads an Auto Scaling group through boto3."""
+
+    type_name = "asg"
+    Config = AsgConfig
+
+    def __init__(self, config: AsgConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def _autoscaling(self) -> Any:
+        with self._lock:  # boto3 sessions are not thread-safe to create from
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                c = self.config
+                cfg = Config(connect_timeout=c.timeout, read_timeout=c.timeout,
+                             retries={"max_attempts": 2, "mode": "standard"})
+                self._client = boto3.session.Session().client(
+                    "autoscaling", region_name=c.region, endpoint_url=c.endpoint_url, config=cfg)
+            return self._client
+
+    def read(self) -> float:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        c = self.config
+        where = f"Auto Scaling group {c.group!r} in {c.region}"
+        try:
+            answer = self._autoscaling().describe_auto_scaling_groups(
+                AutoScalingGroupNames=[c.group])
+        except NoCredentialsError:
+            raise SourceError("asg: no AWS credentials found (boto3 looks in the environment, "
+                              "the shared profile and the instance role)") from None
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            raise SourceError(f"asg: AWS answered {status} {err.get('Code', '')} for {where}: "
+                              f"{err.get('Message', '')}".rstrip(": ")) from None
+        except BotoCoreError as exc:
+            raise SourceError(f"asg: cannot read {where}: {exc}") from None
+        groups = [g for g in answer.get("AutoScalingGroups", [])
+                  if g.get("AutoScalingGroupName") == c.group]
+        if not groups:
+            raise SourceError(f"asg: no {where}")
+        group = groups[0]
+        if c.count_from == "desired":
+            count = group.get("DesiredCapacity")
+            if not isinstance(count, int):
+                raise SourceError(f"asg: {where} has no DesiredCapacity")
+        else:
+            count = sum(1 for i in group.get("Instances", [])
+                        if i.get("LifecycleState") == "InService")
+        return count * c.per_instance
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+
+@hookimpl
+def shipmate_source_types() -> list[type[Source]]:
+    return [AsgSource]

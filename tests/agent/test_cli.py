@@ -1,0 +1,145 @@
+"""The ``shipmate`` command as a user runs it, in real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
+from tests.services import free_port
+
+CONFIG = """
+agent:
+  cluster: cli
+  interval: 10s
+services:
+  web:
+    command: [python3, -m, http.server, "{{port}}", --bind, 127.0.0.1]
+    port: {port}
+    health: {{http: /}}
+    source: {{type: static, count: 2}}
+    actuator: {{type: process}}
+    announce: {{type: etcd, ttl: 10s}}
+"""
+
+
+def shipmate(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=60, check=check)
+
+
+@pytest.fixture
+def config(write_config, tmp_path):
+    port = port_block(4)
+    path = write_config(CONFIG.format(port=port))
+    yield path, port
+    kill_recorded(tmp_path)
+
+
+def serving(port: int) -> bool:
+    try:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def status(path) -> dict:
+    return json.loads(shipmate("status", "-c", str(path), "--json", check=True).stdout)
+
+
+def test_run_scale_ctrl_c_and_adopt(config, tmp_path):
+    path, port = config
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        eventually(lambda: serving(port) and serving(port + 1), timeout=15,
+                   what="two instances serving")
+        web = eventually(lambda: (s := status(path)["services"][0])["healthy"] == 2 and s,
+                         timeout=10)
+        assert web["desired"] == 2 and web["running"] == 2
+        result = shipmate("scale", "web", "3", "-c", str(path), check=True)
+        assert "override set to 3" in result.stdout
+        started = time.monotonic()
+        eventually(lambda: serving(port + 2), timeout=2, what="the third instance in 2 s")
+        assert time.monotonic() - started < 2
+        agent.send_signal(signal.SIGINT)
+        assert agent.wait(15) == 0
+    finally:
+        agent.kill()
+    pids = sorted(r["pid"] for r in process_records(tmp_path) if alive(r["pid"]))
+    assert len(pids) == 3 and all(serving(port + i) for i in range(3))  # still serving
+    again = shipmate("run", "--once", "-c", str(path))
+    assert again.returncode == 0, again.stderr
+    assert "start web" not in again.stderr  # adopted, no duplicate
+    assert sorted(r["pid"] for r in process_records(tmp_path) if alive(r["pid"])) == pids
+    announced = status(path)
+    assert announced["services"][0]["running"] == 3
+
+
+def test_check_lists_every_error_with_its_line(write_config):
+    path = write_config("""
+        agent: {cluster: cli}
+        services:
+          web:
+            prot: 80
+            source: {type: static, count: "two"}
+            actuator: {type: process, hots: x}
+        """)
+    result = shipmate("check", "-c", str(path))
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"{path}:4: services.web.prot: unknown key 'prot' (did you mean 'port'?)"
+    assert lines[1].startswith(f"{path}:5: services.web.source.count: ")
+    assert lines[2].startswith(f"{path}:6: services.web.actuator.hots: unknown key 'hots'")
+    assert lines[3] == "error: 3 errors in the config"
+    assert "Traceback" not in result.stderr
+
+
+def test_one_line_errors(config, tmp_path, write_config):
+    path, _ = config
+    missing = shipmate("status", "-c", str(tmp_path / "absent.yaml"))
+    assert missing.returncode == 1
+    assert "config file" in missing.stderr and "not found" in missing.stderr
+    unknown = shipmate("scale", "api", "2", "-c", str(path))
+    assert unknown.returncode == 1 and "unknown service 'api'; known: web" in unknown.stderr
+    down = write_config(f"""
+        agent:
+          cluster: cli
+          store: {{backend: etcd, endpoints: ["http://127.0.0.1:{free_port()}"], timeout: 1s}}
+        services: {{}}
+        """, name="etcd.yaml")
+    unreachable = shipmate("status", "-c", str(down))
+    assert unreachable.returncode == 1
+    assert unreachable.stderr.startswith("error: store unreachable")
+    assert "Traceback" not in unreachable.stderr
+
+
+def test_plan_changes_nothing(config, tmp_path):
+    path, _ = config
+    result = shipmate("plan", "-c", str(path), check=True)
+    assert "would start web slot 0" in result.stdout and "would start web slot 1" in result.stdout
+    assert process_records(tmp_path) == []
+    assert status(path)["services"][0]["desired"] is None
+
+
+def test_dry_run_changes_nothing(config, tmp_path):
+    path, _ = config
+    result = shipmate("run", "--once", "--dry-run", "-c", str(path))
+    assert result.returncode == 0
+    assert "would start web slot 0: scale up to 2" in result.stderr
+    assert process_records(tmp_path) == []
+
+
+def test_plugins_and_schema():
+    listed = json.loads(shipmate("plugins", "--json", check=True).stdout)
+    static = next(p for p in listed if p["name"] == "static")
+    assert static["distribution"] == "shipmate" and static["types"] == {"source": ["static"]}
+    schema = json.loads(shipmate("schema", check=True).stdout)
+    text = json.dumps(schema)
+    assert '"const": "static"' in text and '"count"' in text  # plugin fields are covered

@@ -1,0 +1,160 @@
+"""Config loading: every mistake reported at once with file, line and key."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.config import ConfigError, merge
+
+GOOD = """
+agent:
+  cluster: demo
+  interval: 1m30s
+defaults:
+  actuator: {type: process}
+  announce: {type: etcd, ttl: 45s}
+services:
+  web:
+    command: [python3, -m, http.server, "{port}"]
+    port: 8080
+    source: {type: static, count: 2}
+    announce: {type: etcd, key: "/svc/{service}/{instance}"}
+"""
+
+
+def test_valid_config_merges_defaults_and_parses_durations(load_test_config):
+    config = load_test_config(GOOD)
+    assert config.agent.interval == 90
+    web = config.services["web"]
+    assert web.actuator.type == "process"
+    assert web.announce.ttl == 45  # from defaults
+    assert web.announce.key == "/svc/{service}/{instance}"  # from the service
+    assert web.source.count == 2
+    assert config.key_prefix == "/shipmate/demo"
+
+
+def test_three_mistakes_give_three_errors_with_lines(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent:
+              cluster: demo
+            services:
+              web:
+                command: [sleep, "100"]
+                prot: 8080
+                source: {type: static, count: -1}
+                actuator: {type: process}
+                health: {http: /, timeout: soon}
+            """)
+    errors = caught.value.errors
+    assert len(errors) == 3, errors
+    assert errors[0].endswith(":6: services.web.prot: unknown key 'prot' (did you mean 'port'?)")
+    assert ":7: services.web.source.count: " in errors[1]
+    assert ":9: services.web.health.timeout: expected a duration" in errors[2]
+    assert all(e.startswith(str(caught.value.errors[0]).split(":")[0]) for e in errors)
+
+
+def test_unknown_plugin_type_names_the_installed_ones(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: demo}
+            services:
+              web:
+                source: {type: magic}
+                actuator: {type: process}
+            """)
+    (error,) = caught.value.errors
+    assert ":4: services.web.source: unknown type 'magic'" in error
+    assert "'static'" in error
+
+
+def test_error_in_a_merged_default_points_at_the_defaults_line(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: demo}
+            defaults:
+              actuator: {type: process, colour: red}
+            services:
+              web:
+                source: {type: static, count: 1}
+            """)
+    (error,) = caught.value.errors
+    assert ":3: services.web.actuator.colour: unknown key 'colour'" in error
+
+
+def test_environment_variables_fill_in_and_missing_ones_are_errors(load_test_config,
+                                                                   monkeypatch):
+    monkeypatch.setenv("SHIPMATE_TEST_TOKEN", "s3cret")
+    config = load_test_config("""
+        agent: {cluster: demo}
+        services:
+          web:
+            env: {TOKEN: "${SHIPMATE_TEST_TOKEN}", MODE: "${SHIPMATE_TEST_MODE:-fast}"}
+            source: {type: static, count: 1}
+            actuator: {type: process}
+        """)
+    assert config.services["web"].env == {"TOKEN": "s3cret", "MODE": "fast"}
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: "${SHIPMATE_TEST_UNSET}"}
+            services: {}
+            """)
+    assert any(":1: agent.cluster: environment variable SHIPMATE_TEST_UNSET is not set" in e
+               for e in caught.value.errors)
+
+
+def test_secrets_never_appear_in_errors(load_test_config, monkeypatch):
+    monkeypatch.setenv("SHIPMATE_TEST_SECRET", "hunter2")
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: demo, interval: "${SHIPMATE_TEST_SECRET}"}
+            services: {}
+            """)
+    assert "hunter2" not in str(caught.value)
+
+
+def test_yaml_syntax_error_has_a_line(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("agent:\n  cluster: demo\nservices:\n  web: [unclosed\n")
+    assert ":5: invalid YAML" in caught.value.errors[0] or ":4: invalid YAML" in (
+        caught.value.errors[0])
+
+
+def test_duplicate_keys_and_bad_service_names_are_errors(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: demo}
+            agent: {cluster: other}
+            services:
+              Bad_Name:
+                source: {type: static, count: 1}
+                actuator: {type: process}
+            """)
+    text = "\n".join(caught.value.errors)
+    assert ":2: agent: duplicate key" in text
+    assert "services.Bad_Name" in text
+
+
+def test_missing_file_is_one_clear_error(shipmate_plugins, tmp_path):
+    from agent.config import load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "nope.yaml", shipmate_plugins)
+    assert "cannot read config" in caught.value.errors[0]
+
+
+def test_merge_replaces_a_plugin_block_of_another_type():
+    assert merge({"type": "process", "host": "a"}, {"type": "docker"}) == {"type": "docker"}
+    assert merge({"type": "etcd", "ttl": 30}, {"key": "/k/{instance}"}) == {
+        "type": "etcd", "ttl": 30, "key": "/k/{instance}"}
+    assert merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
+
+
+def test_default_config_file_is_valid(shipmate_plugins):
+    from pathlib import Path
+
+    from agent.config import load_config
+
+    config = load_config(Path(__file__).parents[2] / "etc" / "agent.yaml", shipmate_plugins)
+    assert config.agent.store.backend == "embedded"
+    assert config.services["web"].actuator.type == "process"

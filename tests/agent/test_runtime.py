@@ -1,0 +1,108 @@
+"""The running agent: watches, reloads, stopping, leadership, health endpoint."""
+
+from __future__ import annotations
+
+import threading
+import urllib.request
+
+import pytest
+
+from agent.keys import Keys
+from agent.runtime import Agent
+from tests.helpers import alive, eventually, kill_recorded, process_records
+from tests.services import free_port
+
+CONFIG = """
+agent:
+  cluster: rt
+  interval: 30s
+  http: 127.0.0.1:{http}
+services:
+  worker:
+    command: [sleep, "300"]
+    source: {{type: static, count: {count}, interval: 1s}}
+    actuator: {{type: process}}
+"""
+
+
+@pytest.fixture
+def agent_factory(write_config, tmp_path):
+    agents: list[tuple[Agent, threading.Thread]] = []
+
+    def start(count: int = 1, http: int | None = None) -> Agent:
+        path = write_config(CONFIG.format(count=count, http=http or free_port()))
+        agent = Agent(path)
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        agents.append((agent, thread))
+        return agent
+
+    yield start
+    for agent, thread in agents:
+        agent.stop()
+        thread.join(10)
+    kill_recorded(tmp_path)
+
+
+def running(tmp_path) -> list[dict]:
+    return [r for r in process_records(tmp_path) if alive(r["pid"])]
+
+
+def test_an_override_acts_within_a_second(agent_factory, tmp_path):
+    agent = agent_factory(count=1)
+    eventually(lambda: len(running(tmp_path)) == 1, what="the first instance")
+    agent.store.put(Keys("/shipmate/rt").service("worker", "override"), "3")
+    eventually(lambda: len(running(tmp_path)) == 3, timeout=1.0, what="scale to 3 in 1 s")
+
+
+def test_stopping_leaves_instances_running_and_frees_leadership(agent_factory, tmp_path):
+    agent = agent_factory(count=2)
+    eventually(lambda: len(running(tmp_path)) == 2)
+    pids = {r["pid"] for r in running(tmp_path)}
+    agent.stop()
+    eventually(lambda: agent.store is not None and not agent.leadership.is_leader)
+    assert {r["pid"] for r in running(tmp_path)} == pids
+    second = agent_factory(count=2)
+    eventually(lambda: second.leadership.is_leader, what="the next agent leads at once")
+    eventually(lambda: second.metrics.passes._value.get() >= 1)
+    assert {r["pid"] for r in running(tmp_path)} == pids  # adopted, no duplicate
+
+
+def test_reload_applies_a_new_count_and_keeps_the_old_config_on_errors(agent_factory,
+                                                                       tmp_path, write_config,
+                                                                       caplog):
+    agent = agent_factory(count=1)
+    eventually(lambda: len(running(tmp_path)) == 1)
+    write_config(CONFIG.format(count=2, http=free_port()).replace("interval: 30s",
+                                                                  "interval: 30s"))
+    agent.request_reload()
+    eventually(lambda: len(running(tmp_path)) == 2, what="reload to 2")
+    write_config(CONFIG.format(count=3, http=free_port()).replace("actuator:", "actuatr:"))
+    agent.request_reload()
+    eventually(lambda: "reload failed, keeping the running config" in caplog.text)
+    assert len(running(tmp_path)) == 2
+
+
+def test_a_second_agent_waits_while_the_first_leads(agent_factory, tmp_path):
+    first = agent_factory(count=1)
+    eventually(lambda: first.leadership.is_leader)
+    second = agent_factory(count=3)
+    eventually(lambda: second.metrics.leader._value.get() == 0 and
+               second.metrics.passes._value.get() == 0)
+    eventually(lambda: len(running(tmp_path)) == 1)
+    assert not second.leadership.is_leader
+
+
+def test_healthz_and_metrics(agent_factory, tmp_path):
+    port = free_port()
+    agent_factory(count=2, http=port)
+    eventually(lambda: len(running(tmp_path)) == 2)
+
+    def metrics() -> str:
+        return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics").read().decode()
+
+    eventually(lambda: 'shipmate_running_instances{service="worker"} 2.0' in metrics())
+    assert 'shipmate_desired_instances{service="worker"} 2.0' in metrics()
+    assert "shipmate_passes_total" in metrics()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read().decode()
+    assert body.startswith("ok")

@@ -1,0 +1,65 @@
+"""Small helpers shared by the project's tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def port_block(count: int) -> int:
+    """A base port such that ``base .. base+count-1`` are free on 127.0.0.1 now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        socks = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no block of free ports")
+
+
+def eventually(check: Callable[[], object], timeout: float = 5.0, what: str = "") -> object:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        time.sleep(0.05)
+
+
+def process_records(state_dir: Path) -> list[dict]:
+    """The process actuator's records under ``state_dir`` (every cluster)."""
+    return [json.loads(p.read_text()) for p in sorted(state_dir.glob("**/processes/*/*.json"))]
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def kill_recorded(state_dir: Path) -> None:
+    """Kill every process the process actuator recorded under ``state_dir`` (test cleanup)."""
+    for record in process_records(state_dir):
+        try:
+            os.killpg(record["pid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

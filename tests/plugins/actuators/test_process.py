@@ -1,0 +1,77 @@
+"""The process actuator: real local processes, records that survive the agent."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from agent import Context, InstanceSpec
+from plugins.actuators.process import ProcessActuator, ProcessConfig
+from tests.helpers import alive, eventually, kill_recorded
+
+
+@pytest.fixture
+def actuator(tmp_path, embedded_store):
+    yield ProcessActuator(ProcessConfig(), Context("t", embedded_store, tmp_path))
+    kill_recorded(tmp_path)
+
+
+def spec(slot: int, command: list[str], env: dict[str, str] | None = None) -> InstanceSpec:
+    return InstanceSpec(cluster="t", service="svc", slot=slot, version="v1",
+                        name=f"t-svc-{slot}-v1", port=None, command=command, env=env or {})
+
+
+def test_start_list_stop(actuator, tmp_path):
+    started = actuator.start(spec(0, ["sh", "-c", 'echo "hello $WHO"; exec sleep 60'],
+                                  {"WHO": "world"}))
+    assert started.running and started.slot == 0 and started.host == "127.0.0.1"
+    (listed,) = actuator.list()
+    assert listed.name == "t-svc-0-v1" and listed.running
+    log = tmp_path / "logs" / "t-svc-0-v1.log"
+    eventually(lambda: log.exists() and "hello world" in log.read_text())
+    pid = listed.ref["pid"]
+    actuator.stop(listed, grace=5)
+    assert not alive(pid)
+    assert actuator.list() == []
+
+
+def test_stop_kills_after_the_grace_period_and_reaches_the_whole_group(actuator):
+    stubborn = actuator.start(spec(1, ["sh", "-c", "trap '' TERM; sleep 60 & wait"]))
+    time.sleep(0.3)  # let the shell install its trap
+    started = time.monotonic()
+    actuator.stop(stubborn, grace=0.5)
+    assert 0.4 < time.monotonic() - started < 5
+    assert not alive(stubborn.ref["pid"])
+
+
+def test_an_exited_process_is_listed_as_not_running(actuator):
+    actuator.start(spec(2, ["true"]))
+    eventually(lambda: not actuator.list()[0].running, what="the exit")
+    actuator.stop(actuator.list()[0], grace=1)
+    assert actuator.list() == []
+
+
+def test_a_reused_pid_is_not_mistaken_for_the_instance(actuator, tmp_path):
+    instance = actuator.start(spec(3, ["sleep", "60"]))
+    record_path = tmp_path / "processes" / "t" / f"{instance.name}.json"
+    record = json.loads(record_path.read_text())
+    record["ticks"] += 1  # as if the pid now belonged to another process
+    record_path.write_text(json.dumps(record))
+    (listed,) = actuator.list()
+    assert not listed.running
+
+
+def test_a_new_actuator_adopts_recorded_processes(actuator, tmp_path, embedded_store):
+    actuator.start(spec(0, ["sleep", "60"]))
+    again = ProcessActuator(ProcessConfig(), Context("t", embedded_store, tmp_path))
+    (adopted,) = again.list()
+    assert adopted.running and adopted.name == "t-svc-0-v1"
+
+
+def test_a_command_that_cannot_run_is_a_clear_error(actuator):
+    with pytest.raises(FileNotFoundError, match="no-such-binary"):
+        actuator.start(spec(0, ["no-such-binary"]))
+    with pytest.raises(ValueError, match="has no command"):
+        actuator.start(spec(0, []))
