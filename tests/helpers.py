@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -59,7 +60,5 @@ def alive(pid: int) -> bool:
 def kill_recorded(state_dir: Path) -> None:
     """Kill every process the process actuator recorded under ``state_dir`` (test cleanup)."""
     for record in process_records(state_dir):
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record["pid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass

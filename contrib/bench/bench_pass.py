@@ -27,11 +27,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from agent import Actuator, Context, Instance, TypeConfig, hookimpl  # noqa: E402
+from agent.config import load_config  # noqa: E402
 from agent.keys import Keys  # noqa: E402
 from agent.plugins import load_plugins  # noqa: E402
 from agent.reconcile import Reconciler  # noqa: E402
 from agent.runtime import Builder  # noqa: E402
-from agent.config import load_config  # noqa: E402
 from agent.store import Store  # noqa: E402
 
 
