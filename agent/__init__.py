@@ -58,6 +58,7 @@ from agent.kinds import (
     SourceConfig,
     SourceError,
     Strategy,
+    StrategyConfig,
     TypeConfig,
 )
 from agent.store import Entry, Lease, Store, StoreError, Watch, WatchEvent
@@ -69,6 +70,6 @@ __all__ = [
     "LABEL_CLUSTER", "LABEL_SERVICE", "LABEL_SLOT", "LABEL_VERSION", "PROJECT",
     "Actuator", "Announcer", "Context", "Duration", "Entry", "Instance", "InstanceSpec",
     "Lease", "PluginType", "Source", "SourceConfig", "SourceError", "Store", "StoreError",
-    "Strategy", "TypeConfig", "Watch", "WatchEvent",
+    "Strategy", "StrategyConfig", "TypeConfig", "Watch", "WatchEvent",
     "fill", "format_duration", "hookimpl", "parse_duration", "probe",
 ]

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -133,27 +134,23 @@ def _views(config_path: str, *, health: bool = True):
 @friendly
 def plan(config_path: str) -> None:
     """Show what one pass would do now, changing nothing."""
-    from agent.policy import decide
+    from agent.scaling import Scaler, describe, expiry, read_state
 
     config, store, keys, builder, reconciler, views = _views(config_path)
 
     try:
+        scaler = Scaler(services=reconciler.services, store=store, keys=keys, dry_run=True)
         for name, runtime in reconciler.services.items():
             view = views[name]
-            try:
-                value, error = float(runtime.source.read()), None
-            except Exception as exc:  # noqa: BLE001
-                value, error = None, str(exc)
-            decision = decide(value, error, view.desired, runtime.config.policy, None)
-            if view.deploy is not None:
-                decision_text = "paused: a deploy is in progress"
-            else:
-                decision_text = decision.reason
-                if decision.count is not None:
-                    view.desired = decision.count  # plan as the next pass would see it
-            console.print(f"[bold]{name}[/bold]: source {runtime.source.type_name}: "
-                          f"{'error: ' + error if error else format(value, 'g')}; "
-                          f"desired {decision_text}", highlight=False)
+            source = runtime.source
+            last = describe(source.type_name, read_state(store, keys, name), time.time(),
+                            expiry(source))
+            decision = scaler.poll(name).decision  # reads the source now, writes nothing
+            if decision.count is not None:
+                view.desired = decision.count  # plan as the next pass would see it
+            console.print(f"[bold]{name}[/bold]: now {decision.reason}", highlight=False,
+                          soft_wrap=True)
+            console.print(f"  last poll: {last}", highlight=False, soft_wrap=True)
             for problem in view.problems:
                 console.print(f"  [yellow]! {problem}[/yellow]", highlight=False)
         actions = reconciler.plan(views)
@@ -172,13 +169,16 @@ def plan(config_path: str) -> None:
 @friendly
 def status(config_path: str, as_json: bool) -> None:
     """Per service: desired, override, running, healthy, release and deploy."""
+    from agent.scaling import describe, expiry, read_state, summary
+
     config, store, keys, builder, reconciler, views = _views(config_path)
     try:
         leader = store.get(keys.leader)
+        states = {name: read_state(store, keys, name) for name in views}
     finally:
         builder.close()
         store.close()
-    rows = []
+    rows, now = [], time.time()
     for name, view in views.items():
         rows.append({
             "service": name, "desired": view.desired, "override": view.override,
@@ -188,6 +188,8 @@ def status(config_path: str, as_json: bool) -> None:
                            "host": i.host, "port": i.port, "running": i.running,
                            "healthy": i in view.healthy} for i in view.instances],
             "problems": view.problems,
+            "source": reconciler.services[name].source.type_name,
+            "policy": summary(states[name], now, expiry(reconciler.services[name].source)),
         })
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
@@ -207,6 +209,9 @@ def status(config_path: str, as_json: bool) -> None:
     console.print(table)
     if not leader:
         console.print("[yellow]no agent is acting for this cluster[/yellow]")
+    for name, runtime in reconciler.services.items():
+        line = describe(runtime.source.type_name, states[name], now, expiry(runtime.source))
+        console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
     for row in rows:
         for problem in row["problems"]:
             console.print(f"[yellow]{row['service']}: {problem}[/yellow]", highlight=False)
@@ -276,3 +281,150 @@ def schema() -> None:
     plugins = load_plugins()
     click.echo(json.dumps(file_model(plugins).model_json_schema(), indent=2))
 
+
+
+def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> None:
+    """Show a deploy's progress from its journal until it ends; exit 1 unless it finished."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    deploy_key, release_key = keys.service(service, "deploy"), keys.service(service, "release")
+    deadline = time.monotonic() + timeout
+    warned = False
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(f"deploy {service}", total=None, note="requested")
+        while True:
+            entry = store.get(deploy_key)
+            journal = json.loads(entry.value) if entry else None
+            if journal is None or journal.get("id") != deploy_id:
+                break
+            phase = journal.get("phase")
+            got = journal.get("progress") or {}
+            progress.update(task, total=got.get("total") or None, completed=got.get("done", 0),
+                            note=f"{phase}: {got.get('note', '')}")
+            if phase in ("paused", "failed"):
+                progress.stop()
+                fail(f"deploy of {service} {phase}: {journal.get('error')}")
+            if phase == "requested" and not warned and time.monotonic() > deadline - timeout + 15:
+                warned = True
+                progress.console.print("[yellow]no agent has picked the deploy up yet; "
+                                       "is `shipmate run` running?[/yellow]")
+            if time.monotonic() > deadline:
+                progress.stop()
+                fail(f"gave up following after {timeout:g}s; the deploy goes on "
+                     "(`shipmate status`)")
+            time.sleep(0.3)
+    entry = store.get(release_key)
+    release = json.loads(entry.value) if entry else {}
+    outcome = release.get("deploy") or {}
+    if outcome.get("id") != deploy_id:
+        fail(f"the deploy of {service} ended but left no outcome; see `shipmate status`")
+    if outcome.get("result") != "finished":
+        fail(f"deploy of {service} rolled back: {outcome.get('reason')}")
+    label = release.get("image") or release.get("version")
+    console.print(f"{service}: deployed {label}"
+                  + (f" ({outcome['reason']})" if outcome.get("reason") else ""), highlight=False)
+
+
+def _request(config_path: str, service: str, image: str | None, port: int | None,
+             strategy: str | None, reason: str, wait: bool, timeout: float) -> None:
+    from agent.deploys import request_deploy
+    from agent.runtime import connect
+
+    config, plugins = _open(config_path)
+    if service not in config.services:
+        fail(f"unknown service {service!r}; known: {', '.join(sorted(config.services))}")
+    if strategy is not None and strategy not in plugins.types["strategy"]:
+        fail(f"unknown strategy {strategy!r}; installed: "
+             f"{', '.join(plugins.types['strategy'])}")
+    store = connect(config)
+    keys = Keys(config.key_prefix)
+    try:
+        journal = request_deploy(store, keys, service, image=image, port=port,
+                                 strategy=strategy, by=_who(), reason=reason)
+        console.print(f"{service}: deploy {journal['id']} requested", highlight=False)
+        if wait:
+            _follow(store, keys, service, journal["id"], timeout)
+    finally:
+        store.close()
+
+
+def _who() -> str:
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        return socket.gethostname()
+
+
+wait_options = [
+    click.option("--no-wait", is_flag=True, help="request it and return at once"),
+    click.option("--timeout", type=float, default=3600, show_default=True,
+                 help="seconds to follow the deploy"),
+]
+
+
+def _with(options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+@main.command()
+@config_option
+@click.argument("service")
+@click.option("--image", required=True, help="the image (or release) to deploy")
+@click.option("--strategy", help="override the service's deploy strategy")
+@_with(wait_options)
+@friendly
+def deploy(config_path: str, service: str, image: str, strategy: str | None, no_wait: bool,
+           timeout: float) -> None:
+    """Deploy IMAGE to SERVICE and follow it; exit 1 if it fails or rolls back."""
+    from agent.deploys import DeployError
+
+    try:
+        _request(config_path, service, image, None, strategy, "deploy", not no_wait, timeout)
+    except DeployError as exc:
+        fail(str(exc))
+
+
+@main.command()
+@config_option
+@click.argument("service")
+@_with(wait_options)
+@friendly
+def rollback(config_path: str, service: str, no_wait: bool, timeout: float) -> None:
+    """Deploy the release SERVICE ran before the current one."""
+    from agent.deploys import DeployError
+    from agent.runtime import connect
+
+    config, _ = _open(config_path)
+    store = connect(config)
+    keys = Keys(config.key_prefix)
+    try:
+        stuck = store.get(keys.service(service, "deploy"))
+        journal = json.loads(stuck.value) if stuck else {}
+        if journal.get("phase") in ("paused", "failed"):  # finish it backwards
+            store.replace(stuck.key, json.dumps({**journal, "phase": "rolling-back"}),
+                          stuck.revision)
+            console.print(f"{service}: rolling back deploy {journal['id']}", highlight=False)
+            if not no_wait:
+                _follow(store, keys, service, journal["id"], timeout)
+            return
+        entry = store.get(keys.service(service, "release"))
+    finally:
+        store.close()
+    previous = (json.loads(entry.value) if entry else {}).get("previous")
+    if not previous:
+        fail(f"{service} has no previous release recorded to roll back to")
+    try:
+        _request(config_path, service, previous.get("image"), previous.get("port"), None,
+                 "rollback", not no_wait, timeout)
+    except DeployError as exc:
+        fail(str(exc))

@@ -148,18 +148,40 @@ class Announcer(PluginType, ABC):
         """Remove one instance's announcement; called before it is stopped."""
 
 
+class StrategyConfig(TypeConfig):
+    """Keys every deploy strategy has."""
+
+    health_timeout: Duration = 60.0
+    "how long a new instance may take to pass its health check"
+
+
 class Strategy(PluginType, ABC):
-    """Replaces one release of a service by another."""
+    """Replaces one release of a service by another.
+
+    A strategy must be resumable: the agent may die at any point, and the next
+    acting agent calls :meth:`run` (or :meth:`rollback`) again with the same
+    journal. Work from what runs (``deploy.instances()``), not from memory.
+    """
 
     kind = "strategy"
+    Config: ClassVar[type[TypeConfig]] = StrategyConfig
+
+    def initial_port(self, port: int | None) -> int | None:
+        """The base port of a service's first release (blue/green: the blue port)."""
+        return port
+
+    def target_port(self, current: int | None) -> int | None:
+        """The base port the new release listens on, given the current one."""
+        return current
 
     @abstractmethod
     def run(self, deploy: Any) -> None:
-        """Carry out ``deploy`` (an :class:`agent.deploys.Deployment`) to the end.
+        """Bring ``deploy`` (an :class:`agent.deploys.Deployment`) from its old release to
+        its new one; raise :class:`agent.deploys.DeployError` to fail (and roll back)."""
 
-        Record progress through the deployment's journal so another agent can
-        resume; raise to fail (the deployment then rolls back).
-        """
+    def rollback(self, deploy: Any, reason: str) -> None:
+        """Restore the old release after a failure; by default, run backwards."""
+        self.run(deploy.reversed())
 
 
 KINDS: dict[str, type[PluginType]] = {

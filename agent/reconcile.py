@@ -19,6 +19,7 @@ freezes changes, it never stops what runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections import defaultdict
@@ -37,10 +38,10 @@ from agent.instances import (
     InstanceSpec,
     fill,
     instance_name,
-    release_version,
 )
 from agent.keys import Keys, parse_count
-from agent.kinds import Actuator, Announcer, Source
+from agent.kinds import Actuator, Announcer, Source, Strategy
+from agent.releases import Release, make_release, parse_release
 from agent.store import Entry, Store
 
 log = logging.getLogger("shipmate.reconcile")
@@ -56,26 +57,30 @@ class ServiceRuntime:
     source: Source
     actuator: Actuator
     announcer: Announcer | None
+    strategy: Strategy | None = None
 
     @cached_property
-    def version(self) -> str:
-        """The short hash of this service's release spec."""
-        c = self.config
-        return release_version(c.image, c.command, c.env, c.port)
+    def yaml_release(self) -> Release:
+        """The release the YAML describes (its first port chosen by the strategy)."""
+        port = self.strategy.initial_port(self.config.port) if self.strategy else None
+        return make_release(self.config, port=port)
 
-    def spec(self, slot: int, version: str | None = None, port: int | None = None,
-             image: str | None = None) -> InstanceSpec:
-        """The spec of ``slot``'s instance, with ``{port}``-style fields filled in."""
+    def release(self, view: ServiceView | None) -> Release:
+        """The release to run: the one recorded in the store, else the YAML's."""
+        return (parse_release(view.release) if view else None) or self.yaml_release
+
+    def spec(self, slot: int, release: Release) -> InstanceSpec:
+        """The spec of ``slot``'s instance of ``release``, with ``{port}`` and friends filled in."""
         c = self.config
-        version = version or self.version
-        port = port if port is not None else (c.port + slot if c.port is not None else None)
-        name = instance_name(self.cluster, self.name, slot, version)
-        values = {"port": port, "instance": name, "service": self.name, "slot": slot}
+        port = release.port + slot if release.port is not None else None
+        name = instance_name(self.cluster, self.name, slot, release.version)
+        values = {"port": port, "instance": name, "service": self.name, "slot": slot,
+                  "image": release.image or ""}
         labels = {LABEL_CLUSTER: self.cluster, LABEL_SERVICE: self.name,
-                  LABEL_VERSION: version, LABEL_SLOT: str(slot)}
+                  LABEL_VERSION: release.version, LABEL_SLOT: str(slot)}
         return InstanceSpec(
-            cluster=self.cluster, service=self.name, slot=slot, version=version, name=name,
-            port=port, image=image or c.image,
+            cluster=self.cluster, service=self.name, slot=slot, version=release.version,
+            name=name, port=port, image=release.image,
             command=[fill(part, **values) for part in c.command] if c.command else None,
             env={k: fill(v, **values) for k, v in c.env.items()}, labels=labels,
         )
@@ -89,7 +94,8 @@ class Action:
     service: str
     slot: int
     reason: str
-    instance: Instance | None = None
+    instance: Instance | None = None  # what a stop stops
+    spec: InstanceSpec | None = None  # what a start starts
 
     def __str__(self) -> str:
         what = self.instance.name if self.instance else f"slot {self.slot}"
@@ -158,6 +164,8 @@ class Reconciler:
         self.grace = grace
         self.parallelism = parallelism
         self.health_workers = health_workers
+        self.unowned: dict[str, Instance] = {}
+        "instances of this cluster that no configured service owns: left alone, reported"
 
     # ---------------------------------------------------------------- observe
     def observe(self, *, check_health: bool = True) -> dict[str, ServiceView]:
@@ -179,6 +187,7 @@ class Reconciler:
                 override=_count(got.get("override"), problems),
                 release=_json(got.get("release"), "release", problems),
                 deploy=_json(got.get("deploy"), "deploy", problems), problems=problems)
+        unowned: dict[str, Instance] = {}
         for actuator, names in self._by_actuator().items():
             try:
                 listed = actuator.list()
@@ -190,6 +199,12 @@ class Reconciler:
             for instance in listed:
                 if instance.service in names:
                     views[instance.service].instances.append(instance)
+                elif instance.service not in self.services:
+                    unowned[instance.name] = instance
+        for name in unowned.keys() - self.unowned.keys():  # reported once, when first seen
+            log.warning("instance %s of service %r belongs to no configured service: left alone",
+                        name, unowned[name].service)
+        self.unowned = unowned
         if check_health:
             self._check_health(views)
         return views
@@ -206,9 +221,7 @@ class Reconciler:
 
         def check(job: tuple[ServiceView, Instance]) -> bool:
             view, instance = job
-            if checks[view.name] is None:
-                return True
-            try:
+            try:  # with no health block too: an actuator may know better (a HEALTHCHECK)
                 return self.services[view.name].actuator.healthy(instance, checks[view.name])
             except Exception:  # noqa: BLE001 - a failing check is an unhealthy instance
                 return False
@@ -216,8 +229,8 @@ class Reconciler:
         if any(checks.values()) and jobs:
             with ThreadPoolExecutor(self.health_workers) as pool:
                 results = list(pool.map(check, jobs))
-        else:
-            results = [True] * len(jobs)
+        else:  # no probes to wait for
+            results = [check(job) for job in jobs]
         for (view, instance), ok in zip(jobs, results, strict=True):
             if ok:
                 view.healthy.append(instance)
@@ -227,33 +240,40 @@ class Reconciler:
         """The starts and stops that would bring each service to its count."""
         actions: list[Action] = []
         for name, view in views.items():
-            if not view.listed:
-                continue
-            for instance in view.instances:
-                if not instance.running:
-                    actions.append(Action("stop", name, instance.slot, "exited", instance))
-            if view.deploy is not None:
-                continue  # the deploy owns this service's instances
-            n = view.effective
-            by_slot: dict[int, list[Instance]] = defaultdict(list)
-            for instance in view.running:
-                by_slot[instance.slot].append(instance)
-            current = self.services[name].version
-            for slot, group in sorted(by_slot.items(), reverse=True):
-                group.sort(key=lambda i: i.version != current)  # current version first
-                for extra in group[1:]:
-                    actions.append(Action("stop", name, slot, "duplicate of its slot", extra))
-                if n is not None and slot >= n:
-                    actions.append(Action("stop", name, slot, f"scale down to {n}", group[0]))
-            if n is None:
-                # unknown count: keep what runs, restart what crashed
-                for instance in view.instances:
-                    if not instance.running and instance.slot not in by_slot:
-                        actions.append(Action("start", name, instance.slot, "restart exited"))
-                continue
-            for slot in range(n):
-                if slot not in by_slot:
-                    actions.append(Action("start", name, slot, f"scale up to {n}"))
+            if view.listed:
+                actions += self._plan_service(self.services[name], view)
+        return actions
+
+    def _plan_service(self, runtime: ServiceRuntime, view: ServiceView) -> list[Action]:
+        name = runtime.name
+        actions = [Action("stop", name, i.slot, "exited", i)
+                   for i in view.instances if not i.running]
+        if view.deploy is not None:
+            return actions  # the deploy owns this service's instances
+        target = runtime.release(view)
+
+        def start(slot: int, reason: str) -> Action:
+            return Action("start", name, slot, reason, spec=runtime.spec(slot, target))
+
+        by_slot: dict[int, list[Instance]] = defaultdict(list)
+        for instance in view.running:
+            by_slot[instance.slot].append(instance)
+        keep = []
+        for slot, group in sorted(by_slot.items()):
+            group.sort(key=lambda i: i.version != target.version)  # the target's first
+            keep.append(group[0])
+            actions += [Action("stop", name, slot, "duplicate of its slot", extra)
+                        for extra in group[1:]]
+        n = view.effective
+        if n is None:  # unknown count: keep what runs, restart what crashed
+            return actions + [start(i.slot, "restart exited") for i in view.instances
+                              if not i.running and i.slot not in by_slot]
+        if len(keep) > n:  # other versions first, then the highest slots
+            keep.sort(key=lambda i: (i.version == target.version, -i.slot))
+            actions += [Action("stop", name, i.slot, f"scale down to {n}", i)
+                        for i in keep[:len(keep) - n]]
+        free = (slot for slot in itertools.count() if slot not in by_slot)
+        actions += [start(next(free), f"scale up to {n}") for _ in range(n - len(keep))]
         return actions
 
     # ---------------------------------------------------------------- apply
@@ -283,7 +303,8 @@ class Reconciler:
                 self.emit("shipmate_instance_stopped", instance=action.instance,
                           reason=action.reason)
             else:
-                instance = runtime.actuator.start(runtime.spec(action.slot))
+                assert action.spec is not None
+                instance = runtime.actuator.start(action.spec)
                 self.emit("shipmate_instance_started", instance=instance)
             log.info("%s", action)
             return None
@@ -298,7 +319,9 @@ class Reconciler:
         for name, view in views.items():
             announcer = self.services[name].announcer
             if announcer is not None and view.listed:
-                groups[announcer][name] = [i for i in view.healthy if i.name not in stopped]
+                shown = (view.deploy or {}).get("announce")  # a deploy may hold some back
+                groups[announcer][name] = [i for i in view.healthy if i.name not in stopped
+                                           and (shown is None or i.version in shown)]
         for announcer, healthy in groups.items():
             try:
                 announcer.sync(healthy)

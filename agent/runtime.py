@@ -9,6 +9,7 @@ one kept).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -21,12 +22,14 @@ from typing import Any
 import schedule
 
 from agent.config import Config, ConfigError, load_config
+from agent.deploys import DeployError, DeployRunner, request_deploy
 from agent.keys import Keys
 from agent.kinds import Context, PluginType
 from agent.leader import Leadership
 from agent.metrics import Metrics, serve
-from agent.plugins import Plugins, load_plugins
-from agent.reconcile import Reconciler, ServiceRuntime
+from agent.plugins import PluginError, Plugins, load_plugins
+from agent.reconcile import Reconciler, ServiceRuntime, ServiceView
+from agent.releases import parse_release
 from agent.scaling import Scaler
 from agent.store import Store, StoreError, open_store
 
@@ -75,6 +78,18 @@ class Builder:
             self.shared[key] = entry.cls(cfg, self.context)
         return self.shared[key]
 
+    def strategy(self, cfg: Any, name: str | None = None) -> Any:
+        """The strategy of a service's ``deploy`` block; ``name`` picks another type
+        (with that type's defaults unless the block is of that type)."""
+        name = name or (cfg.strategy if cfg is not None else "rolling")
+        entry = self.plugins.types["strategy"].get(name)
+        if entry is None:
+            raise PluginError(f"unknown deploy strategy {name!r}; installed: "
+                              f"{', '.join(self.plugins.types['strategy'])}")
+        if cfg is None or cfg.strategy != name:
+            cfg = entry.model(strategy=name)
+        return self.make("strategy", cfg, share=False)
+
     def services(self, config: Config) -> dict[str, ServiceRuntime]:
         used = set()
         out = {}
@@ -85,7 +100,7 @@ class Builder:
             out[name] = ServiceRuntime(
                 name=name, config=svc, cluster=config.agent.cluster,
                 source=self.make("source", svc.source, share=False),
-                actuator=actuator, announcer=announcer)
+                actuator=actuator, announcer=announcer, strategy=self.strategy(svc.deploy))
         for key, obj in list(self.shared.items()):
             if id(obj) not in used:
                 obj.close()
@@ -121,6 +136,9 @@ class Agent:
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="source")
         self._next_pass = 0.0
         self._apply_config()
+        self.deploys = DeployRunner(store=self.store, keys=self.keys,
+                                    emit=self.plugins.call_event, grace=self.config.agent.grace,
+                                    strategies=self._strategy)
 
     # ---------------------------------------------------------------- wiring
     def _apply_config(self) -> None:
@@ -194,6 +212,7 @@ class Agent:
             errors = self.reconciler.apply(actions)
             stopped = {a.instance.name for a in actions if a.instance is not None}
             errors += self.reconciler.announce(views, stopped)
+            errors += self._deploys(views)
         for error in errors + [p for v in views.values() for p in v.problems]:
             self.metrics.errors.labels("pass").inc()
             log.warning("%s", error)
@@ -206,9 +225,39 @@ class Agent:
         self.metrics.pass_seconds.set(time.monotonic() - started)
         self.metrics.last_pass = time.time()
         settling = any(a.verb == "start" for a in actions) or any(
-            len(v.healthy) < len(v.running) for v in views.values())
+            len(v.healthy) < len(v.running) or v.deploy for v in views.values())
         interval = QUICK_PASS if settling else self.config.agent.interval
         self._next_pass = time.monotonic() + interval
+
+    def _strategy(self, service: str, name: str | None) -> Any:
+        runtime = self.services[service]
+        if name is None or name == runtime.strategy.type_name:
+            return runtime.strategy
+        return self.builder.strategy(runtime.config.deploy, name)
+
+    def _deploys(self, views: dict[str, ServiceView]) -> list[str]:
+        """Run requested deploys; request one where the YAML no longer matches the release."""
+        errors = []
+        for name, view in views.items():
+            runtime = self.services[name]
+            if not view.listed:
+                continue
+            if view.deploy is not None:
+                self.deploys.launch(runtime, view)
+                continue
+            release, wanted = parse_release(view.release), runtime.yaml_release
+            try:
+                if release is None and all(i.version == wanted.version for i in view.running):
+                    self.store.create(self.keys.service(name, "release"),
+                                      json.dumps(wanted.to_json(by="config")))
+                elif release is None or release.spec != wanted.spec:
+                    request_deploy(self.store, self.keys, name, image=wanted.image,
+                                   by="config", reason="config changed")
+                    log.info("%s: the config changed: deploying it", name)
+                    self._wake.set()
+            except (DeployError, StoreError) as exc:
+                errors.append(f"{name}: {exc}")
+        return errors
 
     def _on_watch(self, events: list[Any]) -> None:
         # the scaler's own policy-state writes (one per poll) need no pass
@@ -242,6 +291,7 @@ class Agent:
             self._loop()
             return 0
         finally:
+            self.deploys.stop()
             watch.cancel()
             if server is not None:
                 server.shutdown()

@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote, urlsplit
 
 import etcd
 import urllib3
@@ -56,13 +56,19 @@ _FAILURES = (etcd.EtcdException, urllib3.exceptions.HTTPError, http.client.HTTPE
 _DELETES = {"delete", "expire", "compareAndDelete"}
 
 
-def display(url: str) -> str:
-    """An endpoint as it may appear in errors and logs: scheme://host:port, no credentials."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+def parse_endpoint(url: str) -> tuple[SplitResult, str]:
+    """The parts of an endpoint URL, and how it may appear in errors: no credentials."""
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        port = parts.port
+    except ValueError:
+        raise StoreError("etcd2: malformed endpoint URL") from None
+    host = parts.hostname or ""
+    shown = f"{parts.scheme}://" + (f"[{host}]" if ":" in host else host)
+    shown += f":{port}" if port else ""
+    if parts.scheme not in ("http", "https") or not host:
+        raise StoreError(f"etcd2: not an http(s) endpoint: {shown}")
+    return parts, shown
 
 
 def directory_of(prefix: str) -> str:
@@ -322,13 +328,12 @@ class Etcd2Store(Store):
         self.timeout = timeout
         self.round_trips = 0
         self._count_lock = threading.Lock()
-        self._urls = []
+        self._urls: list[SplitResult] = []
+        self._names: list[str] = []
         for url in endpoints:
-            parts = urlsplit(url if "://" in url else f"http://{url}")
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise StoreError(f"etcd2: not an http(s) endpoint: {display(url)}")
+            parts, shown = parse_endpoint(url)
             self._urls.append(parts)
-        self._names = [display(url) for url in endpoints]
+            self._names.append(shown)
         self._clients = self._make_clients()
         self._current = 0
         self._leases: dict[str, Etcd2Lease] = {}  # key -> the lease that last wrote it
@@ -339,8 +344,10 @@ class Etcd2Store(Store):
     def _make_clients(self) -> list[etcd.Client]:
         clients = []
         for parts in self._urls:
-            client = etcd.Client(
-                host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
+            host = parts.hostname or ""
+            client = etcd.Client(  # python-etcd puts host in URLs as is: bracket IPv6
+                host=f"[{host}]" if ":" in host else host, port=parts.port or 2379,
+                protocol=parts.scheme,
                 read_timeout=self.timeout, allow_reconnect=False,
                 username=unquote(parts.username) if parts.username else None,
                 password=unquote(parts.password) if parts.password else None,

@@ -29,7 +29,7 @@ import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 from etcd3gw.client import Etcd3Client
@@ -76,13 +76,19 @@ def range_end(prefix: str) -> bytes:
     return bytes(raw)
 
 
-def display(url: str) -> str:
-    """An endpoint as it may appear in errors and logs: scheme://host:port, no credentials."""
-    parts = urlsplit(url if "://" in url else f"http://{url}")
-    host = parts.hostname or "?"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
+def parse_endpoint(url: str) -> tuple[SplitResult, str]:
+    """The parts of an endpoint URL, and how it may appear in errors: no credentials."""
+    try:
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        port = parts.port
+    except ValueError:
+        raise StoreError("etcd: malformed endpoint URL") from None
+    host = parts.hostname or ""
+    shown = f"{parts.scheme}://" + (f"[{host}]" if ":" in host else host)
+    shown += f":{port}" if port else ""
+    if parts.scheme not in ("http", "https") or not host:
+        raise StoreError(f"etcd: not an http(s) endpoint: {shown}")
+    return parts, shown
 
 
 def _never_sent(exc: BaseException) -> bool:
@@ -112,6 +118,8 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, Etcd3Exception):
         status = " ".join(str(a) for a in exc.args)
         return f"{status or 'error'}: {_etcd_message(exc.detail_text)}".strip()
+    if isinstance(exc, requests.RequestException):
+        return "connection lost"  # e.g. a stream cut mid-chunk
     if isinstance(exc, ValueError):
         return "malformed response"
     return type(exc).__name__
@@ -313,12 +321,11 @@ class Etcd3Store(Store):
         self.timeout = timeout
         self.round_trips = 0
         self._count_lock = threading.Lock()
-        self._names = [display(url) for url in endpoints]
+        self._names: list[str] = []
         self._clients: list[Etcd3Client] = []
         for url in endpoints:
-            parts = urlsplit(url if "://" in url else f"http://{url}")
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise StoreError(f"etcd: not an http(s) endpoint: {display(url)}")
+            parts, shown = parse_endpoint(url)
+            self._names.append(shown)
             self._clients.append(Etcd3Client(
                 host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
                 timeout=timeout, api_path=API_PATH, session=_CountingSession(self)))

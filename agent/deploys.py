@@ -1,0 +1,334 @@
+"""Deploys: the request, the journal, and the runner that drives strategies.
+
+A deploy is asked for by writing ``<prefix>/<cluster>/services/<service>/deploy``
+(``shipmate deploy`` does; so does the agent when a reloaded YAML changed a
+service's spec). The acting agent picks the request up and owns it from then
+on: the key becomes the deploy's journal (phase, from, to, desired count,
+progress), written only by compare-and-set, so an agent that lost leadership
+cannot write over its successor. The key itself is durable (not on a lease):
+if the agent dies, the journal must survive for the next acting agent, which
+resumes it. The lock it carries is the leader's lease.
+
+Phases: ``requested`` -> ``running`` -> done (the key is deleted and ``release``
+records the result), or on failure ``rolling-back`` -> done, or ``paused``
+(``on_failure: pause``; ops decide with ``shipmate rollback``), or ``failed``
+(even the rollback failed: the key stays and scaling stays paused until ops
+delete it). While the key exists the service is not scaled or reconciled by count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from agent.instances import Instance
+from agent.keys import Keys
+from agent.kinds import Strategy
+from agent.releases import Release, make_release
+from agent.store import Store
+
+log = logging.getLogger("shipmate.deploy")
+ACTIVE = ("requested", "running", "rolling-back")
+
+
+class DeployError(Exception):
+    """A deploy step failed; the message says which check, for the CLI to print."""
+
+
+class LockLost(DeployError):
+    """Another agent now owns the journal: stop without touching anything."""
+
+
+class Interrupted(DeployError):
+    """The agent is stopping: leave the journal for the next agent to resume."""
+
+
+def request_deploy(store: Store, keys: Keys, service: str, *, image: str | None = None,
+                   port: int | None = None, strategy: str | None = None, by: str,
+                   reason: str) -> dict[str, Any]:
+    """Write a deploy request; DeployError if one is already in progress."""
+    journal = {"id": uuid.uuid4().hex[:12], "phase": "requested", "strategy": strategy,
+               "image": image, "port": port, "by": by, "reason": reason,
+               "requested_at": time.time()}
+    if not store.create(keys.service(service, "deploy"), json.dumps(journal)):
+        current = store.get(keys.service(service, "deploy"))
+        phase = json.loads(current.value).get("phase", "?") if current else "?"
+        raise DeployError(f"a deploy of {service} is already in progress (phase {phase}); "
+                          "follow it with `shipmate status`")
+    return journal
+
+
+def _release(data: dict[str, Any]) -> Release:
+    return Release(data.get("image"), data.get("port"), data["version"], data.get("spec", ""))
+
+
+@dataclass
+class Journal:
+    """The journal as last written, and its revision (shared by a deploy and its reverse)."""
+
+    data: dict[str, Any]
+    revision: int
+
+
+@dataclass
+class Deployment:
+    """What a strategy works with: one service, its two releases, and safe steps.
+
+    ``source`` is the release being replaced, ``target`` the one being
+    installed (swapped by :meth:`reversed` for a rollback). Every step checks
+    that the agent still owns the journal and is not stopping.
+    """
+
+    runtime: Any  # agent.reconcile.ServiceRuntime
+    store: Store
+    keys: Keys
+    record: Journal
+    source: Release
+    target: Release
+    desired: int
+    emit: Callable[..., None] = lambda *a, **k: None
+    grace: float = 10.0
+    stopping: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def service(self) -> str:
+        return self.runtime.name
+
+    @property
+    def journal(self) -> dict[str, Any]:
+        return self.record.data
+
+    @property
+    def revision(self) -> int:
+        return self.record.revision
+
+    @property
+    def config(self) -> Any:
+        """The strategy's config block."""
+        return self.runtime.strategy.config
+
+    def reversed(self) -> Deployment:
+        """The same deploy pointed back at the old release (for rollbacks)."""
+        return replace(self, source=self.target, target=self.source)
+
+    # ------------------------------------------------------------- journal
+    def save(self, **changes: Any) -> None:
+        """Update the journal by compare-and-set; LockLost if another agent owns it."""
+        self.check()
+        journal = {**self.journal, **changes}
+        key = self.keys.service(self.service, "deploy")
+        if not self.store.replace(key, json.dumps(journal), self.revision):
+            raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
+        entry = self.store.get(key)
+        if entry is None:
+            raise LockLost(f"the deploy journal of {self.service} was deleted")
+        self.record.data, self.record.revision = journal, entry.revision
+
+    def progress(self, done: int, total: int, note: str) -> None:
+        """Record progress (``done`` of ``total`` instances) and tell observers."""
+        self.save(progress={"done": done, "total": total, "note": note, "at": time.time()})
+        self.emit("shipmate_deploy_progressed", service=self.service, deploy=self.journal)
+        log.info("%s: deploy %s: %s (%d/%d)", self.service, self.journal["id"], note, done, total)
+
+    def check(self) -> None:
+        if self.stopping.is_set():
+            raise Interrupted("the agent is stopping; the next agent resumes this deploy")
+
+    # ------------------------------------------------------------- instances
+    def instances(self) -> list[Instance]:
+        """This service's instances as the actuator reports them now."""
+        return [i for i in self.runtime.actuator.list() if i.service == self.service]
+
+    def healthy(self, instance: Instance) -> bool:
+        try:
+            return bool(self.runtime.actuator.healthy(instance, self.runtime.config.health))
+        except Exception:  # noqa: BLE001 - a failing check is an unhealthy instance
+            return False
+
+    def start(self, slot: int, release: Release | None = None) -> Instance:
+        """Start ``slot`` of ``release`` (default: the target)."""
+        self.check()
+        instance = self.runtime.actuator.start(self.runtime.spec(slot, release or self.target))
+        self.emit("shipmate_instance_started", instance=instance)
+        return instance
+
+    def stop(self, instance: Instance, reason: str = "deploy") -> None:
+        """Withdraw ``instance`` from discovery, then stop it."""
+        self.check()
+        if self.runtime.announcer is not None:
+            self.runtime.announcer.withdraw(instance)
+        self.runtime.actuator.stop(instance, self.grace)
+        self.emit("shipmate_instance_stopped", instance=instance, reason=reason)
+
+    def wait_healthy(self, instances: list[Instance], timeout: float) -> None:
+        """Wait until every one of ``instances`` passes its health check.
+
+        :raises DeployError: naming the instances that did not, and the check.
+        """
+        deadline = time.monotonic() + timeout
+        waiting = {i.name for i in instances}
+        while waiting:
+            self.check()
+            now = {i.name: i for i in self.instances()}
+            exited = [name for name in waiting if name in now and not now[name].running]
+            gone = [name for name in waiting if name not in now]
+            if exited or gone:
+                raise DeployError(f"{', '.join(sorted(exited + gone))} exited before passing "
+                                  f"its health check ({self.check_text()})")
+            waiting = {name for name in waiting if not self.healthy(now[name])}
+            if waiting and time.monotonic() > deadline:
+                raise DeployError(f"{', '.join(sorted(waiting))} not healthy after "
+                                  f"{timeout:g}s ({self.check_text()})")
+            if waiting:
+                time.sleep(0.2)
+
+    def check_text(self) -> str:
+        health = self.runtime.config.health
+        if health is None:
+            return "no health check: the instance must keep running"
+        return f"GET {health.http}" if health.http else "TCP connect"
+
+
+class DeployRunner:
+    """Runs the deploys of the acting agent, one thread per service."""
+
+    def __init__(self, *, store: Store, keys: Keys, emit: Callable[..., None],
+                 strategies: Callable[[str, str | None], Strategy], grace: float) -> None:
+        self.store, self.keys, self.emit, self.grace = store, keys, emit, grace
+        self.strategies = strategies
+        self.threads: dict[str, threading.Thread] = {}
+        self.stopping = threading.Event()
+
+    def busy(self, service: str) -> bool:
+        thread = self.threads.get(service)
+        return thread is not None and thread.is_alive()
+
+    def launch(self, runtime: Any, view: Any) -> None:
+        """Start (or resume) the deploy in ``view.deploy`` unless it already runs here."""
+        if self.busy(runtime.name) or view.deploy.get("phase") not in ACTIVE:
+            return
+        thread = threading.Thread(target=self._run, args=(runtime, view), daemon=True,
+                                  name=f"deploy-{runtime.name}")
+        self.threads[runtime.name] = thread
+        thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for thread in self.threads.values():
+            thread.join(timeout=30)
+
+    # ------------------------------------------------------------- one deploy
+    def _run(self, runtime: Any, view: Any) -> None:
+        try:
+            self.execute(runtime, view)
+        except (LockLost, Interrupted) as exc:
+            log.warning("%s: deploy left as it is: %s", runtime.name, exc)
+        except Exception:
+            log.exception("%s: deploy runner failed; the journal is kept for a retry",
+                          runtime.name)
+
+    def execute(self, runtime: Any, view: Any) -> None:
+        """Begin, resume or roll back the deploy of one service, to the end."""
+        key = self.keys.service(runtime.name, "deploy")
+        entry = self.store.get(key)
+        if entry is None:
+            return
+        journal = json.loads(entry.value)
+        strategy = self.strategies(runtime.name, journal.get("strategy"))
+        runtime = replace(runtime, strategy=strategy)
+        deploy = Deployment(runtime=runtime, store=self.store, keys=self.keys,
+                            record=Journal(journal, entry.revision), source=runtime.release(view),
+                            target=runtime.release(view), desired=0, emit=self.emit,
+                            grace=self.grace, stopping=self.stopping)
+        if journal["phase"] == "requested":
+            self._begin(deploy, view)
+        else:
+            deploy.source = _release(journal["from"])
+            deploy.target = _release(journal["to"])
+            deploy.desired = int(journal["desired"])
+            log.info("%s: resuming deploy %s at phase %s", runtime.name, journal["id"],
+                     journal["phase"])
+        if deploy.source.version == deploy.target.version:
+            self._finish(deploy, "finished", "already running this release")
+            return
+        if deploy.journal["phase"] == "running":
+            try:
+                strategy.run(deploy)
+                self._finish(deploy, "finished")
+                return
+            except (LockLost, Interrupted):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means: roll back or pause
+                reason = str(exc) or type(exc).__name__
+                log.error("%s: deploy %s failed: %s", runtime.name, journal["id"], reason)
+                if getattr(strategy.config, "on_failure", "rollback") == "pause":
+                    deploy.save(phase="paused", error=reason)
+                    return
+                deploy.save(phase="rolling-back", error=reason,
+                            announce=[deploy.source.version, deploy.target.version])
+        reason = deploy.journal.get("error") or "rolled back"
+        try:
+            strategy.rollback(deploy, reason)
+        except (LockLost, Interrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            deploy.save(phase="failed", error=f"{reason}; the rollback failed too: {exc}")
+            log.error("%s: rollback failed: %s; scaling stays paused until the deploy key "
+                      "is removed", runtime.name, exc)
+            return
+        self._finish(deploy, "rolled-back", reason)
+
+    def _begin(self, deploy: Deployment, view: Any) -> None:
+        journal, runtime = deploy.journal, deploy.runtime
+        current = deploy.source
+        port = journal.get("port")
+        if port is None:
+            port = runtime.strategy.target_port(current.port)
+        image = journal.get("image") or current.image
+        deploy.target = make_release(runtime.config, image=image, port=port)
+        running = len(view.running)
+        deploy.desired = view.effective if view.effective is not None else running
+        deploy.save(phase="running", started_at=time.time(), desired=deploy.desired,
+                    strategy=runtime.strategy.type_name,
+                    **{"from": current.to_json(), "to": deploy.target.to_json()},
+                    announce=[current.version, deploy.target.version])
+        self.emit("shipmate_deploy_started", service=runtime.name, deploy=deploy.journal)
+        log.info("%s: deploy %s started: %s -> %s (%s, %d instances)", runtime.name,
+                 journal["id"], current.label, deploy.target.label,
+                 runtime.strategy.type_name, deploy.desired)
+
+    def _finish(self, deploy: Deployment, result: str, reason: str = "") -> None:
+        """Record the outcome in ``release``, then remove the journal.
+
+        The journal is saved first (compare-and-set), so only its owner gets
+        here; if the agent dies between the two writes, the next one resumes a
+        deploy that has nothing left to do and finishes it again.
+        """
+        deploy.save(phase=result)
+        live = deploy.target if result == "finished" else deploy.source
+        outcome = {"id": deploy.journal["id"], "result": result, "reason": reason}
+        previous = (deploy.source.to_json() if result == "finished"
+                    else self._previous(deploy))
+        record = live.to_json(by=deploy.journal.get("by"), deploy=outcome, previous=previous)
+        self.store.put(self.keys.service(deploy.service, "release"), json.dumps(record))
+        self.store.delete(self.keys.service(deploy.service, "deploy"), deploy.revision)
+        if result == "finished":
+            self.emit("shipmate_deploy_finished", service=deploy.service, deploy=deploy.journal)
+        else:
+            self.emit("shipmate_deploy_rolled_back", service=deploy.service,
+                      deploy=deploy.journal, reason=reason)
+        log.info("%s: deploy %s %s%s", deploy.service, deploy.journal["id"], result,
+                 f": {reason}" if reason else "")
+
+    def _previous(self, deploy: Deployment) -> dict[str, Any] | None:
+        entry = self.store.get(self.keys.service(deploy.service, "release"))
+        try:
+            return json.loads(entry.value).get("previous") if entry else None
+        except ValueError:
+            return None

@@ -1,0 +1,118 @@
+"""The ``rolling`` strategy: replace instances a batch at a time, health-gated.
+
+``stop-first`` (the default) stops a batch of old instances, starts their
+replacements on the same slots and waits for them to pass the health check:
+never fewer than ``count - batch`` healthy instances serve. ``start-first``
+starts the replacements on free slots first and stops the old ones only once
+the new ones are healthy: never fewer than ``count``. Each step is worked out
+from what runs, so a resumed deploy carries on where the last one stopped, and
+a rollback is the same walk back to the old release.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from agent import Duration, Strategy, StrategyConfig, hookimpl
+
+
+class RollingConfig(StrategyConfig):
+    batch: int | str = 1
+    "instances replaced at a time: a count, or a percentage of the count like 25%"
+    order: Literal["stop-first", "start-first"] = "stop-first"
+    "stop-first keeps count - batch healthy; start-first keeps count (needs free ports)"
+    pause: Duration = 0.0
+    "wait between batches"
+    max_failures: int = Field(0, ge=0)
+    "instances that may fail their health check (each is retried) before the deploy fails"
+    on_failure: Literal["rollback", "pause"] = "rollback"
+    "rollback restores the old release; pause stops and waits for `shipmate rollback`"
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value >= 1:
+            return value
+        if isinstance(value, str) and value.endswith("%") and value[:-1].isdigit() and (
+                0 < int(value[:-1]) <= 100):
+            return value
+        raise ValueError("batch must be a count of at least 1 or a percentage like 25%")
+
+    def size(self, count: int) -> int:
+        """The batch size for a service of ``count`` instances."""
+        if isinstance(self.batch, int):
+            return self.batch
+        return max(1, math.floor(count * int(self.batch[:-1]) / 100))
+
+
+class RollingStrategy(Strategy):
+    """Replaces the old release a batch at a time."""
+
+    type_name = "rolling"
+    Config = RollingConfig
+
+    def run(self, deploy) -> None:
+        config: RollingConfig = self.config
+        target, count = deploy.target, deploy.desired
+        batch, failures = config.size(count), 0
+        while True:
+            instances = deploy.instances()
+            for dead in (i for i in instances if not i.running):
+                deploy.stop(dead, "exited")
+            running = [i for i in instances if i.running]
+            new = [i for i in running if i.version == target.version and deploy.healthy(i)]
+            # unhealthy instances of the target first (they serve nobody), then highest slots
+            old = sorted((i for i in running if i not in new),
+                         key=lambda i: (i.version != target.version, -i.slot))
+            deploy.progress(min(len(new), count), count, f"{len(new)} of {count} on "
+                            f"{target.label}")
+            if not old and len(new) >= count:
+                for extra in sorted(new, key=lambda i: -i.slot)[:len(new) - count]:
+                    deploy.stop(extra, "deploy: above the count")
+                return
+            step = old[:batch]
+            try:
+                if config.order == "stop-first" or not step:
+                    self._stop_first(deploy, step, new, count, batch)
+                else:
+                    self._start_first(deploy, step, running)
+            except Exception:
+                failures += 1
+                if failures > config.max_failures:
+                    raise
+                continue
+            if config.pause and old[batch:]:
+                time.sleep(config.pause)
+
+    def _stop_first(self, deploy, step, new, count, batch) -> None:
+        slots = [i.slot for i in step]
+        for instance in step:
+            deploy.stop(instance)
+        taken = {i.slot for i in new}
+        missing = count - len(new) - len(step)  # a count above what ran: fill free slots too
+        free = (s for s in range(10**6) if s not in taken and s not in slots)
+        slots += [next(free) for _ in range(min(max(0, missing), batch))]
+        started = [deploy.start(slot) for slot in slots if slot not in taken]
+        deploy.wait_healthy(started, self.config.health_timeout)
+
+    def _start_first(self, deploy, step, running) -> None:
+        taken = {i.slot for i in running}
+        free = (s for s in range(10**6) if s not in taken)
+        started = [deploy.start(next(free)) for _ in step]
+        try:
+            deploy.wait_healthy(started, self.config.health_timeout)
+        except Exception:
+            for instance in started:  # never leave a failed surge instance behind
+                deploy.stop(instance, "deploy: failed health check")
+            raise
+        for instance in step:
+            deploy.stop(instance)
+
+
+@hookimpl
+def shipmate_strategy_types() -> list[type[Strategy]]:
+    return [RollingStrategy]

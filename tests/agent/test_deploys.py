@@ -1,0 +1,154 @@
+"""Deploys through the real agent and the real CLI, with local processes.
+
+Each release is a folder served by its own ``python3 -m http.server``; the
+``broken`` release exits at once, so it never passes its health check.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from agent.keys import Keys
+from agent.runtime import Agent
+from tests.helpers import eventually, kill_recorded, port_block
+
+CONFIG = """
+agent: {{cluster: dep, interval: 5s}}
+services:
+  web:
+    image: v1
+    command: [sh, -c, 'test "{{image}}" != broken && exec python3 -m http.server {{port}}
+              --bind 127.0.0.1 --directory {root}/{{image}}']
+    port: {port}
+    health: {{http: /, timeout: 1s}}
+    source: {{type: static, count: 4}}
+    actuator: {{type: process}}
+    announce: {{type: etcd, ttl: 10s}}
+    deploy: {{strategy: rolling, batch: 1, health_timeout: 5s}}
+"""
+
+
+def body(port: int) -> str | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=0.5) as answer:
+            return answer.read().decode().strip()
+    except OSError:
+        return None
+
+
+class Sampler(threading.Thread):
+    """Counts the instances serving, every 50 ms, while a deploy runs."""
+
+    def __init__(self, ports: range) -> None:
+        super().__init__(daemon=True)
+        self.ports, self.samples, self.done = ports, [], threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append(sum(body(p) is not None for p in self.ports))
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def cluster(write_config, tmp_path):
+    for release in ("v1", "v2", "v3"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "index.html").write_text(release)
+    port = port_block(8)
+    path = write_config(CONFIG.format(root=tmp_path, port=port))
+    agent = Agent(path)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    eventually(lambda: all(body(port + i) == "v1" for i in range(4)), timeout=20,
+               what="4 instances of v1")
+    yield agent, path, port
+    agent.stop()
+    thread.join(20)
+    kill_recorded(tmp_path)
+
+
+def shipmate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def release(agent: Agent) -> dict:
+    entry = agent.store.get(Keys("/shipmate/dep").service("web", "release"))
+    return json.loads(entry.value)
+
+
+def announced(agent: Agent) -> list[dict]:
+    return [json.loads(e.value) for e in agent.store.get_prefix("/services/web/").values()]
+
+
+def test_rolling_deploy_keeps_three_serving_then_a_broken_release_rolls_back(cluster):
+    agent, path, port = cluster
+    sampler = Sampler(range(port, port + 4))
+    sampler.start()
+    result = shipmate("deploy", "web", "--image", "v2", "-c", str(path))
+    sampler.done.set()
+    sampler.join()
+    assert result.returncode == 0, result.stderr
+    assert "web: deployed v2" in result.stdout
+    assert min(sampler.samples) >= 3, sampler.samples
+    assert [body(port + i) for i in range(4)] == ["v2"] * 4
+    assert release(agent)["image"] == "v2" and release(agent)["previous"]["image"] == "v1"
+    eventually(lambda: len(announced(agent)) == 4 and {a["version"] for a in announced(
+        agent)} == {release(agent)["version"]}, timeout=10, what="4 announcements of v2")
+
+    broken = shipmate("deploy", "web", "--image", "broken", "-c", str(path))
+    assert broken.returncode == 1
+    assert "deploy of web rolled back" in broken.stderr
+    assert "exited before passing its health check (GET /)" in broken.stderr
+    assert [body(port + i) for i in range(4)] == ["v2"] * 4
+    assert release(agent)["image"] == "v2"
+    assert release(agent)["deploy"]["result"] == "rolled-back"
+
+
+def test_rollback_returns_to_the_previous_release(cluster):
+    agent, path, port = cluster
+    assert shipmate("deploy", "web", "--image", "v3", "-c", str(path)).returncode == 0
+    result = shipmate("rollback", "web", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert [body(port + i) for i in range(4)] == ["v1"] * 4
+    assert release(agent)["image"] == "v1"
+
+
+def test_scaling_pauses_during_a_deploy_and_the_count_is_kept(cluster):
+    agent, path, port = cluster
+    keys = Keys("/shipmate/dep")
+    agent.store.put(keys.service("web", "override"), "3")
+    eventually(lambda: body(port + 3) is None, what="scale to 3")
+    shipmate("deploy", "web", "--image", "v2", "--no-wait", "-c", str(path))
+    eventually(lambda: agent.store.get(keys.service("web", "deploy")) and json.loads(
+        agent.store.get(keys.service("web", "deploy")).value)["phase"] == "running",
+        what="the deploy to run")
+    journal = json.loads(agent.store.get(keys.service("web", "deploy")).value)
+    assert journal["desired"] == 3
+    eventually(lambda: agent.store.get(keys.service("web", "deploy")) is None, timeout=30)
+    assert [body(port + i) for i in range(3)] == ["v2"] * 3 and body(port + 3) is None
+
+
+def test_a_second_deploy_is_refused_while_one_runs(cluster):
+    agent, path, _ = cluster
+    first = shipmate("deploy", "web", "--image", "v2", "--no-wait", "-c", str(path))
+    assert first.returncode == 0
+    second = shipmate("deploy", "web", "--image", "v3", "--no-wait", "-c", str(path))
+    assert second.returncode == 1 and "already in progress" in second.stderr
+
+
+def test_a_changed_config_is_deployed_on_reload(cluster, write_config, tmp_path):
+    agent, path, port = cluster
+    text = path.read_text().replace("image: v1", "image: v3")
+    path.write_text(text)
+    agent.request_reload()
+    eventually(lambda: all(body(port + i) == "v3" for i in range(4)), timeout=30,
+               what="v3 everywhere")
+    eventually(lambda: release(agent)["image"] == "v3" and release(agent)["by"] == "config")
