@@ -106,3 +106,39 @@ def test_healthz_and_metrics(agent_factory, tmp_path):
     assert "shipmate_passes_total" in metrics()
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz").read().decode()
     assert body.startswith("ok")
+
+
+def test_losing_etcd_freezes_changes_and_stops_nothing(etcd, write_config, tmp_path):
+    path = write_config(f"""
+        agent:
+          cluster: frozen
+          interval: 1s
+          store: {{backend: etcd, endpoints: ["{etcd.endpoint}"], timeout: 1s}}
+        services:
+          worker:
+            command: [sleep, "300"]
+            source: {{type: static, count: 2, interval: 1s}}
+            actuator: {{type: process}}
+        """)
+    agent = Agent(path)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: len(running(tmp_path)) == 2, timeout=10)
+        pids = {r["pid"] for r in running(tmp_path)}
+        etcd.stop()
+        try:
+            errors = agent.metrics.errors.labels("store")
+            before = errors._value.get()
+            eventually(lambda: errors._value.get() >= before + 3, timeout=15,
+                       what="passes failing on the store")
+            assert {r["pid"] for r in running(tmp_path)} == pids
+        finally:
+            etcd.start()
+        etcd.etcdctl("put", "/shipmate/frozen/services/worker/override", "3")
+        eventually(lambda: len(running(tmp_path)) == 3, timeout=20, what="changes resume")
+        assert pids < {r["pid"] for r in running(tmp_path)}
+    finally:
+        agent.stop()
+        thread.join(10)
+        kill_recorded(tmp_path)
