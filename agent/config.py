@@ -349,7 +349,7 @@ def _allowed_keys(service: Any, loc: Path_, plugins: Plugins, data: Any) -> list
         if not fields or part not in fields:
             return []
         model = _unwrap(fields[part].annotation)
-    return list(getattr(model, "model_fields", {}))
+    return [f.alias or name for name, f in getattr(model, "model_fields", {}).items()]
 
 
 def _messages(exc: ValidationError, service: Any, plugins: Plugins,

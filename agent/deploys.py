@@ -95,6 +95,7 @@ class Deployment:
     emit: Callable[..., None] = lambda *a, **k: None
     grace: float = 10.0
     stopping: threading.Event = field(default_factory=threading.Event)
+    leading: Callable[[], bool] = lambda: True
 
     @property
     def service(self) -> str:
@@ -137,8 +138,11 @@ class Deployment:
         log.info("%s: deploy %s: %s (%d/%d)", self.service, self.journal["id"], note, done, total)
 
     def check(self) -> None:
+        """Raise Interrupted if the agent is stopping or no longer acts for the cluster."""
         if self.stopping.is_set():
             raise Interrupted("the agent is stopping; the next agent resumes this deploy")
+        if not self.leading():
+            raise Interrupted("this agent no longer leads; the acting agent resumes this deploy")
 
     # ------------------------------------------------------------- instances
     def instances(self) -> list[Instance]:
@@ -199,9 +203,10 @@ class DeployRunner:
     """Runs the deploys of the acting agent, one thread per service."""
 
     def __init__(self, *, store: Store, keys: Keys, emit: Callable[..., None],
-                 strategies: Callable[[str, str | None], Strategy], grace: float) -> None:
+                 strategies: Callable[[str, str | None], Strategy], grace: float,
+                 leading: Callable[[], bool] = lambda: True) -> None:
         self.store, self.keys, self.emit, self.grace = store, keys, emit, grace
-        self.strategies = strategies
+        self.strategies, self.leading = strategies, leading
         self.threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
 
@@ -245,7 +250,7 @@ class DeployRunner:
         deploy = Deployment(runtime=runtime, store=self.store, keys=self.keys,
                             record=Journal(journal, entry.revision), source=runtime.release(view),
                             target=runtime.release(view), desired=0, emit=self.emit,
-                            grace=self.grace, stopping=self.stopping)
+                            grace=self.grace, stopping=self.stopping, leading=self.leading)
         if journal["phase"] == "requested":
             self._begin(deploy, view)
         else:

@@ -171,8 +171,9 @@ def _on_error(policy: PolicyConfig, state: PolicyState, current: int | None, now
             return Decision(None, f"no count yet: {why}", state)
         _remember(state, now, floor, policy.stabilization)
         _changed(state, now, up=True)
-        return Decision(floor, f"fallback to {floor} after {_times(state.failures)} "
-                               f"failing: {error}", state)
+        n = state.failures
+        return Decision(floor, f"set to {floor} (fallback after {n} failed "
+                               f"reading{'s' if n != 1 else ''} in a row): {error}", state)
     if current >= floor:
         _remember(state, now, current, policy.stabilization)
         return Decision(None, f"held at {current}: {why}", state)

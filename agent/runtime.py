@@ -138,7 +138,8 @@ class Agent:
         self._apply_config()
         self.deploys = DeployRunner(store=self.store, keys=self.keys,
                                     emit=self.plugins.call_event, grace=self.config.agent.grace,
-                                    strategies=self._strategy)
+                                    strategies=self._strategy,
+                                    leading=lambda: self.dry_run or self.leadership.is_leader)
 
     # ---------------------------------------------------------------- wiring
     def _apply_config(self) -> None:

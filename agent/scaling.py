@@ -87,6 +87,17 @@ def load_state(entry: Entry | None, current: int | None, now: float) -> tuple[Po
     return state, warning
 
 
+def read_state(store: Store, keys: Keys, name: str) -> PolicyState | None:
+    """The policy state stored for service ``name`` (None if none or unreadable)."""
+    entry = store.get(keys.service(name, "policy"))
+    if entry is None:
+        return None
+    try:
+        return PolicyState.from_json(entry.value)
+    except (ValueError, TypeError):
+        return None
+
+
 class Scaler:
     """Polls sources and writes desired counts through the policy (compare-and-set).
 
@@ -100,16 +111,6 @@ class Scaler:
         self.services, self.store, self.keys = services, store, keys
         self.emit, self.dry_run, self.clock = emit, dry_run, clock
         self.readings: dict[str, Reading] = {}
-
-    def state(self, name: str) -> PolicyState | None:
-        """The policy state stored for service ``name`` (None if none or unreadable)."""
-        entry = self.store.get(self.keys.service(name, "policy"))
-        if entry is None:
-            return None
-        try:
-            return PolicyState.from_json(entry.value)
-        except (ValueError, TypeError):
-            return None
 
     def poll(self, name: str) -> Reading:
         """Read the source of service ``name`` and act on it.

@@ -80,14 +80,13 @@ class DatadogSource(Source):
                            mute=False, return_raw_response=False)
                 return api.Metric.query(start=start, end=end, query=c.query)
         except HttpTimeout:
-            raise SourceError(f"datadog did not answer within {format_duration(c.timeout)} "
-                              f"({c.api_host})") from None
+            raise SourceError(f"datadog did not answer within "
+                              f"{format_duration(c.timeout)}") from None
         except HttpBackoff as exc:
             raise SourceError(f"datadog: the client is backing off after repeated timeouts: "
                               f"{self._clean(str(exc), keys)}") from None
         except HTTPError as exc:
-            raise SourceError(f"datadog answered {_status(str(exc))} "
-                              f"({c.api_host})") from None
+            raise SourceError(f"datadog answered {_status(str(exc))}") from None
         except ApiError as exc:
             raise SourceError(f"datadog refused the query: "
                               f"{self._clean(_errors(exc.args[0]), keys)}") from None
@@ -102,7 +101,7 @@ class DatadogSource(Source):
         for value in keys.values():
             if value:
                 text = text.replace(value, "***")
-        return text
+        return text.strip()
 
     def read(self) -> float:
         c = self.config

@@ -1,0 +1,416 @@
+"""The scaler: sources through the policy into the store.
+
+The first part drives :class:`agent.scaling.Scaler` with the embedded store, a
+clock the test sets, and a ``scripted`` source whose reading the test sets.
+The second part runs the whole agent (its own thread) with the process
+actuator and the embedded store against a moto Auto Scaling group and a
+Datadog stand-in, as the issue's "done when" checks describe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import time
+import uuid
+
+import pytest
+from click.testing import CliRunner
+
+from agent import Source, SourceConfig, SourceError, hookimpl
+from agent.cli import main
+from agent.config import load_config
+from agent.keys import Keys
+from agent.kinds import Context
+from agent.plugins import load_plugins
+from agent.runtime import Agent, Builder
+from agent.scaling import Scaler
+from agent.store.embedded import EmbeddedStore
+from tests.helpers import alive, eventually, kill_recorded, process_records
+from tests.plugins.sources.datadog_server import API_KEY, APP_KEY, DatadogStandIn
+
+KEYS = Keys("/shipmate/sc")
+
+
+class ScriptedSource(Source):
+    """Reads ``value`` (raises it when it is an exception); the test sets it."""
+
+    type_name = "scripted"
+    Config = SourceConfig
+    value: object = 1.0
+
+    def read(self) -> float:
+        if isinstance(self.value, Exception):
+            raise self.value
+        return self.value  # type: ignore[return-value]
+
+
+class ScriptedPlugin:
+    @hookimpl
+    def shipmate_source_types(self) -> list[type[Source]]:
+        return [ScriptedSource]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def scaling(write_config, embedded_store, tmp_path):
+    """``scaling(policy_yaml)`` -> a world with ``scaler``, ``source``, ``clock``, ``events``."""
+
+    class World:
+        store = embedded_store
+        clock = Clock()
+        events: list[dict] = []
+
+        def __init__(self, policy: str) -> None:
+            self.plugins = load_plugins(extra=[("scripted", ScriptedPlugin())])
+            self.path = write_config(f"""
+                agent: {{cluster: sc}}
+                services:
+                  web:
+                    command: [sleep, "300"]
+                    source: {{type: scripted}}
+                    actuator: {{type: process}}
+                    policy: {policy}
+                """)
+            self.scaler = self.new_scaler()
+
+        def new_scaler(self, store: EmbeddedStore | None = None) -> Scaler:
+            """A fresh scaler (a restarted agent): new plugin objects, the same store."""
+            config = load_config(self.path, self.plugins)
+            store = store or self.store
+            services = Builder(self.plugins, Context(cluster="sc", store=store,
+                                                     state_dir=tmp_path)).services(config)
+            self.source = services["web"].source
+            return Scaler(services=services, store=store, keys=KEYS, clock=self.clock,
+                          emit=lambda hook, **kw: self.events.append({"hook": hook, **kw}))
+
+        def poll(self, value: object, at: float | None = None):
+            if at is not None:
+                self.clock.now = 1_000_000.0 + at
+            self.source.value = value
+            return self.scaler.poll("web")
+
+        def desired(self) -> str | None:
+            entry = self.store.get(KEYS.service("web", "desired"))
+            return entry.value if entry else None
+
+        def policy(self) -> dict:
+            return json.loads(self.store.get(KEYS.service("web", "policy")).value)
+
+    World.events = []
+    return World
+
+
+def test_the_first_reading_writes_desired_state_and_an_event(scaling):
+    world = scaling("{min: 1}")
+    world.poll(4.5, at=0)
+    assert world.desired() == "5"
+    state = world.policy()
+    assert state["reading"] == 4.5 and state["reading_at"] == 1_000_000.0
+    assert state["decision"] == "set to 5: scripted reads 4.5 (no count before)"
+    assert state["last_up"] == 1_000_000.0 and state["failures"] == 0
+    assert world.events == [{"hook": "shipmate_desired_changed", "service": "web", "old": None,
+                             "new": 5, "reason": "set to 5: scripted reads 4.5 (no count before)"}]
+
+
+def test_desired_is_written_only_when_it_changes(scaling):
+    world = scaling("{}")
+    world.poll(3, at=0)
+    revision = world.store.get(KEYS.service("web", "desired")).revision
+    for t in (1, 2, 3):
+        world.poll(2.5, at=t)
+    assert world.store.get(KEYS.service("web", "desired")).revision == revision
+    assert len(world.events) == 1
+    assert world.policy()["decision"] == "steady at 3: scripted reads 2.5"
+    world.poll(7, at=4)
+    assert world.desired() == "7"
+    assert [e["new"] for e in world.events] == [3, 7]
+    assert world.events[-1]["reason"] == "up 3 -> 7: scripted reads 7"
+
+
+def test_a_restarted_scaler_keeps_honouring_cooldown_and_stabilization(scaling, tmp_path):
+    world = scaling("{cooldown_down: 60s, stabilization: 30s}")
+    world.poll(8, at=0)
+    assert world.desired() == "8"
+    # the agent restarts: new objects, a new connection to the same file
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)
+        world.poll(2, at=10)
+        assert world.desired() == "8"
+        assert "8 or more was recommended within the 30s stabilization window" in (
+            world.policy()["decision"])
+        world.poll(2, at=45)  # out of the window, still in the cooldown
+        assert world.desired() == "8"
+        assert world.policy()["decision"] == (
+            "held at 8: scripted reads 2, wants 2; waits for cooldown_down "
+            "(45s of 1m since the last change)")
+        world.poll(2, at=61)
+        assert world.desired() == "2"
+    finally:
+        store.close()
+
+
+def test_a_deploy_key_pauses_scaling_whoever_wrote_it(scaling):
+    world = scaling("{}")
+    world.poll(3, at=0)
+    world.store.put(KEYS.service("web", "deploy"), json.dumps({"phase": "rolling", "by": "ops"}))
+    world.poll(9, at=1)
+    world.poll(9, at=2)
+    assert world.desired() == "3"
+    state = world.policy()
+    assert state["decision"] == "paused: a deploy is in progress"
+    assert state["reading"] == 9  # status still shows what the source says
+    world.store.delete(KEYS.service("web", "deploy"))
+    world.poll(9, at=3)
+    assert world.desired() == "9"
+
+
+def test_failures_hold_the_count_and_say_why(scaling, caplog):
+    world = scaling("{}")
+    world.poll(5, at=0)
+    world.poll(SourceError("scripted answered 503"), at=1)
+    world.poll(SourceError("scripted answered 503"), at=2)
+    world.poll(SourceError("scripted answered 503"), at=3)
+    assert world.desired() == "5"
+    state = world.policy()
+    assert state["decision"] == "held at 5: scripted answered 503 (three times in a row)"
+    assert state["failures"] == 3 and state["reading"] == 5 and state["reading_at"] == 1_000_000
+    assert "held at 5: scripted answered 503 (three times in a row)" in caplog.text
+    world.poll(RuntimeError("socket closed"), at=4)
+    assert world.policy()["error"] == "scripted failed: RuntimeError: socket closed"
+    for bad, said in ((math.nan, "NaN"), (None, "no value (null)"), ("7", "'7', not a number")):
+        world.poll(bad, at=5)
+        assert world.policy()["error"] == f"scripted gave {said}"
+    assert world.desired() == "5" and len(world.events) == 1
+
+
+def test_fallback_after_repeated_failures(scaling):
+    world = scaling("{on_error: fallback, fallback: 4, fallback_after: 2}")
+    world.poll(SourceError("scripted answered 500"), at=0)
+    assert world.desired() is None  # unknown stays unknown at first
+    world.poll(SourceError("scripted answered 500"), at=1)
+    assert world.desired() == "4"
+    assert world.events[-1]["reason"] == (
+        "set to 4 (fallback after 2 failed readings in a row): scripted answered 500")
+
+
+class RacingStore(EmbeddedStore):
+    """The embedded store with another writer that strikes right after the scaler reads."""
+
+    race: tuple[str, str] | None = None
+
+    def get_prefix(self, prefix: str):
+        got = super().get_prefix(prefix)
+        if self.race is not None:
+            key, value = self.race
+            self.race = None
+            self.put(key, value)
+        return got
+
+
+def test_desired_is_written_with_compare_and_set(scaling, tmp_path, caplog):
+    world = scaling("{}")
+    store = RacingStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)
+        world.poll(3, at=0)
+        store.race = (KEYS.service("web", "desired"), "7")  # e.g. another agent
+        world.poll(5, at=1)
+        assert world.desired() == "7"  # not clobbered
+        assert [e["new"] for e in world.events] == [3]
+        assert "desired count changed under us; not written" in caplog.text
+        world.poll(5, at=2)  # the next poll decides from what is there
+        assert world.desired() == "5"
+    finally:
+        store.close()
+
+
+def test_policy_state_is_written_with_compare_and_set(scaling, tmp_path, caplog):
+    world = scaling("{}")
+    store = RacingStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)
+        store.race = (KEYS.service("web", "policy"), "{}")
+        world.poll(3, at=0)
+        assert world.desired() is None  # lost the state race: no count written either
+        assert world.store.get(KEYS.service("web", "policy")).value == "{}"
+        assert "policy state changed under us" in caplog.text
+        world.poll(3, at=1)
+        assert world.desired() == "3"
+    finally:
+        store.close()
+
+
+def test_an_unreadable_state_is_rebuilt_safely(scaling, caplog):
+    world = scaling("{stabilization: 30s}")
+    world.store.put(KEYS.service("web", "desired"), "6")
+    world.store.put(KEYS.service("web", "policy"), "not json")
+    world.poll(1, at=0)
+    assert "is unreadable" in caplog.text and "starting afresh" in caplog.text
+    assert world.desired() == "6"  # no scale-down on a lost memory: the window starts now
+    assert world.policy()["reading"] == 1
+    world.poll(1, at=31)
+    assert world.desired() == "1"
+
+
+def test_dry_run_writes_nothing(scaling):
+    world = scaling("{}")
+    world.scaler.dry_run = True
+    reading = world.poll(4, at=0)
+    assert reading.decision.count == 4
+    assert world.store.get_prefix(KEYS.services) == {}
+    assert world.events == []
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def run_agent(write_config, tmp_path):
+    """``run_agent(yaml)`` -> a real Agent in a thread; stopped and its processes killed after."""
+    started: list[tuple[Agent, threading.Thread]] = []
+
+    def start(text: str) -> Agent:
+        agent = Agent(write_config(text))
+        thread = threading.Thread(target=agent.run, daemon=True)
+        thread.start()
+        started.append((agent, thread))
+        return agent
+
+    yield start
+    for agent, thread in started:
+        agent.stop()
+        thread.join(10)
+    kill_recorded(tmp_path)
+
+
+def running(tmp_path) -> int:
+    return sum(1 for r in process_records(tmp_path) if alive(r["pid"]))
+
+
+def test_an_asg_of_4_then_2_instances(moto, run_agent, tmp_path):
+    import boto3
+
+    autoscaling = boto3.client("autoscaling", endpoint_url=moto.endpoint_url,
+                               region_name="us-east-1")
+    ec2 = boto3.client("ec2", endpoint_url=moto.endpoint_url, region_name="us-east-1")
+    image = ec2.describe_images(Owners=["amazon"], MaxResults=5)["Images"][0]["ImageId"]
+    group = f"e2e-{uuid.uuid4().hex[:8]}"
+    autoscaling.create_launch_configuration(LaunchConfigurationName=group, ImageId=image,
+                                            InstanceType="t2.micro")
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=group, LaunchConfigurationName=group, MinSize=0, MaxSize=10,
+        DesiredCapacity=4, AvailabilityZones=["us-east-1a"])
+    agent = run_agent(f"""
+        agent: {{cluster: asg, interval: 1s}}
+        services:
+          worker:
+            command: [sleep, "300"]
+            source: {{type: asg, group: {group}, region: us-east-1,
+                      endpoint_url: "{moto.endpoint_url}", interval: 300ms}}
+            policy: {{cooldown: 4s}}
+            actuator: {{type: process}}
+        """)
+    keys = Keys("/shipmate/asg")
+
+    def desired() -> str | None:
+        entry = agent.store.get(keys.service("worker", "desired"))
+        return entry.value if entry else None
+
+    eventually(lambda: desired() == "4", timeout=10, what="desired 4")
+    eventually(lambda: running(tmp_path) == 4, timeout=10, what="4 running instances")
+    autoscaling.set_desired_capacity(AutoScalingGroupName=group, DesiredCapacity=2)
+
+    def state() -> dict:
+        return json.loads(agent.store.get(keys.service("worker", "policy")).value)
+
+    # the source sees 2 at once, the cooldown holds the count at 4 for a while
+    held = eventually(lambda: state()["reading"] == 2 and "cooldown_down" in state()["decision"]
+                      and state(), timeout=5, what="a cooldown hold")
+    assert held["decision"].startswith("held at 4: asg reads 2, wants 2; waits for cooldown_down")
+    assert desired() == "4" and running(tmp_path) == 4
+    eventually(lambda: desired() == "2", timeout=10, what="desired 2")
+    final = state()
+    assert final["last_down"] - final["last_up"] >= 4.0  # not before the cooldown passed
+    eventually(lambda: running(tmp_path) == 2, timeout=10, what="2 running instances")
+    shown = CliRunner().invoke(main, ["status", "-c", str(agent.config_path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    row = json.loads(shown.output)["services"][0]
+    assert (row["source"], row["desired"], row["running"]) == ("asg", 2, 2)
+    assert row["policy"]["reading"] == 2 and row["policy"]["reading_age"] >= 0
+    assert row["policy"]["decision"] in ("down 4 -> 2: asg reads 2", "steady at 2: asg reads 2")
+
+
+def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_path,
+                                                              monkeypatch, caplog):
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("DD_API_KEY", API_KEY)
+    monkeypatch.setenv("DD_APP_KEY", APP_KEY)
+    dd = DatadogStandIn()
+    try:
+        dd.answer("value", value=450)
+        path_text = f"""
+            agent: {{cluster: dd, interval: 1s}}
+            services:
+              worker:
+                command: [sleep, "300"]
+                source: {{type: datadog, query: "sum:queue.depth{{*}}", target: 100,
+                          window: 1m, api_host: "{dd.url}", interval: 200ms, timeout: 1s}}
+                policy: {{min: 1, max: 10, stabilization: 3s}}
+                actuator: {{type: process}}
+            """
+        agent = run_agent(path_text)
+        keys = Keys("/shipmate/dd")
+
+        def desired() -> str | None:
+            entry = agent.store.get(keys.service("worker", "desired"))
+            return entry.value if entry else None
+
+        eventually(lambda: desired() == "5", timeout=10, what="450 / 100 -> 5")
+        eventually(lambda: running(tmp_path) == 5, timeout=10, what="5 running instances")
+
+        errors_from = time.time()
+        dd.answer("error", status=500)
+        eventually(lambda: dd.count("error-500", errors_from) >= 10, timeout=10,
+                   what="ten polls answered 500")
+        assert desired() == "5" and running(tmp_path) == 5
+        status = CliRunner().invoke(main, ["status", "-c", str(agent.config_path)])
+        assert status.exit_code == 0, status.output
+        assert re.search(r"^worker: datadog: last reading 4.5, \d+s ago \(stale: older than "
+                         r"600ms\); held at 5: datadog answered 500 \(\S+ times in a row\) "
+                         r"\(\d+m?s ago\)$", status.output, re.MULTILINE), status.output
+
+        empty_from = time.time()
+        dd.answer("empty")
+        eventually(lambda: dd.count("empty", empty_from) >= 3, timeout=10, what="empty series")
+        assert desired() == "5" and running(tmp_path) == 5
+
+        dd.answer("value", value=50)
+        eventually(lambda: dd.first("value-50"), timeout=5, what="the first 50")
+        first = dd.first("value-50")
+        eventually(lambda: dd.count("value-50") >= 5, timeout=5, what="several polls of 50")
+        assert desired() == "5"  # still inside the window
+        plan = CliRunner().invoke(main, ["plan", "-c", str(agent.config_path)])
+        assert plan.exit_code == 0, plan.output
+        assert "worker: now held at 5: datadog reads 0.5, wants 1; 5 or more was recommended " \
+               "within the 3s stabilization window" in plan.output
+        changed = eventually(lambda: desired() == "1" and time.time(), timeout=10,
+                             what="scale down to 1")
+        # a whole window of good readings after the last bad one (an empty series)
+        last_empty = max(t for t, kind in list(dd.served) if kind == "empty" and t < first)
+        assert changed - last_empty >= 3.0
+        eventually(lambda: running(tmp_path) == 1, timeout=10, what="1 running instance")
+        assert API_KEY not in caplog.text and APP_KEY not in caplog.text
+    finally:
+        dd.close()
