@@ -11,6 +11,7 @@ a rollback is the same walk back to the old release.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import Literal
@@ -77,7 +78,7 @@ class RollingStrategy(Strategy):
             step = old[:batch]
             try:
                 if config.order == "stop-first" or not step:
-                    self._stop_first(deploy, step, new, count, batch)
+                    self._stop_first(deploy, step, running, count, batch)
                 else:
                     self._start_first(deploy, step, running)
             except Exception:
@@ -88,20 +89,19 @@ class RollingStrategy(Strategy):
             if config.pause and old[batch:]:
                 time.sleep(config.pause)
 
-    def _stop_first(self, deploy, step, new, count, batch) -> None:
+    def _stop_first(self, deploy, step, running, count, batch) -> None:
         slots = [i.slot for i in step]
         for instance in step:
             deploy.stop(instance)
-        taken = {i.slot for i in new}
-        missing = count - len(new) - len(step)  # a count above what ran: fill free slots too
-        free = (s for s in range(10**6) if s not in taken and s not in slots)
+        taken = {i.slot for i in running}
+        missing = count - len(running)  # fewer run than the count (one crashed): fill up too
+        free = (s for s in itertools.count() if s not in taken)
         slots += [next(free) for _ in range(min(max(0, missing), batch))]
-        started = [deploy.start(slot) for slot in slots if slot not in taken]
-        deploy.wait_healthy(started, self.config.health_timeout)
+        deploy.wait_healthy([deploy.start(slot) for slot in slots], self.config.health_timeout)
 
     def _start_first(self, deploy, step, running) -> None:
         taken = {i.slot for i in running}
-        free = (s for s in range(10**6) if s not in taken)
+        free = (s for s in itertools.count() if s not in taken)
         started = [deploy.start(next(free)) for _ in step]
         try:
             deploy.wait_healthy(started, self.config.health_timeout)

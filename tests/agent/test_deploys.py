@@ -15,7 +15,9 @@ import urllib.request
 
 import pytest
 
+from agent import hookimpl
 from agent.keys import Keys
+from agent.plugins import load_plugins
 from agent.runtime import Agent
 from tests.helpers import eventually, kill_recorded, port_block
 
@@ -56,14 +58,46 @@ class Sampler(threading.Thread):
             time.sleep(0.05)
 
 
+class Observer:
+    """A plugin that records the deploy events it sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    def shipmate_deploy_started(self, service, deploy):
+        self.seen.append(("started", deploy["to"]["image"]))
+
+    @hookimpl
+    def shipmate_deploy_progressed(self, service, deploy):
+        self.seen.append(("progressed", deploy["phase"]))
+
+    @hookimpl
+    def shipmate_deploy_finished(self, service, deploy):
+        self.seen.append(("finished", deploy["to"]["image"]))
+
+    @hookimpl
+    def shipmate_deploy_rolled_back(self, service, deploy, reason):
+        self.seen.append(("rolled back", reason))
+
+    @hookimpl
+    def shipmate_instance_stopped(self, instance, reason):
+        self.seen.append(("stopped", reason))
+
+
 @pytest.fixture
-def cluster(write_config, tmp_path):
+def observer() -> Observer:
+    return Observer()
+
+
+@pytest.fixture
+def cluster(write_config, tmp_path, observer):
     for release in ("v1", "v2", "v3"):
         (tmp_path / release).mkdir()
         (tmp_path / release / "index.html").write_text(release)
     port = port_block(8)
     path = write_config(CONFIG.format(root=tmp_path, port=port))
-    agent = Agent(path)
+    agent = Agent(path, plugins=load_plugins(extra=[("observer", observer)]))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     eventually(lambda: all(body(port + i) == "v1" for i in range(4)), timeout=20,
@@ -110,6 +144,18 @@ def test_rolling_deploy_keeps_three_serving_then_a_broken_release_rolls_back(clu
     assert [body(port + i) for i in range(4)] == ["v2"] * 4
     assert release(agent)["image"] == "v2"
     assert release(agent)["deploy"]["result"] == "rolled-back"
+
+
+def test_deploy_events_reach_plugins(cluster, observer):
+    agent, path, port = cluster
+    assert shipmate("deploy", "web", "--image", "v2", "-c", str(path)).returncode == 0
+    assert observer.seen[0] == ("started", "v2") and observer.seen[-1] == ("finished", "v2")
+    assert ("progressed", "running") in observer.seen
+    # every v1 instance was stopped by the deploy; no new one crashed (say, on a taken port)
+    assert [e for e in observer.seen if e[0] == "stopped"] == [("stopped", "deploy")] * 4
+    assert shipmate("deploy", "web", "--image", "broken", "-c", str(path)).returncode == 1
+    kind, reason = observer.seen[-1]
+    assert kind == "rolled back" and "health check" in reason
 
 
 def test_rollback_returns_to_the_previous_release(cluster):
