@@ -182,8 +182,10 @@ def status(config_path: str, as_json: bool) -> None:
     for name, view in views.items():
         rows.append({
             "service": name, "desired": view.desired, "override": view.override,
-            "effective": view.effective, "running": len(view.running),
-            "healthy": len(view.healthy), "release": view.release, "deploy": view.deploy,
+            "effective": view.effective,
+            "running": len(view.running) if view.listed else None,  # unknown, not zero
+            "healthy": len(view.healthy) if view.listed else None,
+            "release": view.release, "deploy": view.deploy,
             "instances": [{"name": i.name, "slot": i.slot, "version": i.version,
                            "host": i.host, "port": i.port, "running": i.running,
                            "healthy": i in view.healthy} for i in view.instances],
@@ -203,7 +205,7 @@ def status(config_path: str, as_json: bool) -> None:
         release = row["release"] or {}
         deploy = row["deploy"]
         table.add_row(row["service"], _n(row["desired"]), _n(row["override"]),
-                      str(row["running"]), str(row["healthy"]),
+                      _n(row["running"], "?"), _n(row["healthy"], "?"),
                       str(release.get("image") or release.get("version") or "-"),
                       f"{deploy.get('phase', '?')}" if deploy else "-")
     console.print(table)
@@ -217,8 +219,8 @@ def status(config_path: str, as_json: bool) -> None:
             console.print(f"[yellow]{row['service']}: {problem}[/yellow]", highlight=False)
 
 
-def _n(value: int | None) -> str:
-    return "-" if value is None else str(value)
+def _n(value: int | None, missing: str = "-") -> str:
+    return missing if value is None else str(value)
 
 
 @main.command()
@@ -338,6 +340,16 @@ def _request(config_path: str, service: str, image: str | None, port: int | None
     if strategy is not None and strategy not in plugins.types["strategy"]:
         fail(f"unknown strategy {strategy!r}; installed: "
              f"{', '.join(plugins.types['strategy'])}")
+    block = config.services[service].deploy
+    if strategy is not None and (block is None or block.strategy != strategy):
+        from pydantic import ValidationError
+
+        try:  # another strategy than the service's runs with its defaults: are there any?
+            plugins.types["strategy"][strategy].model(strategy=strategy)
+        except ValidationError as exc:
+            keys = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
+            fail(f"strategy {strategy} needs settings ({keys}): give {service} a "
+                 f"`deploy: {{strategy: {strategy}, ...}}` block in the config")
     store = connect(config)
     keys = Keys(config.key_prefix)
     try:

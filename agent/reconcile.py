@@ -6,8 +6,11 @@ actuator, whatever the number of services. Then, per service:
 
 - effective desired = ``override`` if present, else ``desired``; absent or
   unreadable means *unknown*, and nothing is stopped or started by count;
-- a service with a ``deploy`` key is left to its deploy (no count changes);
-- exited instances are removed and their slots started again;
+- a service with a ``deploy`` key is left to its deploy, which owns its instances;
+- exited instances are removed and their slots started again, except those
+  *kept* for an instant rollback (blue/green's ``keep_old``): stopped
+  instances of the version named ``kept`` in the ``release`` key or in the
+  deploy journal are neither removed nor counted;
 - slots ``0 .. n-1`` that do not run are started; instances on slots ``>= n``
   (and the older of two instances on one slot) are stopped, highest slot first,
   each withdrawn from discovery before it is stopped;
@@ -123,6 +126,18 @@ class ServiceView:
     @property
     def running(self) -> list[Instance]:
         return [i for i in self.instances if i.running]
+
+    @property
+    def kept(self) -> set[str]:
+        """Versions whose stopped instances are kept (``kept`` in the release or the journal)."""
+        return {v for v in ((self.release or {}).get("kept"), (self.deploy or {}).get("kept"))
+                if isinstance(v, str)}
+
+    @property
+    def exited(self) -> list[Instance]:
+        """Stopped instances that are not kept: to be removed (and their slots restarted)."""
+        kept = self.kept
+        return [i for i in self.instances if not i.running and i.version not in kept]
 
 
 def _json(entry: Entry | None, what: str, problems: list[str]) -> dict[str, Any] | None:
@@ -246,10 +261,9 @@ class Reconciler:
 
     def _plan_service(self, runtime: ServiceRuntime, view: ServiceView) -> list[Action]:
         name = runtime.name
-        actions = [Action("stop", name, i.slot, "exited", i)
-                   for i in view.instances if not i.running]
         if view.deploy is not None:
-            return actions  # the deploy owns this service's instances
+            return []  # the deploy owns this service's instances, exited ones included
+        actions = [Action("stop", name, i.slot, "exited", i) for i in view.exited]
         target = runtime.release(view)
 
         def start(slot: int, reason: str) -> Action:
@@ -266,8 +280,8 @@ class Reconciler:
                         for extra in group[1:]]
         n = view.effective
         if n is None:  # unknown count: keep what runs, restart what crashed
-            return actions + [start(i.slot, "restart exited") for i in view.instances
-                              if not i.running and i.slot not in by_slot]
+            return actions + [start(i.slot, "restart exited") for i in view.exited
+                              if i.slot not in by_slot]
         if len(keep) > n:  # other versions first, then the highest slots
             keep.sort(key=lambda i: (i.version == target.version, -i.slot))
             actions += [Action("stop", name, i.slot, f"scale down to {n}", i)

@@ -220,8 +220,9 @@ class Agent:
         for name, view in views.items():
             self.metrics.desired.labels(name).set(
                 view.effective if view.effective is not None else math.nan)
-            self.metrics.running.labels(name).set(len(view.running))
-            self.metrics.healthy.labels(name).set(len(view.healthy))
+            unknown = math.nan  # an actuator that could not list: unknown, not zero
+            self.metrics.running.labels(name).set(len(view.running) if view.listed else unknown)
+            self.metrics.healthy.labels(name).set(len(view.healthy) if view.listed else unknown)
         self.metrics.passes.inc()
         self.metrics.pass_seconds.set(time.monotonic() - started)
         self.metrics.last_pass = time.time()

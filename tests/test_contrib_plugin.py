@@ -50,7 +50,7 @@ def test_used_from_yaml_and_blockable(installed, write_config, tmp_path):
         """)
     result = shipmate("plan", "-c", str(path))
     assert result.returncode == 0, result.stderr
-    assert "source file: 3" in result.stdout
+    assert "file reads 3" in result.stdout
     assert "would start web slot 2" in result.stdout
     count.write_text("lots")
     assert "holds 'lots', not a count" in shipmate("plan", "-c", str(path)).stdout

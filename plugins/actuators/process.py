@@ -61,9 +61,9 @@ class ProcessActuator(Actuator):
                         running=alive, cluster=self.context.cluster, ref=record)
 
     def list(self) -> list[Instance]:
-        for pid, child in list(self.children.items()):
+        for pid, child in list(self.children.items()):  # the loop and a deploy both list
             if child.poll() is not None:  # reap our own exited children
-                del self.children[pid]
+                self.children.pop(pid, None)
         out = []
         for path in sorted(self.records.glob("*.json")):
             try:

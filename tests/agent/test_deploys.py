@@ -149,10 +149,12 @@ def test_rolling_deploy_keeps_three_serving_then_a_broken_release_rolls_back(clu
 def test_deploy_events_reach_plugins(cluster, observer):
     agent, path, port = cluster
     assert shipmate("deploy", "web", "--image", "v2", "-c", str(path)).returncode == 0
-    assert observer.seen[0] == ("started", "v2") and observer.seen[-1] == ("finished", "v2")
+    assert observer.seen[0] == ("started", "v2"), observer.seen
+    assert observer.seen[-1] == ("finished", "v2"), observer.seen
     assert ("progressed", "running") in observer.seen
     # every v1 instance was stopped by the deploy; no new one crashed (say, on a taken port)
-    assert [e for e in observer.seen if e[0] == "stopped"] == [("stopped", "deploy")] * 4
+    stops = [e for e in observer.seen if e[0] == "stopped"]
+    assert stops == [("stopped", "deploy")] * 4, observer.seen
     assert shipmate("deploy", "web", "--image", "broken", "-c", str(path)).returncode == 1
     kind, reason = observer.seen[-1]
     assert kind == "rolled back" and "health check" in reason
