@@ -36,13 +36,13 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, quote, unquote, urlsplit
+from urllib.parse import SplitResult, quote, unquote
 
 import etcd
 import urllib3
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store.endpoints import never_sent, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +54,6 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 _FAILURES = (etcd.EtcdException, urllib3.exceptions.HTTPError, http.client.HTTPException,
              OSError, ValueError, KeyError)
 _DELETES = {"delete", "expire", "compareAndDelete"}
-
-
-def parse_endpoint(url: str) -> tuple[SplitResult, str]:
-    """The parts of an endpoint URL, and how it may appear in errors: no credentials."""
-    try:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        port = parts.port
-    except ValueError:
-        raise StoreError("etcd2: malformed endpoint URL") from None
-    host = parts.hostname or ""
-    shown = f"{parts.scheme}://" + (f"[{host}]" if ":" in host else host)
-    shown += f":{port}" if port else ""
-    if parts.scheme not in ("http", "https") or not host:
-        raise StoreError(f"etcd2: not an http(s) endpoint: {shown}")
-    return parts, shown
 
 
 def directory_of(prefix: str) -> str:
@@ -84,13 +69,6 @@ def _path(key: str) -> str:
     return quote(key, safe="/")
 
 
-def _never_sent(exc: BaseException) -> bool:
-    """True if the request certainly did not reach a server (so replaying it elsewhere is safe)."""
-    cause = getattr(exc, "cause", None) or exc.__context__
-    return isinstance(exc, (NewConnectionError, ConnectTimeoutError)) or isinstance(
-        cause, (NewConnectionError, ConnectTimeoutError))
-
-
 def _transport(exc: BaseException) -> bool:
     """True if the endpoint did not answer (rather than answering with an error)."""
     return isinstance(exc, (etcd.EtcdConnectionFailed, etcd.EtcdLeaderElectionInProgress,
@@ -101,9 +79,9 @@ def _reason(exc: BaseException) -> str:
     """A short, secret-free description of a failure."""
     if isinstance(exc, etcd.EtcdConnectionFailed):
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, urllib3.exceptions.TimeoutError) and not _never_sent(exc):
+        if isinstance(cause, urllib3.exceptions.TimeoutError) and not never_sent(exc):
             return "timed out"
-        return "cannot connect" if _never_sent(exc) else "connection lost"
+        return "cannot connect" if never_sent(exc) else "connection lost"
     if isinstance(exc, etcd.EtcdException):
         payload = exc.payload if isinstance(getattr(exc, "payload", None), dict) else {}
         code = payload.get("errorCode")
@@ -331,7 +309,7 @@ class Etcd2Store(Store):
         self._urls: list[SplitResult] = []
         self._names: list[str] = []
         for url in endpoints:
-            parts, shown = parse_endpoint(url)
+            parts, shown = parse_endpoint(url, "etcd2")
             self._urls.append(parts)
             self._names.append(shown)
         self._clients = self._make_clients()
@@ -376,7 +354,7 @@ class Etcd2Store(Store):
                 raise _Gone(exc) from None
             except _FAILURES as exc:
                 error = f"etcd2 {self._names[index]}: {_reason(exc)}"
-                if not _transport(exc) or not (idempotent or _never_sent(exc)):
+                if not _transport(exc) or not (idempotent or never_sent(exc)):
                     raise StoreError(error) from None
                 errors.append(error)
                 continue

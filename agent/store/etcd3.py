@@ -29,15 +29,15 @@ import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, urlsplit
 
 import requests
 from etcd3gw.client import Etcd3Client
 from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
 from etcd3gw.lease import Lease as GwLease
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+from urllib3.exceptions import ReadTimeoutError
 
 from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store.endpoints import never_sent, parse_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -76,37 +76,6 @@ def range_end(prefix: str) -> bytes:
     return bytes(raw)
 
 
-def parse_endpoint(url: str) -> tuple[SplitResult, str]:
-    """The parts of an endpoint URL, and how it may appear in errors: no credentials."""
-    try:
-        parts = urlsplit(url if "://" in url else f"http://{url}")
-        port = parts.port
-    except ValueError:
-        raise StoreError("etcd: malformed endpoint URL") from None
-    host = parts.hostname or ""
-    shown = f"{parts.scheme}://" + (f"[{host}]" if ":" in host else host)
-    shown += f":{port}" if port else ""
-    if parts.scheme not in ("http", "https") or not host:
-        raise StoreError(f"etcd: not an http(s) endpoint: {shown}")
-    return parts, shown
-
-
-def _never_sent(exc: BaseException) -> bool:
-    """True if the request certainly did not reach a server (so replaying it elsewhere is safe)."""
-    seen: set[int] = set()
-    todo: list[Any] = [exc]
-    while todo:
-        err = todo.pop()
-        if err is None or id(err) in seen:
-            continue
-        seen.add(id(err))
-        if isinstance(err, (NewConnectionError, ConnectTimeoutError, requests.ConnectTimeout)):
-            return True
-        todo += [err.__context__, err.__cause__, getattr(err, "reason", None),
-                 *[a for a in getattr(err, "args", ()) if isinstance(a, BaseException)]]
-    return False
-
-
 def _reason(exc: BaseException) -> str:
     """A short, secret-free description of a failure."""
     if isinstance(exc, (ConnectionTimeoutError, requests.Timeout)):
@@ -114,7 +83,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, (ConnectionFailedError, requests.ConnectionError)):
         if isinstance(exc, ConnectionFailedError) and exc.args:  # etcd answered 503
             return f"unavailable: {_etcd_message(exc.detail_text)}"
-        return "cannot connect" if _never_sent(exc) else "connection lost"
+        return "cannot connect" if never_sent(exc) else "connection lost"
     if isinstance(exc, Etcd3Exception):
         status = " ".join(str(a) for a in exc.args)
         return f"{status or 'error'}: {_etcd_message(exc.detail_text)}".strip()
@@ -324,7 +293,7 @@ class Etcd3Store(Store):
         self._names: list[str] = []
         self._clients: list[Etcd3Client] = []
         for url in endpoints:
-            parts, shown = parse_endpoint(url)
+            parts, shown = parse_endpoint(url, "etcd")
             self._names.append(shown)
             self._clients.append(Etcd3Client(
                 host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
@@ -345,7 +314,7 @@ class Etcd3Store(Store):
                 result = fn(self._clients[index])
             except _FAILURES as exc:
                 error = f"etcd {self._names[index]}: {_reason(exc)}"
-                if not isinstance(exc, _TRANSPORT) or not (idempotent or _never_sent(exc)):
+                if not isinstance(exc, _TRANSPORT) or not (idempotent or never_sent(exc)):
                     raise StoreError(error) from None
                 errors.append(error)
                 continue
