@@ -143,3 +143,19 @@ def test_plugins_and_schema():
     schema = json.loads(shipmate("schema", check=True).stdout)
     text = json.dumps(schema)
     assert '"const": "static"' in text and '"count"' in text  # plugin fields are covered
+
+
+def test_sighup_reloads_the_config(config, tmp_path):
+    path, port = config
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
+                             stderr=subprocess.DEVNULL)
+    try:
+        eventually(lambda: serving(port) and serving(port + 1), timeout=15)
+        path.write_text(path.read_text().replace("count: 2", "count: 1"))
+        agent.send_signal(signal.SIGHUP)
+        eventually(lambda: not serving(port + 1), timeout=5, what="the reload to scale to 1")
+        assert serving(port)
+        agent.terminate()
+        assert agent.wait(15) == 0
+    finally:
+        agent.kill()
