@@ -188,7 +188,9 @@ def status(config_path: str, as_json: bool) -> None:
             "release": view.release, "deploy": view.deploy,
             "instances": [{"name": i.name, "slot": i.slot, "version": i.version,
                            "host": i.host, "port": i.port, "running": i.running,
-                           "healthy": i in view.healthy} for i in view.instances],
+                           "healthy": i in view.healthy,
+                           "kept": not i.running and i.version in view.kept}
+                          for i in view.instances],
             "problems": view.problems,
             "source": reconciler.services[name].source.type_name,
             "policy": summary(states[name], now, expiry(reconciler.services[name].source)),

@@ -14,6 +14,13 @@ records the result), or on failure ``rolling-back`` -> done, or ``paused``
 (``on_failure: pause``; ops decide with ``shipmate rollback``), or ``failed``
 (even the rollback failed: the key stays and scaling stays paused until ops
 delete it). While the key exists the service is not scaled or reconciled by count.
+
+Strategies keep their own resume points in the journal (``step``: blue/green's
+``starting``, ``switching``, ``baking``, ``draining``), and may narrow
+``announce``, the versions the loop announces while the deploy runs. ``kept``
+names a version whose stopped instances are kept for an instant rollback
+(blue/green's ``keep_old``): the loop neither removes nor counts them, and a
+finished deploy copies it into ``release``.
 """
 
 from __future__ import annotations
@@ -170,6 +177,32 @@ class Deployment:
         self.runtime.actuator.stop(instance, self.grace)
         self.emit("shipmate_instance_stopped", instance=instance, reason=reason)
 
+    def park(self, instance: Instance) -> None:
+        """Withdraw ``instance`` from discovery, then stop it but keep it (actuator.can_park)."""
+        self.check()
+        if self.runtime.announcer is not None:
+            self.runtime.announcer.withdraw(instance)
+        self.runtime.actuator.park(instance, self.grace)
+        self.emit("shipmate_instance_stopped", instance=instance, reason="kept")
+
+    def unpark(self, instance: Instance) -> Instance:
+        """Start a parked instance again."""
+        self.check()
+        started = self.runtime.actuator.unpark(instance)
+        self.emit("shipmate_instance_started", instance=started)
+        return started
+
+    def kept(self) -> set[str]:
+        """Versions whose stopped instances are kept: ``kept`` in ``release`` and the journal."""
+        entry = self.store.get(self.keys.service(self.service, "release"))
+        try:
+            release = json.loads(entry.value) if entry else {}
+        except ValueError:
+            release = {}
+        found = (release.get("kept") if isinstance(release, dict) else None,
+                 self.journal.get("kept"))
+        return {v for v in found if isinstance(v, str)}
+
     def wait_healthy(self, instances: list[Instance], timeout: float) -> None:
         """Wait until every one of ``instances`` passes its health check.
 
@@ -318,9 +351,13 @@ class DeployRunner:
         deploy.save(phase=result)
         live = deploy.target if result == "finished" else deploy.source
         outcome = {"id": deploy.journal["id"], "result": result, "reason": reason}
-        previous = (deploy.source.to_json() if result == "finished"
-                    else self._previous(deploy))
-        record = live.to_json(by=deploy.journal.get("by"), deploy=outcome, previous=previous)
+        current = self._current(deploy)
+        previous = deploy.source.to_json() if result == "finished" else current.get("previous")
+        # stopped instances kept for an instant rollback: the deploy's, or (rolled back) as before
+        kept = deploy.journal.get("kept") if result == "finished" else current.get("kept")
+        extra = {"kept": kept} if isinstance(kept, str) and kept != live.version else {}
+        record = live.to_json(by=deploy.journal.get("by"), deploy=outcome, previous=previous,
+                              **extra)
         self.store.put(self.keys.service(deploy.service, "release"), json.dumps(record))
         self.store.delete(self.keys.service(deploy.service, "deploy"), deploy.revision)
         if result == "finished":
@@ -331,9 +368,11 @@ class DeployRunner:
         log.info("%s: deploy %s %s%s", deploy.service, deploy.journal["id"], result,
                  f": {reason}" if reason else "")
 
-    def _previous(self, deploy: Deployment) -> dict[str, Any] | None:
+    def _current(self, deploy: Deployment) -> dict[str, Any]:
+        """The ``release`` record as it is now ({} if absent or malformed)."""
         entry = self.store.get(self.keys.service(deploy.service, "release"))
         try:
-            return json.loads(entry.value).get("previous") if entry else None
+            current = json.loads(entry.value) if entry else {}
         except ValueError:
-            return None
+            return {}
+        return current if isinstance(current, dict) else {}

@@ -114,6 +114,22 @@ class Actuator(PluginType, ABC):
     def stop(self, instance: Instance, grace: float) -> None:
         """Stop and remove ``instance``: ask nicely, force after ``grace`` seconds."""
 
+    can_park: bool = False
+    "whether :meth:`park` and :meth:`unpark` work (blue/green's ``keep_old``)"
+
+    def park(self, instance: Instance, grace: float) -> None:
+        """Stop ``instance`` but keep it, so that :meth:`unpark` can start it again at once.
+
+        A parked instance is listed with ``running=False``; the loop leaves it
+        alone while its version is ``kept`` (see :mod:`agent.reconcile`). Called
+        only when :attr:`can_park` is true (docker: a stopped container, kept).
+        """
+        raise NotImplementedError(f"the {self.type_name} actuator cannot keep stopped instances")
+
+    def unpark(self, instance: Instance) -> Instance:
+        """Start a parked ``instance`` again and return it (it need not be healthy yet)."""
+        raise NotImplementedError(f"the {self.type_name} actuator cannot keep stopped instances")
+
     def healthy(self, instance: Instance, check: Any) -> bool:
         """Whether ``instance`` passes ``check`` (the service's ``health`` block, or None).
 

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import threading
+import uuid
 
 from agent.store import Lease, Store, StoreError
 
@@ -40,7 +41,8 @@ class Leadership:
 
     def __init__(self, store: Store, key: str, ttl: float = 15.0) -> None:
         self.store, self.key, self.ttl = store, key, ttl
-        self.me = json.dumps(agent_id())
+        # the token tells this agent's own key from another Leadership in the same process
+        self.me = json.dumps({**agent_id(), "token": uuid.uuid4().hex[:12]})
         self._lease: Lease | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -59,7 +61,9 @@ class Leadership:
             won = self.store.create(self.key, self.me, lease=lease)
             if not won:
                 current = self.store.get(self.key)
-                if current is not None and self._dead_local(current.value):
+                # our own key, left by a refresh that failed (the store was away): take it back
+                if current is not None and (current.value == self.me
+                                            or self._dead_local(current.value)):
                     won = self.store.replace(self.key, self.me, current.revision, lease=lease)
             if not won:
                 lease.revoke()

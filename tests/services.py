@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import ctypes
+import functools
 import io
 import json
 import os
@@ -94,20 +95,21 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
         try:
             if check():
                 return
-        except Exception as err:  # noqa: BLE001 - "not ready yet"
+        except Exception as err:  # "not yet"
             last = err
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not true after {timeout}s (last error: {last!r})")
         time.sleep(POLL)
 
 
-def _find_binary(name: str, package: str) -> str:
+def _apt(package: str) -> str:
+    return f"install the Debian package {package} (scripts/test installs {APT_PACKAGES})"
+
+
+def _find_binary(name: str, hint: str) -> str:
     path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/local/sbin:/usr/sbin:/sbin")
     if path is None:
-        raise MissingDependency(
-            f"binary {name!r}",
-            f"install {package} (scripts/test does: apt-get install {APT_PACKAGES})",
-        )
+        raise MissingDependency(f"binary {name!r}", hint)
     return path
 
 
@@ -128,10 +130,38 @@ def _die_with_parent() -> Callable[[], None] | None:
 
 _PREEXEC = _die_with_parent()
 _LIVE: set[Service] = set()
+_DIR_PATTERNS = ("shipmate-svc-*", "smd-*")  # see Service.__init__ and Dockerd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def sweep_stale_dirs() -> None:
+    """Remove service directories left by a test run that was killed (its owner pid is gone)."""
+    roots = {Path(tempfile.gettempdir()), Path("/tmp")}
+    for path in (p for root in roots for pattern in _DIR_PATTERNS for p in root.glob(pattern)):
+        try:
+            owner = int((path / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or still being created
+        if not _pid_alive(owner):
+            _unmount_under(path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+_sweep_once = functools.cache(sweep_stale_dirs)
 
 
 @atexit.register
 def _close_all() -> None:
+    """Close every service still alive (atexit)."""
     for service in list(_LIVE):
         service.close()
 
@@ -143,7 +173,9 @@ class Service:
     stop_timeout = 10.0
 
     def __init__(self, prefix: str, tmp_root: str | None = None) -> None:
+        _sweep_once()
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=tmp_root))
+        (self.dir / "owner.pid").write_text(str(os.getpid()))
         self.log_path = self.dir / "service.log"
         self._proc: subprocess.Popen[bytes] | None = None
         _LIVE.add(self)
@@ -161,7 +193,8 @@ class Service:
     @property
     def pid(self) -> int | None:
         """Pid of the running process, or None."""
-        return self._proc.pid if self.running else None  # type: ignore[union-attr]
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
 
     @property
     def running(self) -> bool:
@@ -180,7 +213,7 @@ class Service:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_PREEXEC,  # noqa: PLW1509 - only prctl, safe after fork
+                preexec_fn=_PREEXEC,  # only prctl(): safe between fork and exec
             )
         _LIVE.add(self)
         deadline = time.monotonic() + self.start_timeout
@@ -191,7 +224,7 @@ class Service:
             try:
                 if self.ready():
                     return
-            except Exception:  # noqa: BLE001, S110 - not ready yet
+            except Exception:  # not ready yet
                 pass
             if time.monotonic() > deadline:
                 self.stop()
@@ -248,9 +281,9 @@ class Etcd(Service):
     """
 
     def __init__(self) -> None:
-        self.binary = _find_binary("etcd", "etcd-server")
-        self.etcdctl_binary = _find_binary("etcdctl", "etcd-client")
-        super().__init__("shipmate-etcd-")
+        self.binary = _find_binary("etcd", _apt("etcd-server"))
+        self.etcdctl_binary = _find_binary("etcdctl", _apt("etcd-client"))
+        super().__init__("shipmate-svc-etcd-")
         self.port, self.peer_port = free_ports(2)
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.data_dir = self.dir / "data"
@@ -299,22 +332,7 @@ class Etcd(Service):
 
 
 # Busybox applets linked into the test image (all in /bin).
-_APPLETS = (
-    "sh",
-    "httpd",
-    "sleep",
-    "cat",
-    "echo",
-    "ls",
-    "env",
-    "true",
-    "false",
-    "wget",
-    "nc",
-    "kill",
-    "ps",
-    "id",
-)
+_APPLETS = "sh httpd sleep cat echo ls env true false wget nc kill ps id"
 
 
 class Dockerd(Service):
@@ -333,13 +351,13 @@ class Dockerd(Service):
     WEB_BROKEN = "shipmate-test/web:broken"
 
     def __init__(self) -> None:
-        self.binary = _find_binary("dockerd", "docker.io")
+        self.binary = _find_binary("dockerd", _apt("docker.io"))
         try:
             import docker  # noqa: F401
         except ImportError as err:
             raise MissingDependency("python package 'docker'", "pip install -e '.[test]'") from err
         # unix socket paths are limited to ~100 characters: stay directly under /tmp
-        super().__init__("smd-", tmp_root="/tmp")
+        super().__init__("smd-", tmp_root="/tmp")  # matches _DIR_PATTERNS
         self.socket = self.dir / "docker.sock"
         self.host = f"unix://{self.socket}"
         self._client: Any = None
@@ -379,7 +397,7 @@ class Dockerd(Service):
             try:
                 for container in self.client().containers.list(all=True):
                     container.remove(force=True)
-            except Exception:  # noqa: BLE001, S110 - best effort; the daemon stops them anyway
+            except Exception:  # best effort: the daemon stops them anyway
                 pass
         if self._client is not None:
             self._client.close()
@@ -401,9 +419,7 @@ class Dockerd(Service):
         """
         busybox = Path("/bin/busybox")
         if not busybox.exists():
-            raise MissingDependency(
-                "/bin/busybox", f"install the Debian package busybox-static ({APT_PACKAGES})"
-            )
+            raise MissingDependency("/bin/busybox", _apt("busybox-static"))
         api = self.client().api
         tags = {"v1": self.WEB_V1, "v2": self.WEB_V2, "broken": self.WEB_BROKEN}
         for name, tag in tags.items():
@@ -426,19 +442,14 @@ def _busybox_rootfs_tar(busybox: Path, index_html: bytes | None) -> bytes:
 
     def add(name: str, kind: bytes, mode: int, data: bytes = b"", link: str = "") -> None:
         info = tarfile.TarInfo(name)
-        info.type, info.mode, info.mtime, info.linkname, info.size = (
-            kind,
-            mode,
-            now,
-            link,
-            len(data),
-        )
+        info.type, info.mode, info.mtime = kind, mode, now
+        info.linkname, info.size = link, len(data)
         tar.addfile(info, io.BytesIO(data) if data else None)
 
     with tarfile.open(fileobj=buf, mode="w") as tar:
         add("bin", tarfile.DIRTYPE, 0o755)
         add("bin/busybox", tarfile.REGTYPE, 0o755, busybox.read_bytes())
-        for applet in _APPLETS:
+        for applet in _APPLETS.split():
             add(f"bin/{applet}", tarfile.SYMTYPE, 0o777, link="busybox")
         add("tmp", tarfile.DIRTYPE, 0o1777)
         add("etc", tarfile.DIRTYPE, 0o755)
@@ -466,10 +477,8 @@ class Moto(Service):
     """
 
     def __init__(self) -> None:
-        self.binary = _find_binary(
-            "moto_server", "moto[server] from PyPI (pip install -e '.[test]')"
-        )
-        super().__init__("shipmate-moto-")
+        self.binary = _find_binary("moto_server", "pip install -e '.[test]' (moto[server])")
+        super().__init__("shipmate-svc-moto-")
         self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
 
@@ -493,8 +502,8 @@ class Prometheus(Service):
     """Prometheus 2.x scraping ``targets`` (``"127.0.0.1:PORT"``) every second at /metrics."""
 
     def __init__(self, targets: Iterable[str] = ()) -> None:
-        self.binary = _find_binary("prometheus", "prometheus")
-        super().__init__("shipmate-prometheus-")
+        self.binary = _find_binary("prometheus", _apt("prometheus"))
+        super().__init__("shipmate-svc-prometheus-")
         self.targets = list(targets)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

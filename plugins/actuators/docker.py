@@ -21,6 +21,12 @@ follows the engine's event stream (reconnecting when it breaks) to wake the
 agent when a container dies or changes health, instead of waiting for the
 next timed pass.
 
+Blue/green's ``keep_old`` *parks* the old color: its containers are stopped
+but not removed (``docker ps -a`` shows them exited), and a rollback starts the
+very same containers again, without a create or a pull. With ``restart:
+always`` an engine restart would start parked containers too (the agent then
+removes them as instances of another release): prefer ``unless-stopped``.
+
 Where instances are reached (and announced):
 
 - ``network: host`` (default): on the engine host's address, the instance port;
@@ -171,6 +177,7 @@ class DockerActuator(Actuator):
         self._events: threading.Thread | None = None
         self._stream: Any = None
         self._warned: set[str] = set()
+        self._starting: set[str] = set()  # names of containers start() is working on
 
     # ------------------------------------------------------------ the engine
     def _address(self) -> str:
@@ -197,6 +204,9 @@ class DockerActuator(Actuator):
                 kwargs["tls"] = docker.tls.TLSConfig(
                     client_cert=(str(tls.cert), str(tls.key)) if tls.cert else None,
                     ca_cert=str(tls.ca) if tls.ca else None, verify=tls.verify)
+        if "tls" in kwargs and self.config.tls is not None:
+            # requests lets $REQUESTS_CA_BUNDLE override the client's own CA: not ours
+            kwargs["tls"].configure_client = _without_env(kwargs["tls"].configure_client)
         api = docker.APIClient(version="auto", timeout=self.config.timeout,
                                max_pool_size=max(10, self.parallelism + 2), **kwargs)
         if count:
@@ -282,8 +292,11 @@ class DockerActuator(Actuator):
                 self.config.network) or {}
             host = network.get("IPAddress") or host
         ref = {"id": row["Id"], "state": state, "health": _health(row.get("Status", ""))}
+        # created by a start still under way (a deploy's, say): not a leftover to remove
+        starting = state == "created" and name in self._starting
         return Instance(name=name, service=service, slot=slot, version=version, host=host,
-                        port=port, running=state in ("running", "restarting", "paused"),
+                        port=port, running=starting or state in ("running", "restarting",
+                                                                 "paused"),
                         cluster=labels.get(LABEL_CLUSTER, self.context.cluster), ref=ref)
 
     # ------------------------------------------------------------ role: health
@@ -299,10 +312,17 @@ class DockerActuator(Actuator):
     # ------------------------------------------------------------ role: start
     def start(self, spec: InstanceSpec) -> Instance:
         """Create and start the slot's container; adopt it if it already runs."""
-        import docker.errors
-
         if not spec.image:
             raise DockerError(f"service {spec.service!r} has no image to run")
+        self._starting.add(spec.name)
+        try:
+            return self._start(spec)
+        finally:
+            self._starting.discard(spec.name)
+
+    def _start(self, spec: InstanceSpec) -> Instance:
+        import docker.errors
+
         asked = time.monotonic()
         if self.config.pull == "always":
             self._pull(spec.image, asked)
@@ -446,6 +466,25 @@ class DockerActuator(Actuator):
                 return  # already gone
         self._remove(container, instance.name)
 
+    # ------------------------------------------------------------ park (keep_old)
+    can_park = True
+
+    def park(self, instance: Instance, grace: float) -> None:
+        """Stop the container but keep it (exited, same name and labels) for :meth:`unpark`."""
+        container = (instance.ref or {}).get("id") or instance.name
+        if instance.running:
+            self._call(f"stop {instance.name}",
+                       lambda api: api.stop(container, timeout=max(0, math.ceil(grace))))
+
+    def unpark(self, instance: Instance) -> Instance:
+        """Start a kept container again (no create, no pull)."""
+        container = (instance.ref or {}).get("id") or instance.name
+        self._call(f"start {instance.name}", lambda api: api.start(container))
+        ref = {**(instance.ref or {}), "state": "running", "health": None}
+        return Instance(name=instance.name, service=instance.service, slot=instance.slot,
+                        version=instance.version, host=instance.host, port=instance.port,
+                        running=True, cluster=instance.cluster, ref=ref)
+
     def _remove(self, container: str, name: str) -> None:
         import docker.errors
 
@@ -515,6 +554,16 @@ class DockerActuator(Actuator):
             api, self._api = self._api, None
         if api is not None:
             api.close()
+
+
+def _without_env(configure: Callable[[Any], None]) -> Callable[[Any], None]:
+    """Wrap TLSConfig.configure_client so the client ignores CA bundles from the environment."""
+
+    def wrapped(client: Any) -> None:
+        configure(client)
+        client.trust_env = False
+
+    return wrapped
 
 
 def _explain(exc: Any) -> str:

@@ -2,19 +2,37 @@
 
 Each healthy instance gets a key (default ``/services/{service}/{instance}``)
 in the agent's store, on one lease per announcer that a background thread
-keeps alive, so the keys of a dead agent vanish after ``ttl``. Every pass
-resynchronises: missing keys are written again, keys of instances that no
-longer run or are unhealthy are removed, with one prefix read for all
-services. If the lease is lost (the store was down longer than ``ttl``), a new
-one is granted as soon as the store answers and every key is written again.
+keeps alive (every ``ttl / 3``: one keep-alive on v3, a TTL refresh of each
+key on v2), so the keys of a dead agent vanish after ``ttl``.
+
+Every pass resynchronises with one prefix read for all services, so that the
+announced set equals the healthy set: missing keys are written again, keys of
+instances that no longer run or are unhealthy are removed. Only keys that name
+an instance of this cluster and of a service this announcer serves
+(``<cluster>-<service>-<slot>-<version>``) are ever removed: another cluster
+announcing under the same prefix, or a key an operator wrote by hand, is left
+alone. A key is removed before its instance is stopped (:meth:`withdraw`).
+
+If the store is away longer than ``ttl`` the lease is given up; as soon as the
+store answers again a new one is granted and every key written again (by the
+keep-alive thread, without waiting for a pass), so announcements come back
+within ``ttl / 3`` of the store's return. Nothing here ever stops an instance.
+
+The announced address is ``host`` from the config, else the instance's own
+address when it is routable (a container's address on an overlay network, an
+actuator's configured ``host_address``), else ``$COREOS_PRIVATE_IPV4``, else
+the instance's address as the actuator gives it (127.0.0.1 on one machine).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import re
 import threading
-from typing import Literal
+import time
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -29,7 +47,7 @@ class EtcdAnnounceConfig(TypeConfig):
     format: Literal["json", "hostport", "skydns"] = "json"
     "json: {host, port, service, instance, version}; hostport: host:port; skydns: {host, port}"
     host: str | None = None
-    "the announced address (default: $COREOS_PRIVATE_IPV4, else the actuator's)"
+    "the announced address (default: the instance's if routable, else $COREOS_PRIVATE_IPV4)"
 
     @field_validator("key")
     @classmethod
@@ -45,13 +63,17 @@ class EtcdAnnouncer(Announcer):
     type_name = "etcd"
     Config = EtcdAnnounceConfig
 
-    def __init__(self, config: EtcdAnnounceConfig, context) -> None:
+    def __init__(self, config: EtcdAnnounceConfig, context: Any) -> None:
         super().__init__(config, context)
         self.store = context.store
         self._lock = threading.RLock()
         self._lease: Lease | None = None
+        self._refreshed = 0.0  # monotonic time the lease was last known alive
         self._wanted: dict[str, str] = {}  # key -> value as last synced
         self._owned: set[str] = set()  # keys written on the current lease
+        self._pattern = _key_pattern(config.key)
+        self._instance = re.compile(
+            rf"{re.escape(context.cluster)}-(?P<service>.+)-[0-9]+-[0-9a-z]+")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._keepalive, name="announce-keepalive",
                                         daemon=True)
@@ -59,24 +81,39 @@ class EtcdAnnouncer(Announcer):
 
     # -------------------------------------------------------------- keys
     def service_prefix(self, service: str) -> str:
+        """The part of the key template before the instance name, for ``service``."""
         return fill(self.config.key.split("{instance}")[0], service=service)
 
     def key(self, instance: Instance) -> str:
+        """The key ``instance`` is announced under."""
         return fill(self.config.key, service=instance.service, instance=instance.name)
 
     def value(self, instance: Instance) -> str:
-        host = self.config.host or os.environ.get("COREOS_PRIVATE_IPV4") or instance.host
+        """What is announced for ``instance``, in the configured ``format``."""
+        host = self.config.host or _announced_host(instance.host)
+        port = instance.port
         if self.config.format == "hostport":
-            return f"{host}:{instance.port}"
+            return f"{host}:{port}" if port is not None else host
         if self.config.format == "skydns":
-            return json.dumps({"host": host, "port": instance.port})
-        return json.dumps({"host": host, "port": instance.port, "service": instance.service,
+            return json.dumps({"host": host, "port": port} if port is not None else {"host": host})
+        return json.dumps({"host": host, "port": port, "service": instance.service,
                            "instance": instance.name, "version": instance.version})
+
+    def _ours(self, key: str, services: dict[str, Any]) -> bool:
+        """True if ``key`` announces an instance of this cluster and of one of ``services``."""
+        match = self._pattern.fullmatch(key)
+        if match is None:
+            return False
+        instance = self._instance.fullmatch(match["instance"])
+        if instance is None or instance["service"] not in services:
+            return False
+        return match.groupdict().get("service") in (None, instance["service"])
 
     # -------------------------------------------------------------- lease
     def _current_lease(self) -> Lease:
         if self._lease is None:
             self._lease = self.store.lease(self.config.ttl)
+            self._refreshed = time.monotonic()
             self._owned.clear()
         return self._lease
 
@@ -86,25 +123,39 @@ class EtcdAnnouncer(Announcer):
                 try:
                     if self._lease is not None:
                         self._lease.refresh()
-                    elif self._wanted:
-                        self._write_missing({})  # the store is back: announce again at once
+                        self._refreshed = time.monotonic()
+                    if self._wanted.keys() - self._owned:
+                        self._write_missing(None)  # the store is back: announce again now
                 except StoreError as exc:
                     self.context.log.warning("announcements: %s", exc)
-                    if "expired" in str(exc) or "not found" in str(exc):
-                        self._lease = None
+                    self._check_lease(exc)
 
-    def _write_missing(self, existing: dict[str, str]) -> None:
+    def _check_lease(self, exc: StoreError) -> None:
+        """Give the lease up if it has certainly expired: a new one comes next time."""
+        if self._lease is None:
+            return
+        text = str(exc)
+        if ("expired" in text or "not found" in text
+                or time.monotonic() - self._refreshed >= self.config.ttl):
+            self._lease = None
+            self._owned.clear()
+
+    def _write_missing(self, existing: dict[str, str] | None) -> None:
+        """Write each wanted key not on our lease or not as it should read.
+
+        With ``existing`` None (no fresh read), only keys not yet on our lease.
+        """
         lease = self._current_lease()
         for key, value in self._wanted.items():
-            if key not in self._owned or existing.get(key) != value:
+            if key not in self._owned or (existing is not None and existing.get(key) != value):
                 self.store.put(key, value, lease=lease)
                 self._owned.add(key)
 
     # -------------------------------------------------------------- role
     def sync(self, healthy: dict[str, list[Instance]]) -> None:
+        """Make the announced set of each service in ``healthy`` equal its healthy instances."""
         prefixes = {service: self.service_prefix(service) for service in healthy}
         wanted = {self.key(i): self.value(i) for items in healthy.values() for i in items}
-        suffix = self.config.key.split("{instance}")[1]
         with self._lock:
             common = os.path.commonprefix(list(prefixes.values()))
             if len(common.rstrip("/")) > 0:
@@ -113,21 +164,21 @@ class EtcdAnnouncer(Announcer):
                 existing = {}
                 for prefix in prefixes.values():
                     existing.update({k: e.value for k, e in self.store.get_prefix(prefix).items()})
-            owned = set(prefixes.values())
-            lengths = {len(p) for p in owned}
             for key in existing:
-                owner = key.endswith(suffix) and any(key[:n] in owned for n in lengths)
-                if owner and key not in wanted:
+                if key not in wanted and self._ours(key, healthy):
                     self.store.delete(key)
                     self._owned.discard(key)
             self._wanted = wanted
             try:
                 self._write_missing(existing)
-            except StoreError:
-                self._lease = None  # expired while the store was away: a new one next time
-                raise
+            except StoreError as exc:
+                self._check_lease(exc)
+                if self._lease is not None:
+                    raise
+                self._write_missing(existing)  # the lease had expired: once more on a new one
 
     def withdraw(self, instance: Instance) -> None:
+        """Remove ``instance``'s key (before it is stopped); StoreError if the store is away."""
         key = self.key(instance)
         with self._lock:
             self._wanted.pop(key, None)
@@ -135,7 +186,26 @@ class EtcdAnnouncer(Announcer):
             self.store.delete(key)
 
     def close(self) -> None:
+        """Stop the keep-alive; the keys live out their ttl (a restarted agent takes them over)."""
         self._stop.set()
+
+
+def _key_pattern(template: str) -> re.Pattern[str]:
+    """A regex matching the keys ``template`` makes, with ``instance`` (and ``service``) groups."""
+    pattern = re.escape(template)
+    pattern = pattern.replace(re.escape("{service}"), "(?P<service>[^/]+)", 1)
+    pattern = pattern.replace(re.escape("{service}"), "[^/]+")
+    return re.compile(pattern.replace(re.escape("{instance}"), "(?P<instance>[^/]+)", 1))
+
+
+def _announced_host(host: str) -> str:
+    """``host`` if others can reach it, else $COREOS_PRIVATE_IPV4 if set, else ``host``."""
+    try:
+        local = ipaddress.ip_address(host)
+        local_only = local.is_loopback or local.is_unspecified
+    except ValueError:
+        local_only = host == "localhost"
+    return (os.environ.get("COREOS_PRIVATE_IPV4") or host) if local_only else host
 
 
 @hookimpl

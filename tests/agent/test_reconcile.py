@@ -164,9 +164,10 @@ def test_healthy_instances_are_announced_and_withdrawn_before_stopping(world):
 
 def test_stale_announcements_are_removed(world):
     world.set("web", "desired", "1")
-    world.store.put("/services/web/ghost", '{"host": "10.9.9.9", "port": 1}')
+    ghost = "/services/web/test-web-3-0123abcd"  # an instance of this cluster that is gone
+    world.store.put(ghost, '{"host": "10.9.9.9", "port": 1}')
     world.store.put("/services/webby/other", "kept: not this service's prefix")
     eventually(lambda: world.pass_() is not None and world.store.get_prefix("/services/web/")
-               and "/services/web/ghost" not in world.store.get_prefix("/services/web/"),
+               and ghost not in world.store.get_prefix("/services/web/"),
                timeout=10)
     assert world.store.get("/services/webby/other") is not None

@@ -1,0 +1,247 @@
+"""Benchmark: scale a service of Docker containers 0 -> N -> 0, the agent against the floor.
+
+Starts its own dockerd and etcd (tests/services.py) and, in the same run:
+
+- the floor: a plain loop of docker SDK ``containers.run`` then ``remove(force=True)``
+  calls, one container after the other (what this engine costs, sequentially);
+- the agent's reconcile passes (observe, plan, apply, announce; the etcd store,
+  the docker actuator, the etcd announcer, an HTTP health check) driven by an
+  ``override`` in etcd, with the actuator's ``parallelism`` at 1 and above, until
+  a pass finds nothing left to do;
+
+and prints each time and its ratio to the floor (goal: at most 1.15 with
+parallelism 1, below 1 with more). Then, with the whole agent running, the
+median time from ``etcdctl put .../override 1`` to the first container created
+(goal: under 300 ms), over several trials.
+
+    python3 contrib/bench/bench_docker_scale.py [--count 20] [--rounds 5] [--trials 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from agent.config import load_config  # noqa: E402
+from agent.keys import Keys  # noqa: E402
+from agent.kinds import Context  # noqa: E402
+from agent.plugins import load_plugins  # noqa: E402
+from agent.reconcile import Reconciler  # noqa: E402
+from agent.runtime import Agent, Builder, connect  # noqa: E402
+from tests.helpers import port_block  # noqa: E402
+from tests.services import Dockerd, Etcd  # noqa: E402
+
+CONFIG = """
+agent:
+  cluster: {cluster}
+  interval: 60s
+  parallelism: 64
+  store: {{backend: etcd, endpoints: ["{endpoint}"]}}
+  state_dir: {folder}/state
+services:
+  web:
+    image: {image}
+    command: [httpd, -f, -p, "{{port}}", -h, /www]
+    port: {port}
+    health: {{http: /, timeout: 1s}}
+    source: {{type: static, count: 0, interval: 60s}}
+    actuator: {{type: docker, host: "{host}", init: true, parallelism: {parallelism}}}
+    announce: {{type: etcd, ttl: 30s}}
+"""
+
+
+def floor(dockerd: Dockerd, count: int, port: int) -> tuple[float, float]:
+    """Seconds to run ``count`` containers one by one, and to remove them one by one."""
+    client = dockerd.client()
+    started = time.perf_counter()
+    containers = [client.containers.run(
+        Dockerd.WEB_V1, ["httpd", "-f", "-p", str(port + i), "-h", "/www"], detach=True,
+        network_mode="host", init=True, name=f"floor-{i}", labels={"bench": "floor"})
+        for i in range(count)]
+    up = time.perf_counter() - started
+    started = time.perf_counter()
+    for container in containers:
+        container.remove(force=True)
+    return up, time.perf_counter() - started
+
+
+def through_reconcile(dockerd: Dockerd, etcd: Etcd, folder: Path, count: int, port: int,
+                      parallelism: int, cluster: str) -> tuple[float, float, int]:
+    """Seconds of reconcile passes for 0 -> count and count -> 0; engine calls going up."""
+    path = folder / f"{cluster}.yaml"
+    path.write_text(CONFIG.format(cluster=cluster, endpoint=etcd.endpoint, folder=folder,
+                                  image=Dockerd.WEB_V1, port=port, host=dockerd.host,
+                                  parallelism=parallelism))
+    plugins = load_plugins()
+    config = load_config(path, plugins)
+    store = connect(config)
+    keys = Keys(config.key_prefix)
+    builder = Builder(plugins, Context(cluster=cluster, store=store, state_dir=folder))
+    services = builder.services(config)
+    reconciler = Reconciler(services=services, store=store, keys=keys,
+                            grace=config.agent.grace, parallelism=config.agent.parallelism)
+    actuator = services["web"].actuator
+
+    def settle(n: int) -> float:
+        store.put(keys.service("web", "override"), str(n))
+        started = time.perf_counter()
+        while True:
+            views = reconciler.observe()
+            actions = reconciler.plan(views)
+            if not actions:
+                return time.perf_counter() - started
+            errors = reconciler.apply(actions)
+            errors += reconciler.announce(views, {a.instance.name for a in actions
+                                                  if a.instance is not None})
+            if errors:
+                raise RuntimeError("; ".join(errors))
+
+    try:
+        reconciler.observe()  # connect first, as a running agent has
+        calls = actuator.api_calls
+        up = settle(count)
+        calls = actuator.api_calls - calls
+        down = settle(0)
+        return up, down, calls
+    finally:
+        builder.close()
+        store.delete(keys.service("web", "override"))
+        store.close()
+
+
+def override_latency(dockerd: Dockerd, etcd: Etcd, folder: Path, trials: int,
+                     port: int) -> list[float]:
+    """Seconds from ``etcdctl put`` of the override to the engine's ``create`` event."""
+    cluster = "latency"
+    path = folder / "latency.yaml"
+    path.write_text(CONFIG.format(cluster=cluster, endpoint=etcd.endpoint, folder=folder,
+                                  image=Dockerd.WEB_V1, port=port, host=dockerd.host,
+                                  parallelism=4))
+    agent = Agent(path)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    created: list[float] = []
+    seen = threading.Event()
+    events = dockerd.client().api.events(
+        decode=True, filters={"type": "container", "event": "create",
+                              "label": f"shipmate.cluster={cluster}"})
+
+    def follow() -> None:
+        try:
+            for event in events:
+                created.append(event["timeNano"] / 1e9)
+                seen.set()
+        except Exception:  # noqa: BLE001 - closed at the end
+            pass
+
+    threading.Thread(target=follow, daemon=True).start()
+    override = f"/shipmate/{cluster}/services/web/override"
+    api = dockerd.client().api
+
+    def count() -> int:
+        return len(api.containers(all=True, filters={"label": f"shipmate.cluster={cluster}"}))
+
+    out = []
+    try:
+        wait_for(lambda: agent.leadership.is_leader, 10, "the agent leads")
+        for _ in range(trials):
+            seen.clear()
+            created.clear()
+            started = time.time()
+            etcd.etcdctl("put", override, "1")
+            if not seen.wait(10):
+                raise RuntimeError("no container was created within 10 s")
+            out.append(created[0] - started)
+            etcd.etcdctl("put", override, "0")
+            wait_for(lambda: count() == 0, 20, "back to 0 containers")
+            time.sleep(0.5)
+    finally:
+        events.close()
+        agent.stop()
+        thread.join(15)
+        for row in api.containers(all=True, filters={"label": f"shipmate.cluster={cluster}"}):
+            api.remove_container(row["Id"], force=True)
+    return out
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--count", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=5, help="medians over this many runs")
+    parser.add_argument("--trials", type=int, default=7, help="override latency trials")
+    parser.add_argument("--parallelism", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench-docker-") as tmp:
+        folder = Path(tmp)
+        dockerd, etcd = Dockerd(), Etcd()
+        try:
+            dockerd.start()
+            dockerd.build_busybox_images()
+            etcd.start()
+            port = port_block(args.count)
+            floor(dockerd, 2, port)  # warm the engine up
+            results: dict[str, Any] = {"count": args.count}
+            rows: dict[str, list[tuple[float, float]]] = {"floor": []}
+            calls = {}
+            for r in range(args.rounds):  # interleaved: a busy moment hits every variant
+                rows["floor"].append(floor(dockerd, args.count, port))
+                for p in args.parallelism:
+                    up, down, calls[p] = through_reconcile(dockerd, etcd, folder, args.count,
+                                                           port, p, f"bench-p{p}-{r}")
+                    rows.setdefault(f"agent, parallelism {p}", []).append((up, down))
+            floor_up = statistics.median(up for up, _ in rows["floor"])
+            floor_down = statistics.median(down for _, down in rows["floor"])
+            floor_total = floor_up + floor_down
+            print(f"scale 0 -> {args.count} -> 0, median of {args.rounds} runs "
+                  f"(docker engine {dockerd.client().version()['Version']}, vfs, host network)")
+            print(f"{'':28} {'up':>8} {'down':>8} {'total':>8} {'vs floor':>9}")
+            for name, runs in rows.items():
+                up = statistics.median(u for u, _ in runs)
+                down = statistics.median(d for _, d in runs)
+                ratio = (up + down) / floor_total
+                print(f"{name:28} {up:7.2f}s {down:7.2f}s {up + down:7.2f}s {ratio:8.2f}x")
+                results[name] = {"up": up, "down": down, "ratio": ratio}
+            for p, n in calls.items():
+                print(f"engine API calls for 0 -> {args.count} at parallelism {p}: {n} "
+                      f"({n / args.count:.1f} per container, listing included)")
+
+            latencies = override_latency(dockerd, etcd, folder, args.trials, port)
+            median_ms = statistics.median(latencies) * 1000
+            print(f"etcdctl put override 1 -> first container created: median "
+                  f"{median_ms:.0f} ms over {len(latencies)} trials "
+                  f"(min {min(latencies) * 1000:.0f}, max {max(latencies) * 1000:.0f}; "
+                  "includes starting etcdctl)")
+            results["override_to_create_ms"] = median_ms
+            if args.json:
+                print(json.dumps(results))
+        finally:
+            dockerd.close()
+            etcd.close()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except subprocess.CalledProcessError as exc:
+        sys.exit(f"bench failed: {exc}")
