@@ -367,8 +367,10 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
                 else f" (allowed: {', '.join(allowed)})" if allowed else "")
         elif err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
-            msg = (f"unknown type {ctx.get('tag')!r}; installed: {ctx.get('expected_tags')}"
-                   " (`shipmate plugins` lists them)")
+            plugin_block = len(loc) == 3 and loc[0] == "services" and loc[2] in PLUGIN_BLOCKS
+            msg = f"unknown type {ctx.get('tag')!r}; " + (
+                f"installed: {ctx.get('expected_tags')} (`shipmate plugins` lists them)"
+                if plugin_block else f"expected one of {ctx.get('expected_tags')}")
         elif err["type"] == "missing":
             msg = "required key is missing"
         out.append((_line(lines, loc), _dotted(loc), msg))

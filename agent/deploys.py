@@ -278,7 +278,14 @@ class DeployRunner:
         if entry is None:
             return
         journal = json.loads(entry.value)
-        strategy = self.strategies(runtime.name, journal.get("strategy"))
+        try:
+            strategy = self.strategies(runtime.name, journal.get("strategy"))
+        except Exception as exc:  # noqa: BLE001 - say so once, in the journal, not every pass
+            failed = {**journal, "phase": "failed",
+                      "error": f"cannot run strategy {journal.get('strategy')!r}: {exc}"}
+            self.store.replace(key, json.dumps(failed), entry.revision)
+            log.error("%s: %s", runtime.name, failed["error"])
+            return
         runtime = replace(runtime, strategy=strategy)
         deploy = Deployment(runtime=runtime, store=self.store, keys=self.keys,
                             record=Journal(journal, entry.revision), source=runtime.release(view),

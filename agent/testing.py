@@ -6,12 +6,14 @@ with shipmate installed can use them:
 - ``shipmate_plugins``: a fresh plugin manager with every installed plugin;
 - ``embedded_store``: an empty embedded store in a temporary folder;
 - ``write_config``: writes YAML text to a file and returns its path;
-- ``load_test_config``: loads YAML text into a validated :class:`agent.config.Config`.
+- ``load_test_config``: loads YAML text into a validated :class:`agent.config.Config`;
+- ``run_agent``: runs a real agent on YAML text in a thread until the test ends.
 """
 
 from __future__ import annotations
 
 import textwrap
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import pytest
 
 from agent.config import Config, load_config
 from agent.plugins import Plugins, load_plugins
+from agent.runtime import Agent
 from agent.store.embedded import EmbeddedStore
 
 
@@ -57,3 +60,25 @@ def load_test_config(write_config: Callable[[str], Path],
         return load_config(write_config(text), shipmate_plugins)
 
     return load
+
+
+@pytest.fixture
+def run_agent(write_config: Callable[[str], Path]) -> Iterator[Callable[..., Agent]]:
+    """``run_agent(yaml_text, plugins=None)`` -> a real :class:`Agent` running in a thread.
+
+    Every agent started is stopped when the test ends (its instances keep
+    running, as after Ctrl-C: clean them up in the test).
+    """
+    started: list[tuple[Agent, threading.Thread]] = []
+
+    def start(text: str, plugins: Plugins | None = None) -> Agent:
+        agent = Agent(write_config(text), plugins=plugins)
+        thread = threading.Thread(target=agent.run, daemon=True, name="agent")
+        thread.start()
+        started.append((agent, thread))
+        return agent
+
+    yield start
+    for agent, thread in started:
+        agent.stop()
+        thread.join(15)

@@ -16,6 +16,7 @@ import urllib.request
 import pytest
 
 from agent import hookimpl
+from agent.deploys import request_deploy
 from agent.keys import Keys
 from agent.plugins import load_plugins
 from agent.runtime import Agent
@@ -200,3 +201,18 @@ def test_a_changed_config_is_deployed_on_reload(cluster, write_config, tmp_path)
     eventually(lambda: all(body(port + i) == "v3" for i in range(4)), timeout=30,
                what="v3 everywhere")
     eventually(lambda: release(agent)["image"] == "v3" and release(agent)["by"] == "config")
+
+
+def test_a_deploy_whose_strategy_cannot_run_fails_once_and_changes_nothing(cluster):
+    agent, path, port = cluster
+    keys = Keys("/shipmate/dep")
+    request_deploy(agent.store, keys, "web", image="v2", strategy="nope", by="t", reason="t")
+
+    def journal() -> dict:
+        return json.loads(agent.store.get(keys.service("web", "deploy")).value)
+
+    eventually(lambda: journal()["phase"] == "failed", what="the deploy to fail")
+    assert "cannot run strategy 'nope'" in journal()["error"]
+    assert [body(port + i) for i in range(4)] == ["v1"] * 4
+    status = json.loads(shipmate("status", "--json", "-c", str(path)).stdout)
+    assert status["services"][0]["deploy"]["phase"] == "failed"

@@ -25,23 +25,19 @@ services:
 """
 
 
-@pytest.fixture
-def agent_factory(write_config, tmp_path):
-    agents: list[tuple[Agent, threading.Thread]] = []
-
-    def start(count: int = 1, http: int | None = None) -> Agent:
-        path = write_config(CONFIG.format(count=count, http=http or free_port()))
-        agent = Agent(path)
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        agents.append((agent, thread))
-        return agent
-
-    yield start
-    for agent, thread in agents:
-        agent.stop()
-        thread.join(10)
+@pytest.fixture(autouse=True)
+def _kill_processes(tmp_path):
+    """The agents stop before this (run_agent); their processes are killed here."""
+    yield
     kill_recorded(tmp_path)
+
+
+@pytest.fixture
+def agent_factory(run_agent):
+    def start(count: int = 1, http: int | None = None) -> Agent:
+        return run_agent(CONFIG.format(count=count, http=http or free_port()))
+
+    return start
 
 
 def running(tmp_path) -> list[dict]:

@@ -13,7 +13,6 @@ import json
 import logging
 import math
 import re
-import threading
 import time
 import uuid
 
@@ -26,7 +25,7 @@ from agent.config import load_config
 from agent.keys import Keys
 from agent.kinds import Context
 from agent.plugins import load_plugins
-from agent.runtime import Agent, Builder
+from agent.runtime import Builder
 from agent.scaling import Scaler
 from agent.store.embedded import EmbeddedStore
 from tests.helpers import alive, eventually, kill_recorded, process_records
@@ -276,22 +275,10 @@ def test_dry_run_writes_nothing(scaling):
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.fixture
-def run_agent(write_config, tmp_path):
-    """``run_agent(yaml)`` -> a real Agent in a thread; stopped and its processes killed after."""
-    started: list[tuple[Agent, threading.Thread]] = []
-
-    def start(text: str) -> Agent:
-        agent = Agent(write_config(text))
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        started.append((agent, thread))
-        return agent
-
-    yield start
-    for agent, thread in started:
-        agent.stop()
-        thread.join(10)
+@pytest.fixture(autouse=True)
+def _kill_processes(tmp_path):
+    """The agents stop before this (run_agent); their processes are killed here."""
+    yield
     kill_recorded(tmp_path)
 
 

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +17,6 @@ import pytest
 
 from agent import Context, InstanceSpec
 from agent.config import ConfigError, HealthConfig
-from agent.runtime import Agent
 from plugins.actuators.docker import DockerActuator, DockerConfig, DockerError
 from tests.helpers import eventually, port_block
 from tests.services import Dockerd, MissingDependency, Service, free_port, http_get
@@ -433,24 +431,6 @@ services:
     source: {{type: static, count: {count}, interval: 1s}}
     actuator: {{type: docker, host: "{host}", init: true}}
 """
-
-
-@pytest.fixture
-def run_agent(write_config, tmp_path) -> Iterator[Callable[..., Agent]]:
-    """``run_agent(yaml_text)``: the agent running in a thread until the test ends."""
-    running: list[tuple[Agent, threading.Thread]] = []
-
-    def start(text: str) -> Agent:
-        agent = Agent(write_config(text))
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        running.append((agent, thread))
-        return agent
-
-    yield start
-    for agent, thread in running:
-        agent.stop()
-        thread.join(15)
 
 
 def agent_yaml(dockerd: Dockerd, cluster: str, tmp: Path, *, count: int = 2,

@@ -6,7 +6,6 @@ import json
 import logging
 import signal
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -17,7 +16,6 @@ import pytest
 
 from agent import Context, Instance
 from agent.config import StoreConfig
-from agent.runtime import Agent
 from agent.store import Store, open_store
 from plugins.announcers.etcd import EtcdAnnounceConfig, EtcdAnnouncer
 from tests.helpers import eventually, port_block
@@ -193,24 +191,6 @@ def docker_cluster(dockerd: Dockerd, etcd: Etcd, cluster: str) -> Iterator[str]:
         api.remove_container(row["Id"], force=True)
     etcd.etcdctl("del", "--prefix", f"/shipmate/{cluster}/")
     etcd.etcdctl("del", "--prefix", f"/services/web/{cluster}-")
-
-
-@pytest.fixture
-def run_agent(write_config) -> Iterator[Callable[[str], Agent]]:
-    """``run_agent(yaml_text)``: the agent running in a thread until the test ends."""
-    running: list[tuple[Agent, threading.Thread]] = []
-
-    def start(text: str) -> Agent:
-        agent = Agent(write_config(text))
-        thread = threading.Thread(target=agent.run, daemon=True)
-        thread.start()
-        running.append((agent, thread))
-        return agent
-
-    yield start
-    for agent, thread in running:
-        agent.stop()
-        thread.join(15)
 
 
 def running(dockerd: Dockerd, cluster: str) -> dict[str, int]:
