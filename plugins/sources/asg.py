@@ -9,12 +9,12 @@ the YAML.
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Literal
 
 from pydantic import Field
 
 from agent import Duration, Source, SourceConfig, SourceError, hookimpl
+from plugins.aws import LazyClient
 
 
 class AsgConfig(SourceConfig):
@@ -40,21 +40,8 @@ class AsgSource(Source):
 
     def __init__(self, config: AsgConfig, context: Any) -> None:
         super().__init__(config, context)
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def _autoscaling(self) -> Any:
-        with self._lock:  # boto3 sessions are not thread-safe to create from
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                c = self.config
-                cfg = Config(connect_timeout=c.timeout, read_timeout=c.timeout,
-                             retries={"max_attempts": 2, "mode": "standard"})
-                self._client = boto3.session.Session().client(
-                    "autoscaling", region_name=c.region, endpoint_url=c.endpoint_url, config=cfg)
-            return self._client
+        self._autoscaling = LazyClient("autoscaling", region=config.region, attempts=2,
+                                       endpoint_url=config.endpoint_url, timeout=config.timeout)
 
     def read(self) -> float:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -89,10 +76,7 @@ class AsgSource(Source):
         return count * c.per_instance
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        self._autoscaling.close()
 
 
 @hookimpl

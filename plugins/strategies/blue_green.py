@@ -40,7 +40,6 @@ profile, instance role), never from the YAML.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
@@ -56,6 +55,7 @@ from agent import (
     TypeConfig,
     hookimpl,
 )
+from plugins.aws import LazyClient
 
 log = logging.getLogger("shipmate.deploy.blue-green")
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -126,21 +126,8 @@ class _Aws:
 
     def __init__(self, service: str, config: ElbConfig | AlbConfig, where: str) -> None:
         self.service, self.config, self.where = service, config, where
-        self._client: Any = None
-        self._lock = threading.Lock()
-
-    def client(self) -> Any:
-        with self._lock:  # boto3 sessions are not thread-safe to create from
-            if self._client is None:
-                import boto3
-                from botocore.config import Config
-
-                c = self.config
-                cfg = Config(connect_timeout=c.timeout, read_timeout=c.timeout,
-                             retries={"max_attempts": 3, "mode": "standard"})
-                self._client = boto3.session.Session().client(
-                    self.service, region_name=c.region, endpoint_url=c.endpoint_url, config=cfg)
-            return self._client
+        self.client = LazyClient(service, region=config.region, timeout=config.timeout,
+                                 endpoint_url=config.endpoint_url)
 
     def __call__(self, method: str, **kwargs: Any) -> dict[str, Any]:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
@@ -159,10 +146,7 @@ class _Aws:
             raise DeployError(f"{self.where}: {method}: {exc}") from None
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        self.client.close()
 
 
 class ClassicElb:

@@ -1,0 +1,40 @@
+"""What the AWS plugins (the ``asg`` source, ``blue-green``'s load balancers) share.
+
+Credentials come only from boto3's default chain: the environment, the shared
+profile, the instance role. Never from the YAML.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class LazyClient:
+    """A boto3 client made on first use (boto3 is imported only then), thread-safe."""
+
+    def __init__(self, service: str, *, region: str, endpoint_url: str | None, timeout: float,
+                 attempts: int = 3) -> None:
+        self.service, self.region, self.endpoint_url = service, region, endpoint_url
+        self.timeout, self.attempts = timeout, attempts
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Any:
+        with self._lock:  # boto3 sessions are not thread-safe to create from
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(connect_timeout=self.timeout, read_timeout=self.timeout,
+                                retries={"max_attempts": self.attempts, "mode": "standard"})
+                self._client = boto3.session.Session().client(
+                    self.service, region_name=self.region, endpoint_url=self.endpoint_url,
+                    config=config)
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
