@@ -16,6 +16,7 @@ line and key, and all of them together:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -377,6 +378,34 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
     return out
 
 
+STORE_REQUIRES = {"etcd": {"etcd3gw": "shipmate[etcd]"}, "etcd2": {"etcd": "shipmate[etcd]"}}
+
+
+def _missing_packages(parsed: Any, plugins: Plugins,
+                      lines: dict[Path_, int]) -> list[tuple[int, str, str]]:
+    """A problem for every chosen type (or store backend) whose client library is missing."""
+    wanted: list[tuple[Path_, str, dict[str, str]]] = []
+    backend = parsed.agent.store.backend
+    wanted.append((("agent", "store", "backend"), f"the {backend} store",
+                   STORE_REQUIRES.get(backend, {})))
+    for name, svc in parsed.services.items():
+        for block, kind in PLUGIN_BLOCKS.items():
+            cfg = getattr(svc, block, None)
+            if cfg is not None:
+                tag = cfg.strategy if kind == "strategy" else cfg.type
+                entry = plugins.types[kind][tag]
+                wanted.append((("services", name, block), f"the {tag} {kind}",
+                               entry.cls.requires))
+    out = []
+    for path, what, requires in wanted:
+        for module, package in requires.items():
+            if importlib.util.find_spec(module) is None:
+                out.append((_line(lines, path), _dotted(path),
+                            f"{what} needs the Python package {module!r}: "
+                            f"pip install '{package}'"))
+    return out
+
+
 def _redact(text: str, secrets: set[str]) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
@@ -417,6 +446,8 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     except ValidationError as exc:
         problems += _messages(exc, service, plugins, reader.lines, data)
         parsed = None
+    if parsed is not None:
+        problems += _missing_packages(parsed, plugins, reader.lines)
     if problems:
         problems.sort(key=lambda p: p[0])
         raise ConfigError([_redact(f"{source}:{line}: {key}: {msg}", reader.from_env)

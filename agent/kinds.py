@@ -63,6 +63,8 @@ class PluginType:
     kind: ClassVar[str]
     type_name: ClassVar[str]
     Config: ClassVar[type[TypeConfig]] = TypeConfig
+    requires: ClassVar[dict[str, str]] = {}
+    "modules the type imports lazily -> what to pip install; checked by `shipmate check`"
 
     def __init__(self, config: Any, context: Context) -> None:
         self.config = config

@@ -23,8 +23,11 @@ class LazyClient:
     def __call__(self) -> Any:
         with self._lock:  # boto3 sessions are not thread-safe to create from
             if self._client is None:
-                import boto3
-                from botocore.config import Config
+                try:
+                    import boto3
+                    from botocore.config import Config
+                except ImportError:
+                    raise RuntimeError("AWS needs boto3: pip install 'shipmate[aws]'") from None
 
                 config = Config(connect_timeout=self.timeout, read_timeout=self.timeout,
                                 retries={"max_attempts": self.attempts, "mode": "standard"})

@@ -160,6 +160,7 @@ class DockerActuator(Actuator):
     """Runs instances as containers on one Docker engine."""
 
     type_name = "docker"
+    requires = {"docker": "shipmate[docker]"}
     Config = DockerConfig
 
     def __init__(self, config: DockerConfig, context: Any) -> None:

@@ -36,6 +36,7 @@ class AsgSource(Source):
     """Reads an Auto Scaling group through boto3."""
 
     type_name = "asg"
+    requires = {"boto3": "shipmate[aws]"}
     Config = AsgConfig
 
     def __init__(self, config: AsgConfig, context: Any) -> None:

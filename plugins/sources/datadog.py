@@ -55,6 +55,7 @@ class DatadogSource(Source):
     """Reads a Datadog metric query."""
 
     type_name = "datadog"
+    requires = {"datadog": "shipmate[datadog]"}
     Config = DatadogConfig
 
     def _query(self, start: int, end: int) -> Any:

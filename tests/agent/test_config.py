@@ -158,3 +158,33 @@ def test_default_config_file_is_valid(shipmate_plugins):
     config = load_config(Path(__file__).parents[2] / "etc" / "agent.yaml", shipmate_plugins)
     assert config.agent.store.backend == "embedded"
     assert config.services["web"].actuator.type == "process"
+
+
+def test_a_type_whose_client_library_is_missing_is_a_config_error(write_config):
+    import types
+
+    from agent import Source, SourceConfig, hookimpl
+    from agent.config import load_config
+    from agent.plugins import load_plugins
+
+    class Needy(Source):
+        type_name = "needy"
+        Config = SourceConfig
+        requires = {"no_such_module_for_shipmate": "shipmate-needy"}
+
+        def read(self) -> float:
+            return 1
+
+    plugin = types.SimpleNamespace(shipmate_source_types=hookimpl(lambda: [Needy]))
+    path = write_config("""
+        agent: {cluster: demo}
+        services:
+          web:
+            source: {type: needy}
+            actuator: {type: process}
+        """)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, load_plugins(extra=[("needy", plugin)]))
+    (error,) = caught.value.errors
+    assert error.endswith(":4: services.web.source: the needy source needs the Python package "
+                          "'no_such_module_for_shipmate': pip install 'shipmate-needy'")
