@@ -41,7 +41,8 @@ from agent.releases import Release, make_release
 from agent.store import Store
 
 log = logging.getLogger("shipmate.deploy")
-ACTIVE = ("requested", "running", "rolling-back")
+ACTIVE = ("requested", "running", "rolling-back", "finished", "rolled-back")
+"""Phases the runner picks up; the last two mean: the agent died while recording the end."""
 
 
 class DeployError(Exception):
@@ -65,7 +66,11 @@ def request_deploy(store: Store, keys: Keys, service: str, *, image: str | None 
                "requested_at": time.time()}
     if not store.create(keys.service(service, "deploy"), json.dumps(journal)):
         current = store.get(keys.service(service, "deploy"))
-        phase = json.loads(current.value).get("phase", "?") if current else "?"
+        phase = _object(current.value).get("phase", "?") if current else "?"
+        if phase in ("paused", "failed"):
+            raise DeployError(f"the last deploy of {service} is {phase}: `shipmate rollback "
+                              f"{service}` finishes it backwards, or delete its deploy key "
+                              "(see `shipmate status`)")
         raise DeployError(f"a deploy of {service} is already in progress (phase {phase}); "
                           "follow it with `shipmate status`")
     return journal
@@ -134,8 +139,8 @@ class Deployment:
         if not self.store.replace(key, json.dumps(journal), self.revision):
             raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
         entry = self.store.get(key)
-        if entry is None:
-            raise LockLost(f"the deploy journal of {self.service} was deleted")
+        if entry is None or entry.value != json.dumps(journal):  # someone wrote in between
+            raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
         self.record.data, self.record.revision = journal, entry.revision
 
     def progress(self, done: int, total: int, note: str) -> None:
@@ -195,12 +200,7 @@ class Deployment:
     def kept(self) -> set[str]:
         """Versions whose stopped instances are kept: ``kept`` in ``release`` and the journal."""
         entry = self.store.get(self.keys.service(self.service, "release"))
-        try:
-            release = json.loads(entry.value) if entry else {}
-        except ValueError:
-            release = {}
-        found = (release.get("kept") if isinstance(release, dict) else None,
-                 self.journal.get("kept"))
+        found = ((_object(entry.value) if entry else {}).get("kept"), self.journal.get("kept"))
         return {v for v in found if isinstance(v, str)}
 
     def wait_healthy(self, instances: list[Instance], timeout: float) -> None:
@@ -277,7 +277,9 @@ class DeployRunner:
         entry = self.store.get(key)
         if entry is None:
             return
-        journal = json.loads(entry.value)
+        journal = _object(entry.value)
+        if journal.get("phase") not in ACTIVE or "id" not in journal:
+            return
         try:
             strategy = self.strategies(runtime.name, journal.get("strategy"))
         except Exception as exc:  # noqa: BLE001 - say so once, in the journal, not every pass
@@ -299,14 +301,16 @@ class DeployRunner:
             deploy.desired = int(journal["desired"])
             log.info("%s: resuming deploy %s at phase %s", runtime.name, journal["id"],
                      journal["phase"])
+        phase = deploy.journal["phase"]
+        if phase in ("finished", "rolled-back"):  # the last agent died recording the end
+            self._finish(deploy, phase, deploy.journal.get("error", ""))
+            return
         if deploy.source.version == deploy.target.version:
             self._finish(deploy, "finished", "already running this release")
             return
-        if deploy.journal["phase"] == "running":
+        if phase == "running":
             try:
                 strategy.run(deploy)
-                self._finish(deploy, "finished")
-                return
             except (LockLost, Interrupted):
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: roll back or pause
@@ -317,6 +321,9 @@ class DeployRunner:
                     return
                 deploy.save(phase="rolling-back", error=reason,
                             announce=[deploy.source.version, deploy.target.version])
+            else:
+                self._finish(deploy, "finished")
+                return
         reason = deploy.journal.get("error") or "rolled back"
         try:
             strategy.rollback(deploy, reason)
@@ -355,18 +362,27 @@ class DeployRunner:
         here; if the agent dies between the two writes, the next one resumes a
         deploy that has nothing left to do and finishes it again.
         """
-        deploy.save(phase=result)
+        if deploy.journal["phase"] != result:
+            deploy.save(phase=result)
         live = deploy.target if result == "finished" else deploy.source
         outcome = {"id": deploy.journal["id"], "result": result, "reason": reason}
-        current = self._current(deploy)
+        release_key = self.keys.service(deploy.service, "release")
+        entry = self.store.get(release_key)
+        current = _object(entry.value) if entry else {}
         previous = deploy.source.to_json() if result == "finished" else current.get("previous")
         # stopped instances kept for an instant rollback: the deploy's, or (rolled back) as before
         kept = deploy.journal.get("kept") if result == "finished" else current.get("kept")
         extra = {"kept": kept} if isinstance(kept, str) and kept != live.version else {}
         record = live.to_json(by=deploy.journal.get("by"), deploy=outcome, previous=previous,
                               **extra)
-        self.store.put(self.keys.service(deploy.service, "release"), json.dumps(record))
-        self.store.delete(self.keys.service(deploy.service, "deploy"), deploy.revision)
+        value = json.dumps(record)
+        written = (self.store.replace(release_key, value, entry.revision) if entry
+                   else self.store.create(release_key, value))
+        if not written:
+            raise LockLost(f"the release of {deploy.service} changed while the deploy ended; "
+                           "the next pass records it again")
+        if not self.store.delete(self.keys.service(deploy.service, "deploy"), deploy.revision):
+            raise LockLost(f"the deploy journal of {deploy.service} changed as it ended")
         if result == "finished":
             self.emit("shipmate_deploy_finished", service=deploy.service, deploy=deploy.journal)
         else:
@@ -375,11 +391,11 @@ class DeployRunner:
         log.info("%s: deploy %s %s%s", deploy.service, deploy.journal["id"], result,
                  f": {reason}" if reason else "")
 
-    def _current(self, deploy: Deployment) -> dict[str, Any]:
-        """The ``release`` record as it is now ({} if absent or malformed)."""
-        entry = self.store.get(self.keys.service(deploy.service, "release"))
-        try:
-            current = json.loads(entry.value) if entry else {}
-        except ValueError:
-            return {}
-        return current if isinstance(current, dict) else {}
+
+def _object(text: str) -> dict[str, Any]:
+    """``text`` as a JSON object, or {} if it is not one (a hand-edited key, say)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

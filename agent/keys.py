@@ -42,4 +42,4 @@ def parse_count(raw: str | None) -> int | None:
     if raw is None:
         return None
     text = raw.strip()
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None

@@ -119,8 +119,13 @@ class ServiceView:
     problems: list[str] = field(default_factory=list)
     listed: bool = True
 
+    override_invalid: bool = False
+    "an override key exists but holds no count: the count is unknown, not the desired one"
+
     @property
     def effective(self) -> int | None:
+        if self.override_invalid:
+            return None
         return self.override if self.override is not None else self.desired
 
     @property
@@ -201,7 +206,8 @@ class Reconciler:
                 name, desired=_count(got.get("desired"), problems),
                 override=_count(got.get("override"), problems),
                 release=_json(got.get("release"), "release", problems),
-                deploy=_json(got.get("deploy"), "deploy", problems), problems=problems)
+                deploy=_json(got.get("deploy"), "deploy", problems), problems=problems,
+                override_invalid="override" in got and parse_count(got["override"].value) is None)
         unowned: dict[str, Instance] = {}
         for actuator, names in self._by_actuator().items():
             try:

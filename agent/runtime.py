@@ -22,7 +22,7 @@ from typing import Any
 import schedule
 
 from agent.config import Config, ConfigError, load_config
-from agent.deploys import DeployError, DeployRunner, request_deploy
+from agent.deploys import ACTIVE, DeployError, DeployRunner, request_deploy
 from agent.keys import Keys
 from agent.kinds import Context, PluginType
 from agent.leader import Leadership
@@ -120,6 +120,7 @@ class Agent:
                  plugins: Plugins | None = None) -> None:
         self.config_path = Path(config_path)
         self.dry_run, self.once = dry_run, once
+        self._given_plugins = plugins  # kept across reloads (tests, embedding programs)
         self.config, self.plugins = open_config(self.config_path, plugins=plugins)
         self.store = connect(self.config)
         self.keys = Keys(self.config.key_prefix)
@@ -135,17 +136,18 @@ class Agent:
         self._polls: dict[str, Future[Any]] = {}
         self._pool = ThreadPoolExecutor(4, thread_name_prefix="source")
         self._next_pass = 0.0
-        self._apply_config()
         self.deploys = DeployRunner(store=self.store, keys=self.keys,
                                     emit=self.plugins.call_event, grace=self.config.agent.grace,
                                     strategies=self._strategy,
                                     leading=lambda: self.dry_run or self.leadership.is_leader)
+        self._apply_config(self.builder.services(self.config))
 
     # ---------------------------------------------------------------- wiring
-    def _apply_config(self) -> None:
+    def _apply_config(self, services: dict[str, ServiceRuntime]) -> None:
         agent = self.config.agent
-        self.services = self.builder.services(self.config)
+        self.services = services
         emit = self.plugins.call_event
+        self.deploys.emit, self.deploys.grace = emit, agent.grace
         self.reconciler = Reconciler(services=self.services, store=self.store, keys=self.keys,
                                      emit=emit, grace=agent.grace, parallelism=agent.parallelism)
         self.scaler = Scaler(services=self.services, store=self.store, keys=self.keys,
@@ -155,20 +157,25 @@ class Agent:
             self.scheduler.every(runtime.source.config.interval).seconds.do(self._poll, name)
 
     def reload(self) -> None:
-        """Re-read the config; keep the old one if the new one has errors."""
+        """Re-read the config and rebuild the services; keep the old ones on any error.
+
+        The main loop calls it only while no deploy runs: a deploy's plugin
+        objects must not be closed under it.
+        """
         try:
-            config, plugins = open_config(self.config_path)
-        except (ConfigError, Exception) as exc:  # noqa: BLE001
+            config, plugins = open_config(self.config_path, plugins=self._given_plugins)
+            for key in ("store", "cluster", "state_dir"):
+                if getattr(config.agent, key) != getattr(self.config.agent, key):
+                    raise ConfigError([f"agent.{key} cannot change while the agent runs: "
+                                       "restart it"])
+            self.builder.plugins = plugins
+            services = self.builder.services(config)
+        except Exception as exc:  # noqa: BLE001 - a bad reload never stops the agent
+            self.builder.plugins = self.plugins
             log.error("reload failed, keeping the running config:\n%s", exc)
             return
-        if (config.agent.store != self.config.agent.store
-                or config.agent.cluster != self.config.agent.cluster):
-            log.error("reload: agent.store and agent.cluster cannot change while running; "
-                      "restart the agent")
-            return
         self.config, self.plugins = config, plugins
-        self.builder.plugins = plugins
-        self._apply_config()
+        self._apply_config(services)
         self._poll_all()
         log.info("config reloaded: %d services", len(self.services))
 
@@ -186,20 +193,33 @@ class Agent:
         except StoreError as exc:
             self.metrics.errors.labels("store").inc()
             log.warning("%s: store unreachable, desired count unchanged: %s", name, exc)
+        except Exception:
+            self.metrics.errors.labels("scaling").inc()
+            log.exception("%s: the poll failed; the desired count is unchanged", name)
 
     def _poll_all(self) -> None:
         for name in self.services:
             self._poll(name)
 
     def run_pass(self) -> None:
-        """One reconcile pass; with the store unreachable it changes nothing."""
-        started = time.monotonic()
+        """One reconcile pass; with the store unreachable it changes nothing.
+
+        A failed pass is retried shortly, never fatal: the agent keeps running
+        what runs.
+        """
+        self._next_pass = time.monotonic() + QUICK_PASS
         try:
-            views = self.reconciler.observe()
+            self._pass()
         except StoreError as exc:
             self.metrics.errors.labels("store").inc()
             log.warning("store unreachable, changing nothing: %s", exc)
-            return
+        except Exception:
+            self.metrics.errors.labels("pass").inc()
+            log.exception("the pass failed; it is retried shortly")
+
+    def _pass(self) -> None:
+        started = time.monotonic()
+        views = self.reconciler.observe()
         if self.dry_run:  # nothing was written: plan with the counts the policy decided
             for name, reading in self.scaler.readings.items():
                 if reading.decision.count is not None and name in views:
@@ -227,7 +247,8 @@ class Agent:
         self.metrics.pass_seconds.set(time.monotonic() - started)
         self.metrics.last_pass = time.time()
         settling = any(a.verb == "start" for a in actions) or any(
-            len(v.healthy) < len(v.running) or v.deploy for v in views.values())
+            len(v.healthy) < len(v.running) or (v.deploy or {}).get("phase") in ACTIVE
+            for v in views.values())
         interval = QUICK_PASS if settling else self.config.agent.interval
         self._next_pass = time.monotonic() + interval
 
@@ -243,6 +264,8 @@ class Agent:
         for name, view in views.items():
             runtime = self.services[name]
             if not view.listed:
+                continue
+            if self.once:  # a deploy needs an agent that stays to finish it
                 continue
             if view.deploy is not None:
                 self.deploys.launch(runtime, view)
@@ -273,8 +296,14 @@ class Agent:
         self._wake.set()
 
     def request_reload(self) -> None:
+        """Reload at the next turn of the loop, or once the running deploys end."""
+        if self._deploying():
+            log.info("the reload waits for the running deploy to end")
         self._reload = True
         self._wake.set()
+
+    def _deploying(self) -> bool:
+        return any(self.deploys.busy(name) for name in self.services)
 
     def run(self) -> int:
         """Run until stopped (or one pass with ``once``); return the exit code."""
@@ -318,7 +347,7 @@ class Agent:
                  len(self.services), self.config.agent.store.backend)
         next_campaign = 0.0
         while not self._stop.is_set():
-            if self._reload:
+            if self._reload and not self._deploying():
                 self._reload = False
                 self.reload()
             now = time.monotonic()
