@@ -37,7 +37,7 @@ Then ``source: {type: queue, queue: jobs}`` works in ``etc/agent.yaml``, and
 
 import pluggy
 
-from agent.deploys import DeployError
+from agent.deploys import DeployError, Interrupted, LockLost
 from agent.durations import Duration, format_duration, parse_duration
 from agent.health import probe
 from agent.hookspecs import PROJECT
@@ -70,7 +70,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 __all__ = [
     "LABEL_CLUSTER", "LABEL_SERVICE", "LABEL_SLOT", "LABEL_VERSION", "PROJECT",
     "Actuator", "Announcer", "Context", "DeployError", "Duration", "Entry", "Instance",
-    "InstanceSpec", "Lease", "PluginType", "Source", "SourceConfig", "SourceError", "Store",
-    "StoreError", "Strategy", "StrategyConfig", "TypeConfig", "Watch", "WatchEvent",
-    "fill", "format_duration", "hookimpl", "parse_duration", "probe",
+    "InstanceSpec", "Interrupted", "Lease", "LockLost", "PluginType", "Source", "SourceConfig",
+    "SourceError", "Store", "StoreError", "Strategy", "StrategyConfig", "TypeConfig", "Watch",
+    "WatchEvent", "fill", "format_duration", "hookimpl", "parse_duration", "probe",
 ]

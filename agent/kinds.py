@@ -163,7 +163,12 @@ class Announcer(PluginType, ABC):
 
     @abstractmethod
     def withdraw(self, instance: Instance) -> None:
-        """Remove one instance's announcement; called before it is stopped."""
+        """Remove one instance's announcement; called before it is stopped.
+
+        A :meth:`sync` that follows may still list the instance (a pass that
+        looked before the withdrawal): it must not announce it again until a
+        sync no longer lists it.
+        """
 
 
 class StrategyConfig(TypeConfig):

@@ -2,9 +2,10 @@
 
 The acting agent's id sits at ``<prefix>/<cluster>/leader`` on a lease that a
 background thread refreshes; others wait. Taking over is a compare-and-set, so
-two agents can never both believe they lead. A restarted agent on the same
-host takes over at once from its own dead predecessor (same host, pid gone)
-instead of waiting out the lease.
+two agents never both win it, and an agent whose key no longer names it (taken
+over, or deleted by ops) stops acting at its next refresh. A restarted agent
+takes over at once from its own dead predecessor (same host, boot and pid
+namespace; pid gone) instead of waiting out the lease.
 """
 
 from __future__ import annotations
@@ -16,14 +17,26 @@ import os
 import socket
 import threading
 import uuid
+from pathlib import Path
 
 from agent.store import Lease, Store, StoreError
 
 log = logging.getLogger("shipmate.leader")
 
 
+def _read(path: str) -> str:
+    try:
+        return os.readlink(path) if path.startswith("/proc/self/ns") else Path(
+            path).read_text().strip()
+    except OSError:
+        return ""
+
+
 def agent_id() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    """Who this agent is: host and pid, plus the boot and pid namespace that make the pid
+    meaningful (two containers on one host may share a hostname, never a pid namespace)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "boot": _read("/proc/sys/kernel/random/boot_id"), "pidns": _read("/proc/self/ns/pid")}
 
 
 def _pid_alive(pid: int) -> bool:
@@ -81,8 +94,10 @@ class Leadership:
             other = json.loads(value)
         except ValueError:
             return False
-        return (isinstance(other, dict) and other.get("host") == socket.gethostname()
-                and isinstance(other.get("pid"), int) and not _pid_alive(other["pid"]))
+        me = agent_id()
+        same_place = isinstance(other, dict) and all(
+            other.get(k) == me[k] and me[k] for k in ("host", "boot", "pidns"))
+        return same_place and isinstance(other.get("pid"), int) and not _pid_alive(other["pid"])
 
     def _keepalive(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -91,9 +106,14 @@ class Leadership:
                     continue
                 try:
                     self._lease.refresh()
+                    holder = self.store.get(self.key)
                 except StoreError as exc:
                     # Unknown whether the lease survived: stop acting until re-elected.
                     log.warning("lost leadership: %s", exc)
+                    self._lease = None
+                    continue
+                if holder is None or holder.value != self.me:  # taken over, or deleted by ops
+                    log.warning("lost leadership: the leader key no longer names this agent")
                     self._lease = None
 
     def resign(self) -> None:

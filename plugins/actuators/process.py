@@ -98,9 +98,11 @@ class ProcessActuator(Actuator):
         pid, ticks = record["pid"], record["ticks"]
         if self._alive(pid, ticks):
             self._signal(pid, signal.SIGTERM)
-            if not self._gone(pid, ticks, grace):
-                self._signal(pid, signal.SIGKILL)
-                self._gone(pid, ticks, 5.0)
+            self._gone(pid, ticks, grace)
+            # what is left of the session (a child that ignored SIGTERM) goes now; the group id
+            # cannot have been reused while any member lives
+            self._signal(pid, signal.SIGKILL)
+            self._gone(pid, ticks, 5.0)
         self.children.pop(pid, None)
         (self.records / f"{instance.name}.json").unlink(missing_ok=True)
 

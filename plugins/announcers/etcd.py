@@ -71,6 +71,7 @@ class EtcdAnnouncer(Announcer):
         self._refreshed = 0.0  # monotonic time the lease was last known alive
         self._wanted: dict[str, str] = {}  # key -> value as last synced
         self._owned: set[str] = set()  # keys written on the current lease
+        self._withdrawn: dict[str, float] = {}  # instance name -> when it was withdrawn
         self._pattern = _key_pattern(config.key)
         self._instance = re.compile(
             rf"{re.escape(context.cluster)}-(?P<service>.+)-[0-9]+-[0-9a-z]+")
@@ -155,8 +156,15 @@ class EtcdAnnouncer(Announcer):
     def sync(self, healthy: dict[str, list[Instance]]) -> None:
         """Make the announced set of each service in ``healthy`` equal its healthy instances."""
         prefixes = {service: self.service_prefix(service) for service in healthy}
-        wanted = {self.key(i): self.value(i) for items in healthy.values() for i in items}
         with self._lock:
+            # A pass works from what it saw before a deploy withdrew an instance: an instance
+            # withdrawn lately stays withdrawn until a pass no longer sees it (or a ttl passed).
+            seen = {i.name for items in healthy.values() for i in items}
+            now = time.monotonic()
+            self._withdrawn = {name: at for name, at in self._withdrawn.items()
+                               if name in seen and now - at < self.config.ttl}
+            wanted = {self.key(i): self.value(i) for items in healthy.values() for i in items
+                      if i.name not in self._withdrawn}
             common = os.path.commonprefix(list(prefixes.values()))
             if len(common.rstrip("/")) > 0:
                 existing = {k: e.value for k, e in self.store.get_prefix(common).items()}
@@ -181,6 +189,7 @@ class EtcdAnnouncer(Announcer):
         """Remove ``instance``'s key (before it is stopped); StoreError if the store is away."""
         key = self.key(instance)
         with self._lock:
+            self._withdrawn[instance.name] = time.monotonic()
             self._wanted.pop(key, None)
             self._owned.discard(key)
             self.store.delete(key)

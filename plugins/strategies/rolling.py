@@ -13,12 +13,19 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from agent import Duration, Strategy, StrategyConfig, hookimpl
+from agent import (
+    DeployError,
+    Duration,
+    Interrupted,
+    LockLost,
+    Strategy,
+    StrategyConfig,
+    hookimpl,
+)
 
 
 class RollingConfig(StrategyConfig):
@@ -76,18 +83,30 @@ class RollingStrategy(Strategy):
                     deploy.stop(extra, "deploy: above the count")
                 return
             step = old[:batch]
+            flapping = [i.name for i in step if i.version == target.version]
+            if flapping:  # started and passed before, failing now: a failure too
+                failures += 1
+                if failures > config.max_failures:
+                    raise DeployError(f"{', '.join(flapping)} stopped passing its health check "
+                                      f"({deploy.check_text()})")
+            # stop-first never takes the service to zero: with nothing else left serving,
+            # the replacement starts first
+            stop_first = config.order == "stop-first" and len(running) - len(step) >= 1
             try:
-                if config.order == "stop-first" or not step:
+                if stop_first or not step:
                     self._stop_first(deploy, step, running, count, batch)
                 else:
                     self._start_first(deploy, step, running)
+            except (Interrupted, LockLost):
+                raise
             except Exception:
                 failures += 1
                 if failures > config.max_failures:
                     raise
                 continue
             if config.pause and old[batch:]:
-                time.sleep(config.pause)
+                deploy.stopping.wait(config.pause)
+                deploy.check()
 
     def _stop_first(self, deploy, step, running, count, batch) -> None:
         slots = [i.slot for i in step]

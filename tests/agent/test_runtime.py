@@ -138,3 +138,28 @@ def test_losing_etcd_freezes_changes_and_stops_nothing(etcd, write_config, tmp_p
         agent.stop()
         thread.join(10)
         kill_recorded(tmp_path)
+
+
+def test_an_agent_whose_leader_key_is_taken_stops_acting(embedded_store):
+    from agent.leader import Leadership
+
+    first = Leadership(embedded_store, "/t/leader", ttl=1.5)
+    assert first.campaign()
+    embedded_store.put("/t/leader", '{"host": "elsewhere", "pid": 1}')  # ops hand it over
+    eventually(lambda: not first.is_leader, timeout=3, what="the agent to step down")
+    first.resign()
+
+
+def test_a_dead_predecessor_on_this_host_is_replaced_at_once(embedded_store):
+    import json
+
+    from agent.leader import Leadership, agent_id
+
+    dead = {**agent_id(), "pid": 2**22 + 12345}  # no such pid
+    embedded_store.create("/t/leader", json.dumps(dead), lease=embedded_store.lease(60))
+    successor = Leadership(embedded_store, "/t/leader")
+    assert successor.campaign()
+    elsewhere = {**dead, "pidns": "pid:[1]"}  # same host name, another container
+    embedded_store.put("/t/leader2", json.dumps(elsewhere))
+    assert not Leadership(embedded_store, "/t/leader2").campaign()
+    successor.resign()

@@ -37,13 +37,27 @@ def test_start_list_stop(actuator, tmp_path):
     assert actuator.list() == []
 
 
-def test_stop_kills_after_the_grace_period_and_reaches_the_whole_group(actuator):
-    stubborn = actuator.start(spec(1, ["sh", "-c", "trap '' TERM; sleep 60 & wait"]))
-    time.sleep(0.3)  # let the shell install its trap
+def test_stop_kills_after_the_grace_period_and_reaches_the_whole_group(actuator, tmp_path):
+    child = tmp_path / "child.pid"
+    stubborn = actuator.start(spec(1, ["sh", "-c", f"trap '' TERM; sleep 60 & echo $! > {child}; "
+                                                   "wait"]))
+    eventually(lambda: child.exists() and child.read_text().strip())
     started = time.monotonic()
     actuator.stop(stubborn, grace=0.5)
     assert 0.4 < time.monotonic() - started < 5
     assert not alive(stubborn.ref["pid"])
+    eventually(lambda: not alive(int(child.read_text())), timeout=2, what="the child's end")
+
+
+def test_a_child_that_ignores_sigterm_dies_with_its_leader(actuator, tmp_path):
+    child = tmp_path / "child.pid"
+    leader = actuator.start(spec(2, ["sh", "-c", f"(trap '' TERM; exec sleep 60) & "
+                                                 f"echo $! > {child}; wait"]))
+    eventually(lambda: child.exists() and child.read_text().strip())
+    time.sleep(0.2)  # let the child install its trap
+    actuator.stop(leader, grace=1)
+    eventually(lambda: not alive(int(child.read_text())), timeout=2,
+               what="the orphan to be killed with the group")
 
 
 def test_an_exited_process_is_listed_as_not_running(actuator):

@@ -376,3 +376,24 @@ def test_etcd_outage_stops_nothing_and_everything_is_announced_again(
     # and the agent leads and acts again (it campaigns every 5 s while it does not lead)
     etcd.etcdctl("put", f"/shipmate/{cluster}/services/web/override", "2")
     eventually(lambda: len(running(dockerd, cluster)) == 2, timeout=8, what="scale to 2")
+
+
+def test_a_pass_that_looked_before_a_withdrawal_does_not_announce_again(embedded_store,
+                                                                        tmp_path):
+    from agent import Context, Instance
+    from plugins.announcers.etcd import EtcdAnnounceConfig, EtcdAnnouncer
+
+    announcer = EtcdAnnouncer(EtcdAnnounceConfig(), Context("t", embedded_store, tmp_path))
+    try:
+        web = Instance(name="t-web-0-abc", service="web", slot=0, version="abc",
+                       host="10.0.0.5", port=8080, cluster="t")
+        announcer.sync({"web": [web]})
+        assert embedded_store.get("/services/web/t-web-0-abc") is not None
+        announcer.withdraw(web)  # a deploy withdraws it, then stops it...
+        announcer.sync({"web": [web]})  # ...while a pass that saw it healthy syncs
+        assert embedded_store.get("/services/web/t-web-0-abc") is None
+        announcer.sync({"web": []})  # it is gone: a later instance of that name may come back
+        announcer.sync({"web": [web]})
+        assert embedded_store.get("/services/web/t-web-0-abc") is not None
+    finally:
+        announcer.close()
