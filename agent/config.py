@@ -92,6 +92,12 @@ class HealthConfig(Model):
     timeout: Duration = 2.0
     "how long one check may take"
 
+    @model_validator(mode="after")
+    def _one_check(self) -> HealthConfig:
+        if self.http and self.tcp:
+            raise ValueError("choose one check: http or tcp")
+        return self
+
 
 class PolicyConfig(Model):
     """How readings become a desired count; the rules are in :mod:`agent.policy`."""
@@ -395,7 +401,7 @@ def _missing_packages(parsed: Any, plugins: Plugins,
                 tag = cfg.strategy if kind == "strategy" else cfg.type
                 entry = plugins.types[kind][tag]
                 wanted.append((("services", name, block), f"the {tag} {kind}",
-                               entry.cls.requires))
+                               entry.cls.requirements(cfg)))
     out = []
     for path, what, requires in wanted:
         for module, package in requires.items():

@@ -66,6 +66,11 @@ class PluginType:
     requires: ClassVar[dict[str, str]] = {}
     "modules the type imports lazily -> what to pip install; checked by `shipmate check`"
 
+    @classmethod
+    def requirements(cls, config: Any) -> dict[str, str]:
+        """The modules this ``config`` needs (default: :attr:`requires`)."""
+        return cls.requires
+
     def __init__(self, config: Any, context: Context) -> None:
         self.config = config
         self.context = context
@@ -78,7 +83,7 @@ class SourceError(Exception):
     """A source could not give a reading; the message says why (no secrets)."""
 
 
-class Source(PluginType):
+class Source(PluginType, ABC):
     """Reads how many instances a service should have."""
 
     kind = "source"

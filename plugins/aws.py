@@ -27,7 +27,7 @@ class LazyClient:
                     import boto3
                     from botocore.config import Config
                 except ImportError:
-                    raise RuntimeError("AWS needs boto3: pip install 'shipmate[aws]'") from None
+                    raise ImportError("AWS needs boto3: pip install 'shipmate[aws]'") from None
 
                 config = Config(connect_timeout=self.timeout, read_timeout=self.timeout,
                                 retries={"max_attempts": self.attempts, "mode": "standard"})
@@ -35,6 +35,26 @@ class LazyClient:
                     self.service, region_name=self.region, endpoint_url=self.endpoint_url,
                     config=config)
             return self._client
+
+    def call(self, method: str, where: str, error: type[Exception], **kwargs: Any) -> Any:
+        """``client.method(**kwargs)``; every failure becomes ``error`` naming ``where``."""
+        try:
+            client = self()
+            from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        except ImportError as exc:
+            raise error(f"{where}: {exc}") from None
+        try:
+            return getattr(client, method)(**kwargs)
+        except NoCredentialsError:
+            raise error(f"{where}: no AWS credentials found (boto3 looks in the environment, "
+                        "the shared profile and the instance role)") from None
+        except ClientError as exc:
+            err = exc.response.get("Error", {})
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            raise error(f"{where}: {method}: AWS answered {status} {err.get('Code', '')}: "
+                        f"{err.get('Message', '')}".rstrip(": ")) from None
+        except BotoCoreError as exc:
+            raise error(f"{where}: {method}: {exc}") from None
 
     def close(self) -> None:
         with self._lock:

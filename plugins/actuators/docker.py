@@ -47,7 +47,6 @@ import os
 import re
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -172,7 +171,7 @@ class DockerActuator(Actuator):
         "requests sent to the engine (the event stream aside), for tests and benchmarks"
         self._api: Any = None
         self._lock = threading.Lock()
-        self._pull_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._pull_locks: dict[str, threading.Lock] = {}
         self._pulled: dict[str, float] = {}
         self._stop = threading.Event()
         self._events: threading.Thread | None = None
@@ -431,7 +430,9 @@ class DockerActuator(Actuator):
         """Pull ``image``; starts asked for before a pull began share its result."""
         import docker.utils
 
-        with self._pull_locks[image]:
+        with self._lock:  # one lock per image, made once even when two threads ask
+            pull_lock = self._pull_locks.setdefault(image, threading.Lock())
+        with pull_lock:
             if self._pulled.get(image, -math.inf) >= asked:
                 return
             began = time.monotonic()

@@ -45,23 +45,10 @@ class AsgSource(Source):
                                        endpoint_url=config.endpoint_url, timeout=config.timeout)
 
     def read(self) -> float:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
         c = self.config
         where = f"Auto Scaling group {c.group!r} in {c.region}"
-        try:
-            answer = self._autoscaling().describe_auto_scaling_groups(
-                AutoScalingGroupNames=[c.group])
-        except NoCredentialsError:
-            raise SourceError("asg: no AWS credentials found (boto3 looks in the environment, "
-                              "the shared profile and the instance role)") from None
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-            raise SourceError(f"asg: AWS answered {status} {err.get('Code', '')} for {where}: "
-                              f"{err.get('Message', '')}".rstrip(": ")) from None
-        except BotoCoreError as exc:
-            raise SourceError(f"asg: cannot read {where}: {exc}") from None
+        answer = self._autoscaling.call("describe_auto_scaling_groups", f"asg: {where}",
+                                        SourceError, AutoScalingGroupNames=[c.group])
         groups = [g for g in answer.get("AutoScalingGroups", [])
                   if g.get("AutoScalingGroupName") == c.group]
         if not groups:

@@ -130,20 +130,7 @@ class _Aws:
                                  endpoint_url=config.endpoint_url)
 
     def __call__(self, method: str, **kwargs: Any) -> dict[str, Any]:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        try:
-            return getattr(self.client(), method)(**kwargs)
-        except NoCredentialsError:
-            raise DeployError(f"{self.where}: no AWS credentials found (boto3 looks in the "
-                              "environment, the shared profile and the instance role)") from None
-        except ClientError as exc:
-            err = exc.response.get("Error", {})
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
-            raise DeployError(f"{self.where}: {method}: AWS answered {status} "
-                              f"{err.get('Code', '')}: {err.get('Message', '')}") from None
-        except BotoCoreError as exc:
-            raise DeployError(f"{self.where}: {method}: {exc}") from None
+        return self.client.call(method, self.where, DeployError, **kwargs)
 
     def close(self) -> None:
         self.client.close()
@@ -335,6 +322,10 @@ class BlueGreenStrategy(Strategy):
     """Starts the new color in full, switches the load balancer, then stops the old color."""
 
     type_name = "blue-green"
+
+    @classmethod
+    def requirements(cls, config: BlueGreenConfig) -> dict[str, str]:
+        return {"boto3": "shipmate[aws]"} if config.load_balancer else {}
     Config = BlueGreenConfig
 
     def __init__(self, config: BlueGreenConfig, context: Any) -> None:

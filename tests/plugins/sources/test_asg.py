@@ -115,7 +115,8 @@ def test_no_credentials_is_a_clear_error(aws, source, monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role here
-    with pytest.raises(SourceError, match="asg: no AWS credentials found"):
+    with pytest.raises(SourceError, match="asg: Auto Scaling group 'web' in us-east-1: "
+                                          "no AWS credentials found"):
         source(group="web", endpoint_url=aws.endpoint_url).read()
 
 
@@ -133,8 +134,8 @@ def test_credentials_come_from_the_environment_and_never_show(aws, source, monke
 
 def test_an_unreachable_endpoint(source):
     asg = source(group="web", endpoint_url=f"http://127.0.0.1:{free_port()}", timeout="1s")
-    with pytest.raises(SourceError, match=r"asg: cannot read Auto Scaling group 'web' in "
-                                          r"us-east-1: Could not connect"):
+    with pytest.raises(SourceError, match=r"asg: Auto Scaling group 'web' in us-east-1: "
+                                          r"describe_auto_scaling_groups: Could not connect"):
         asg.read()
 
 
