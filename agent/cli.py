@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import ConfigError, file_model
-from agent.keys import Keys
+from agent.keys import Keys, parse_object
 from agent.plugins import PluginError, load_plugins
 from agent.store import StoreError
 
@@ -197,7 +197,7 @@ def status(config_path: str, as_json: bool) -> None:
         })
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
-                               "leader": json.loads(leader.value) if leader else None,
+                               "leader": parse_object(leader.value) if leader else None,
                                "services": rows}, indent=2))
         return
     table = Table(title=f"cluster {config.agent.cluster}")
@@ -221,11 +221,16 @@ def status(config_path: str, as_json: bool) -> None:
             console.print(f"[yellow]{row['service']}: {problem}[/yellow]", highlight=False)
 
 
+def _known(config, service: str) -> None:
+    if service not in config.services:
+        fail(f"unknown service {service!r}; known: {', '.join(sorted(config.services))}")
+
+
 def _n(value: int | None, missing: str = "-") -> str:
     return missing if value is None else str(value)
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True})  # let -1 reach IntRange
 @config_option
 @click.argument("service")
 @click.argument("count", type=click.IntRange(min=0), required=False)
@@ -238,8 +243,7 @@ def scale(config_path: str, service: str, count: int | None, auto: bool) -> None
     if (count is None) == (not auto):
         fail("give either a COUNT or --auto")
     config, _ = _open(config_path)
-    if service not in config.services:
-        fail(f"unknown service {service!r}; known: {', '.join(sorted(config.services))}")
+    _known(config, service)
     store = connect(config)
     key = Keys(config.key_prefix).service(service, "override")
     try:
@@ -292,7 +296,8 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     deploy_key, release_key = keys.service(service, "deploy"), keys.service(service, "release")
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     warned = False
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
                TimeElapsedColumn())
@@ -300,7 +305,7 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> 
         task = progress.add_task(f"deploy {service}", total=None, note="requested")
         while True:
             entry = store.get(deploy_key)
-            journal = json.loads(entry.value) if entry else None
+            journal = parse_object(entry.value) if entry else None
             if journal is None or journal.get("id") != deploy_id:
                 break
             phase = journal.get("phase")
@@ -310,7 +315,7 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> 
             if phase in ("paused", "failed"):
                 progress.stop()
                 fail(f"deploy of {service} {phase}: {journal.get('error')}")
-            if phase == "requested" and not warned and time.monotonic() > deadline - timeout + 15:
+            if phase == "requested" and not warned and time.monotonic() > started + 15:
                 warned = True
                 progress.console.print("[yellow]no agent has picked the deploy up yet; "
                                        "is `shipmate run` running?[/yellow]")
@@ -320,7 +325,7 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> 
                      "(`shipmate status`)")
             time.sleep(0.3)
     entry = store.get(release_key)
-    release = json.loads(entry.value) if entry else {}
+    release = parse_object(entry.value) if entry else {}
     outcome = release.get("deploy") or {}
     if outcome.get("id") != deploy_id:
         fail(f"the deploy of {service} ended but left no outcome; see `shipmate status`")
@@ -337,8 +342,7 @@ def _request(config_path: str, service: str, image: str | None, port: int | None
     from agent.runtime import connect
 
     config, plugins = _open(config_path)
-    if service not in config.services:
-        fail(f"unknown service {service!r}; known: {', '.join(sorted(config.services))}")
+    _known(config, service)
     if strategy is not None and strategy not in plugins.types["strategy"]:
         fail(f"unknown strategy {strategy!r}; installed: "
              f"{', '.join(plugins.types['strategy'])}")
@@ -419,14 +423,16 @@ def rollback(config_path: str, service: str, no_wait: bool, timeout: float) -> N
     from agent.runtime import connect
 
     config, _ = _open(config_path)
+    _known(config, service)
     store = connect(config)
     keys = Keys(config.key_prefix)
     try:
         stuck = store.get(keys.service(service, "deploy"))
-        journal = json.loads(stuck.value) if stuck else {}
+        journal = parse_object(stuck.value) if stuck else {}
         if journal.get("phase") in ("paused", "failed"):  # finish it backwards
-            store.replace(stuck.key, json.dumps({**journal, "phase": "rolling-back"}),
-                          stuck.revision)
+            if not store.replace(stuck.key, json.dumps({**journal, "phase": "rolling-back"}),
+                                 stuck.revision):
+                fail(f"the deploy of {service} changed meanwhile; see `shipmate status`")
             console.print(f"{service}: rolling back deploy {journal['id']}", highlight=False)
             if not no_wait:
                 _follow(store, keys, service, journal["id"], timeout)
@@ -434,7 +440,7 @@ def rollback(config_path: str, service: str, no_wait: bool, timeout: float) -> N
         entry = store.get(keys.service(service, "release"))
     finally:
         store.close()
-    previous = (json.loads(entry.value) if entry else {}).get("previous")
+    previous = (parse_object(entry.value) if entry else {}).get("previous")
     if not previous:
         fail(f"{service} has no previous release recorded to roll back to")
     try:

@@ -325,12 +325,8 @@ def _locate(loc: Path_, service_types: set[str]) -> Path_:
 
 
 def _line(lines: dict[Path_, int], path: Path_) -> int:
-    """The line of ``path``; for a key merged from ``defaults``, the default's line."""
-    if path in lines:
-        return lines[path]
-    if len(path) > 2 and path[0] == "services" and ("defaults", *path[2:]) in lines:
-        return lines[("defaults", *path[2:])]
-    for n in range(len(path) - 1, 0, -1):
+    """The line of ``path``, else of its nearest parent in the file."""
+    for n in range(len(path), 0, -1):
         if path[:n] in lines:
             return lines[path[:n]]
     return 1
@@ -380,8 +376,15 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
                 if plugin_block else f"expected one of {ctx.get('expected_tags')}")
         elif err["type"] == "missing":
             msg = "required key is missing"
+        elif err["type"] == "string_pattern_mismatch" and err.get("ctx", {}).get(
+                "pattern") == NAME:
+            msg = "use lowercase letters, digits and '-', starting and ending with a letter " \
+                  "or digit (like web-api)"
+        if len(loc) > 2 and loc[0] == "services" and loc not in lines and (
+                "defaults", *loc[2:]) in lines:
+            loc = ("defaults", *loc[2:])  # one error for the default, not one per service
         out.append((_line(lines, loc), _dotted(loc), msg))
-    return out
+    return list(dict.fromkeys(out))
 
 
 STORE_REQUIRES = {"etcd": {"etcd3gw": "shipmate[etcd]"}, "etcd2": {"etcd": "shipmate[etcd]"}}

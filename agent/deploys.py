@@ -35,7 +35,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent.instances import Instance
-from agent.keys import Keys
+from agent.keys import Keys, parse_object
 from agent.kinds import Strategy
 from agent.releases import Release, make_release
 from agent.store import Store
@@ -66,7 +66,7 @@ def request_deploy(store: Store, keys: Keys, service: str, *, image: str | None 
                "requested_at": time.time()}
     if not store.create(keys.service(service, "deploy"), json.dumps(journal)):
         current = store.get(keys.service(service, "deploy"))
-        phase = _object(current.value).get("phase", "?") if current else "?"
+        phase = parse_object(current.value).get("phase", "?") if current else "?"
         if phase in ("paused", "failed"):
             raise DeployError(f"the last deploy of {service} is {phase}: `shipmate rollback "
                               f"{service}` finishes it backwards, or delete its deploy key "
@@ -200,7 +200,7 @@ class Deployment:
     def kept(self) -> set[str]:
         """Versions whose stopped instances are kept: ``kept`` in ``release`` and the journal."""
         entry = self.store.get(self.keys.service(self.service, "release"))
-        found = ((_object(entry.value) if entry else {}).get("kept"), self.journal.get("kept"))
+        found = ((parse_object(entry.value) if entry else {}).get("kept"), self.journal.get("kept"))
         return {v for v in found if isinstance(v, str)}
 
     def wait_healthy(self, instances: list[Instance], timeout: float) -> None:
@@ -277,7 +277,7 @@ class DeployRunner:
         entry = self.store.get(key)
         if entry is None:
             return
-        journal = _object(entry.value)
+        journal = parse_object(entry.value)
         if journal.get("phase") not in ACTIVE or "id" not in journal:
             return
         try:
@@ -368,7 +368,7 @@ class DeployRunner:
         outcome = {"id": deploy.journal["id"], "result": result, "reason": reason}
         release_key = self.keys.service(deploy.service, "release")
         entry = self.store.get(release_key)
-        current = _object(entry.value) if entry else {}
+        current = parse_object(entry.value) if entry else {}
         previous = deploy.source.to_json() if result == "finished" else current.get("previous")
         # stopped instances kept for an instant rollback: the deploy's, or (rolled back) as before
         kept = deploy.journal.get("kept") if result == "finished" else current.get("kept")
@@ -390,12 +390,3 @@ class DeployRunner:
                       deploy=deploy.journal, reason=reason)
         log.info("%s: deploy %s %s%s", deploy.service, deploy.journal["id"], result,
                  f": {reason}" if reason else "")
-
-
-def _object(text: str) -> dict[str, Any]:
-    """``text`` as a JSON object, or {} if it is not one (a hand-edited key, say)."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 FIELDS = ("desired", "override", "release", "deploy", "policy")
 
@@ -43,3 +45,12 @@ def parse_count(raw: str | None) -> int | None:
         return None
     text = raw.strip()
     return int(text) if text.isascii() and text.isdigit() else None
+
+
+def parse_object(text: str) -> dict[str, Any]:
+    """``text`` as a JSON object, or {} if it is not one (a hand-edited key, say)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}

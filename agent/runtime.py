@@ -65,6 +65,7 @@ class Builder:
     def __init__(self, plugins: Plugins, context: Context) -> None:
         self.plugins, self.context = plugins, context
         self.shared: dict[tuple[str, str], PluginType] = {}
+        self.owned: list[PluginType] = []  # one per service (sources, strategies)
 
     def make(self, kind: str, cfg: Any, share: bool = True) -> Any:
         if cfg is None:
@@ -72,11 +73,18 @@ class Builder:
         name = cfg.strategy if kind == "strategy" else cfg.type
         entry = self.plugins.types[kind][name]
         key = (kind, cfg.model_dump_json())
-        if not share:
-            return entry.cls(cfg, self.context)
-        if key not in self.shared:
-            self.shared[key] = entry.cls(cfg, self.context)
-        return self.shared[key]
+        if share and key in self.shared:
+            return self.shared[key]
+        try:
+            made = entry.cls(cfg, self.context)
+        except Exception as exc:
+            raise PluginError(f"cannot set up the {name} {kind} (plugin {entry.plugin!r}): "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if share:
+            self.shared[key] = made
+        else:
+            self.owned.append(made)
+        return made
 
     def strategy(self, cfg: Any, name: str | None = None) -> Any:
         """The strategy of a service's ``deploy`` block; ``name`` picks another type
@@ -91,8 +99,11 @@ class Builder:
         return self.make("strategy", cfg, share=False)
 
     def services(self, config: Config) -> dict[str, ServiceRuntime]:
+        """One runtime per service; objects the previous build made and this one does not
+        use are closed (only once the whole build succeeded)."""
         used = set()
         out = {}
+        previous, self.owned = self.owned, []
         for name, svc in config.services.items():
             actuator = self.make("actuator", svc.actuator)
             announcer = self.make("announcer", svc.announce)
@@ -105,12 +116,15 @@ class Builder:
             if id(obj) not in used:
                 obj.close()
                 del self.shared[key]
+        for obj in previous:
+            obj.close()
         return out
 
     def close(self) -> None:
-        for obj in self.shared.values():
+        for obj in [*self.shared.values(), *self.owned]:
             obj.close()
         self.shared.clear()
+        self.owned.clear()
 
 
 class Agent:
@@ -311,19 +325,19 @@ class Agent:
             signal.signal(signal.SIGTERM, lambda *_: self.stop())
             signal.signal(signal.SIGINT, lambda *_: self.stop())
             signal.signal(signal.SIGHUP, lambda *_: self.request_reload())
-        server = None
-        if self.config.agent.http and not self.once:
-            server = serve(self.config.agent.http, self.metrics,
-                           stale_after=max(3 * self.config.agent.interval, 30))
-        watch = self.store.watch(self.keys.services, self._on_watch)
+        server = watch = None
         try:
+            if self.config.agent.http and not self.once:
+                server = self._serve()
+            watch = self.store.watch(self.keys.services, self._on_watch)
             if self.once:
                 return self._run_once()
             self._loop()
             return 0
         finally:
             self.deploys.stop()
-            watch.cancel()
+            if watch is not None:
+                watch.cancel()
             if server is not None:
                 server.shutdown()
             self._pool.shutdown(wait=False, cancel_futures=True)
@@ -332,6 +346,14 @@ class Agent:
                 self.leadership.resign()
             self.store.close()
             log.info("agent stopped; instances left running")
+
+    def _serve(self) -> Any:
+        address = self.config.agent.http
+        try:
+            return serve(address, self.metrics, stale_after=max(3 * self.config.agent.interval, 30))
+        except OSError as exc:
+            raise ConfigError([f"{self.config.path}: agent.http {address}: cannot listen: "
+                               f"{exc.strerror or exc}"]) from None
 
     def _run_once(self) -> int:
         if not self.dry_run and not self.leadership.campaign():

@@ -68,18 +68,22 @@ def test_unknown_plugin_type_names_the_installed_ones(load_test_config):
     assert "'static'" in error
 
 
-def test_error_in_a_merged_default_points_at_the_defaults_line(load_test_config):
+def test_error_in_a_merged_default_is_reported_once_at_the_defaults_line(load_test_config):
     with pytest.raises(ConfigError) as caught:
         load_test_config("""
-            agent: {cluster: demo}
+            agent: {cluster: Demo_1}
             defaults:
               actuator: {type: process, colour: red}
             services:
               web:
                 source: {type: static, count: 1}
+              api:
+                source: {type: static, count: 1}
             """)
-    (error,) = caught.value.errors
-    assert ":3: services.web.actuator.colour: unknown key 'colour'" in error
+    cluster, colour = caught.value.errors
+    assert cluster.endswith(":1: agent.cluster: use lowercase letters, digits and '-', "
+                            "starting and ending with a letter or digit (like web-api)")
+    assert ":3: defaults.actuator.colour: unknown key 'colour'" in colour
 
 
 def test_environment_variables_fill_in_and_missing_ones_are_errors(load_test_config,
