@@ -8,9 +8,15 @@ is an error at start-up.
 Registration hooks return the *types* a plugin offers, keyed by the ``type:``
 name used in YAML; each type is a class extending one of the kinds in
 :mod:`agent.kinds` (``Source``, ``Actuator``, ``Announcer``, ``Strategy``).
-Event hooks let a plugin observe the agent without owning anything; they are
-called from the agent's loop, must return quickly, and an exception in one is
-logged with the plugin's name and otherwise ignored.
+The results of every plugin are collected (no hook here is ``firstresult``
+or ``historic``).
+
+Event hooks let a plugin observe the agent without owning anything. They are
+called from the agent's threads (the loop, its start/stop workers, source
+polls, deploy threads), possibly at the same time, so an implementation must
+be thread-safe and return quickly. Each implementation is called on its own:
+an exception in one is logged with the plugin's name and does not stop the
+others or the agent.
 """
 
 from __future__ import annotations
@@ -108,7 +114,7 @@ def shipmate_instance_started(instance: Instance) -> None:
 
 @hookspec
 def shipmate_instance_stopped(instance: Instance, reason: str) -> None:
-    """An instance was stopped and removed by the agent.
+    """An instance was stopped by the agent (and removed, unless ``reason`` is "kept").
 
     :param instance: the instance as it was last listed.
     :param reason: why ("scale down to 2", "exited", "deploy"...).

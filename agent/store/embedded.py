@@ -83,22 +83,29 @@ class EmbeddedWatch(Watch):
              last: int) -> None:
         while not self._stop.wait(WATCH_POLL):
             try:
-                with store._tx(db) as tx:  # a transaction so expired leases fire events too
-                    rows = tx.execute(
-                        "SELECT rev, key, value FROM events WHERE rev > ? AND key >= ? AND key < ?"
-                        " ORDER BY rev",
-                        (last, prefix, prefix_end(prefix)),
-                    ).fetchall()
-                    head = tx.execute("SELECT rev FROM meta").fetchone()[0]
-            except StoreError:
+                # plain reads while nothing happens; a write transaction only to expire leases
+                # (so their keys' deletions become events)
+                if db.execute("SELECT 1 FROM leases WHERE expires < ? LIMIT 1",
+                              (time.time(),)).fetchone():
+                    with store._tx(db):
+                        pass
+                head = db.execute("SELECT rev FROM meta").fetchone()[0]
+                if head == last:
+                    continue
+                rows = db.execute(
+                    "SELECT rev, key, value FROM events WHERE rev > ? AND key >= ? AND key < ?"
+                    " ORDER BY rev", (last, prefix, prefix_end(prefix))).fetchall()
+                oldest = db.execute("SELECT MIN(rev) FROM events").fetchone()[0]
+            except (StoreError, sqlite3.Error):
                 continue
-            events = [WatchEvent(key, value) for _, key, value in rows]
-            if head < last:  # the file was replaced: resynchronise
-                events, last = [], head
+            if head < last or (oldest is not None and oldest > last + 1):
+                # the file was replaced, or events this watch had not seen were trimmed
+                last = head
                 self._deliver(callback, [])
-            last = max(last, head)
-            if events:
-                self._deliver(callback, events)
+                continue
+            last = max([head, *(rev for rev, _, _ in rows)])
+            if rows:
+                self._deliver(callback, [WatchEvent(key, value) for _, key, value in rows])
         db.close()
 
     def _deliver(self, callback, events: list[WatchEvent]) -> None:
