@@ -8,25 +8,22 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
 from tests.services import free_port
 
-CONFIG = """
-agent:
-  cluster: cli
-  interval: 10s
-services:
-  web:
-    command: [python3, -m, http.server, "{{port}}", --bind, 127.0.0.1]
-    port: {port}
-    health: {{http: /}}
-    source: {{type: static, count: 2}}
-    actuator: {{type: process}}
-    announce: {{type: etcd, ttl: 10s}}
-"""
+DEFAULT = Path(__file__).parents[2] / "etc" / "agent.yaml"
+
+
+def default_config(port: int) -> str:
+    """The default etc/agent.yaml, on free ports (the README's run command uses it as is)."""
+    text = DEFAULT.read_text()
+    assert "port: 8080" in text and "http: 127.0.0.1:9464" in text
+    return text.replace("port: 8080", f"port: {port}").replace(
+        "http: 127.0.0.1:9464", f"http: 127.0.0.1:{free_port()}")
 
 
 def shipmate(*args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -37,7 +34,7 @@ def shipmate(*args: str, check: bool = False) -> subprocess.CompletedProcess[str
 @pytest.fixture
 def config(write_config, tmp_path):
     port = port_block(4)
-    path = write_config(CONFIG.format(port=port))
+    path = write_config(default_config(port))
     yield path, port
     kill_recorded(tmp_path)
 
@@ -78,8 +75,16 @@ def test_run_scale_ctrl_c_and_adopt(config, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "start web" not in again.stderr  # adopted, no duplicate
     assert sorted(r["pid"] for r in process_records(tmp_path) if alive(r["pid"])) == pids
-    announced = status(path)
-    assert announced["services"][0]["running"] == 3
+    assert status(path)["services"][0]["running"] == 3
+    from agent.store.embedded import EmbeddedStore
+
+    store = EmbeddedStore(tmp_path / ".shipmate" / "state.db")  # what the README's run uses
+    try:
+        announced = [json.loads(e.value) for e in store.get_prefix("/services/web/").values()]
+    finally:
+        store.close()
+    assert sorted(a["port"] for a in announced) == [port, port + 1, port + 2]
+    assert {a["host"] for a in announced} == {"127.0.0.1"}
 
 
 def test_check_lists_every_error_with_its_line(write_config):

@@ -519,3 +519,46 @@ def test_the_contrib_fleet_files_are_valid(shipmate_plugins):
     (start,) = [v for s, n, v in agent_unit if (s, n) == ("Service", "ExecStart")]
     assert start.endswith("run -c /etc/shipmate/agent.yaml")
     assert not any("COREOS_PRIVATE_IPV4" in v for _, _, v in agent_unit)
+
+
+def test_a_rolling_deploy_replaces_the_units_one_at_a_time(fleet, running_agent):
+    from agent.deploys import request_deploy
+
+    agent, _ = running_agent
+    keys = Keys("/shipmate/fl")
+    agent.store.put(keys.service("web", "override"), "3")
+    eventually(lambda: len(launched(fleet)) == 3, timeout=10, what="3 units launched")
+    old = {name for name, _ in launched(fleet)}
+    samples: list[tuple[int, int]] = []  # (units in fleet, launched and active)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            samples.append((len(fleet.all_units()), len(launched(fleet))))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    fleet.requests.clear()
+    request_deploy(agent.store, keys, "web", image="registry.example/web:1.5", by="test",
+                   reason="test")
+    eventually(lambda: agent.store.get(keys.service("web", "deploy")) is None, timeout=30,
+               what="the deploy to end")
+    done.set()
+    sampler.join()
+    release = json.loads(agent.store.get(keys.service("web", "release")).value)
+    assert release["image"] == "registry.example/web:1.5"
+    assert release["deploy"]["result"] == "finished"
+    new = {name for name, _ in launched(fleet)}
+    assert len(new) == 3 and not new & old
+    # one at a time: never more than 3 units, never fewer than 2 serving
+    assert max(units for units, _ in samples) == 3
+    assert min(serving for _, serving in samples) >= 2, samples
+    changes = [(method, path.rsplit("/", 1)[1].split("?")[0]) for method, path in fleet.requests
+               if method in ("PUT", "DELETE") and "/units/" in path]
+    deletes = [unit for method, unit in changes if method == "DELETE"]
+    assert sorted(deletes) == sorted(old)
+    for deleted in deletes:  # each old unit is gone before the next new one is sent
+        index = changes.index(("DELETE", deleted))
+        started_before = {u for m, u in changes[:index] if m == "PUT" and u not in old}
+        assert len(started_before) == deletes.index(deleted)

@@ -6,6 +6,7 @@ import json
 import logging
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -312,8 +313,8 @@ def test_agent_killed_then_restarted_repairs_containers_and_keys(
 
     def start() -> subprocess.Popen[bytes]:
         with open(log, "ab") as out:
-            return subprocess.Popen(["shipmate", "run", "-c", str(path)], stdout=out,
-                                    stderr=subprocess.STDOUT)
+            return subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
+                                    stdout=out, stderr=subprocess.STDOUT)
 
     agent = start()
     try:
