@@ -341,7 +341,7 @@ class DeployRunner:
         current = deploy.source
         port = journal.get("port")
         if port is None:
-            port = runtime.strategy.target_port(current.port)
+            port = runtime.strategy.target_port(current.port, runtime.config.port)
         image = journal.get("image") or current.image
         deploy.target = make_release(runtime.config, image=image, port=port)
         running = len(view.running)

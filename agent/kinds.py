@@ -198,9 +198,10 @@ class Strategy(PluginType, ABC):
         """The base port of a service's first release (blue/green: the blue port)."""
         return port
 
-    def target_port(self, current: int | None) -> int | None:
-        """The base port the new release listens on, given the current one."""
-        return current
+    def target_port(self, current: int | None, configured: int | None) -> int | None:
+        """The base port the new release listens on, given the current release's and the
+        YAML's ``port`` (default: the YAML's, so a changed port is deployed too)."""
+        return configured
 
     @abstractmethod
     def run(self, deploy: Any) -> None:

@@ -274,12 +274,12 @@ class Agent:
 
     def _deploys(self, views: dict[str, ServiceView]) -> list[str]:
         """Run requested deploys; request one where the YAML no longer matches the release."""
+        if self.once:  # a deploy needs an agent that stays to finish it
+            return []
         errors = []
         for name, view in views.items():
             runtime = self.services[name]
             if not view.listed:
-                continue
-            if self.once:  # a deploy needs an agent that stays to finish it
                 continue
             if view.deploy is not None:
                 self.deploys.launch(runtime, view)

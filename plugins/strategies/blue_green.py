@@ -336,7 +336,7 @@ class BlueGreenStrategy(Strategy):
     def initial_port(self, port: int | None) -> int | None:
         return self.config.ports[0]
 
-    def target_port(self, current: int | None) -> int | None:
+    def target_port(self, current: int | None, configured: int | None) -> int | None:
         blue, green = self.config.ports
         return green if current == blue else blue
 

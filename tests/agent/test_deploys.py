@@ -216,3 +216,13 @@ def test_a_deploy_whose_strategy_cannot_run_fails_once_and_changes_nothing(clust
     assert [body(port + i) for i in range(4)] == ["v1"] * 4
     status = json.loads(shipmate("status", "--json", "-c", str(path)).stdout)
     assert status["services"][0]["deploy"]["phase"] == "failed"
+
+
+def test_a_changed_port_in_the_config_is_deployed(cluster):
+    agent, path, port = cluster
+    path.write_text(path.read_text().replace(f"port: {port}", f"port: {port + 4}"))
+    agent.request_reload()
+    eventually(lambda: all(body(port + 4 + i) == "v1" for i in range(4)), timeout=30,
+               what="v1 on the new ports")
+    eventually(lambda: release(agent)["port"] == port + 4, what="the release recorded")
+    assert all(body(port + i) is None for i in range(4))
