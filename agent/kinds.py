@@ -52,7 +52,6 @@ class Context:
     store: Store
     state_dir: Path
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("shipmate"))
-    extra: dict[str, Any] = field(default_factory=dict)
     wake: Callable[[], None] | None = None
     """Asks the running agent for a pass now (say, an instance died); None outside the agent."""
 
