@@ -349,6 +349,8 @@ class Dockerd(Service):
     WEB_V1 = "shipmate-test/web:v1"
     WEB_V2 = "shipmate-test/web:v2"
     WEB_BROKEN = "shipmate-test/web:broken"
+    #: The YAML ``command`` that makes them serve ``/www`` on the instance's port.
+    WEB_COMMAND = '[httpd, -f, -p, "{port}", -h, /www]'
 
     def __init__(self) -> None:
         self.binary = _find_binary("dockerd", _apt("docker.io"))

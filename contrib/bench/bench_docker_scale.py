@@ -52,7 +52,7 @@ agent:
 services:
   web:
     image: {image}
-    command: [httpd, -f, -p, "{{port}}", -h, /www]
+    command: {command}
     port: {port}
     health: {{http: /, timeout: 1s}}
     source: {{type: static, count: 0, interval: 60s}}
@@ -81,7 +81,8 @@ def through_reconcile(dockerd: Dockerd, etcd: Etcd, folder: Path, count: int, po
     """Seconds of reconcile passes for 0 -> count and count -> 0; engine calls going up."""
     path = folder / f"{cluster}.yaml"
     path.write_text(CONFIG.format(cluster=cluster, endpoint=etcd.endpoint, folder=folder,
-                                  image=Dockerd.WEB_V1, port=port, host=dockerd.host,
+                                  image=Dockerd.WEB_V1, command=Dockerd.WEB_COMMAND,
+                                  port=port, host=dockerd.host,
                                   parallelism=parallelism))
     plugins = load_plugins()
     config = load_config(path, plugins)
@@ -126,7 +127,8 @@ def override_latency(dockerd: Dockerd, etcd: Etcd, folder: Path, trials: int,
     cluster = "latency"
     path = folder / "latency.yaml"
     path.write_text(CONFIG.format(cluster=cluster, endpoint=etcd.endpoint, folder=folder,
-                                  image=Dockerd.WEB_V1, port=port, host=dockerd.host,
+                                  image=Dockerd.WEB_V1, command=Dockerd.WEB_COMMAND,
+                                  port=port, host=dockerd.host,
                                   parallelism=4))
     agent = Agent(path)
     thread = threading.Thread(target=agent.run, daemon=True)

@@ -25,7 +25,7 @@ from agent.config import load_config
 from agent.keys import Keys
 from agent.kinds import Context
 from agent.plugins import load_plugins
-from agent.runtime import Builder
+from agent.runtime import Agent, Builder
 from agent.scaling import Scaler
 from agent.store.embedded import EmbeddedStore
 from tests.helpers import alive, eventually, kill_recorded, process_records
@@ -282,6 +282,12 @@ def _kill_processes(tmp_path):
     kill_recorded(tmp_path)
 
 
+def stored(agent: Agent, key: str) -> str | None:
+    """The value at ``key`` in the agent's store, or None."""
+    entry = agent.store.get(key)
+    return entry.value if entry else None
+
+
 def running(tmp_path) -> int:
     return sum(1 for r in process_records(tmp_path) if alive(r["pid"]))
 
@@ -312,8 +318,7 @@ def test_an_asg_of_4_then_2_instances(moto, run_agent, tmp_path):
     keys = Keys("/shipmate/asg")
 
     def desired() -> str | None:
-        entry = agent.store.get(keys.service("worker", "desired"))
-        return entry.value if entry else None
+        return stored(agent, keys.service("worker", "desired"))
 
     eventually(lambda: desired() == "4", timeout=10, what="desired 4")
     eventually(lambda: running(tmp_path) == 4, timeout=10, what="4 running instances")
@@ -361,8 +366,7 @@ def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_pat
         keys = Keys("/shipmate/dd")
 
         def desired() -> str | None:
-            entry = agent.store.get(keys.service("worker", "desired"))
-            return entry.value if entry else None
+            return stored(agent, keys.service("worker", "desired"))
 
         eventually(lambda: desired() == "5", timeout=10, what="450 / 100 -> 5")
         eventually(lambda: running(tmp_path) == 5, timeout=10, what="5 running instances")

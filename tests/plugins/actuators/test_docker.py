@@ -425,7 +425,7 @@ agent:
 services:
   web:
     image: {image}
-    command: [httpd, -f, -p, "{{port}}", -h, /www]
+    command: {command}
     port: {port}
     health: {{http: /, timeout: 1s}}
     source: {{type: static, count: {count}, interval: 1s}}
@@ -436,6 +436,7 @@ services:
 def agent_yaml(dockerd: Dockerd, cluster: str, tmp: Path, *, count: int = 2,
                interval: str = "60s", port: int | None = None) -> str:
     return AGENT.format(cluster=cluster, interval=interval, tmp=tmp, image=Dockerd.WEB_V1,
+                        command=Dockerd.WEB_COMMAND,
                         port=port or port_block(count), count=count, host=dockerd.host)
 
 

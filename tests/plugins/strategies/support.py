@@ -34,7 +34,7 @@ agent:
 services:
   web:
     image: {image}
-    command: [httpd, -f, -p, "{{port}}", -h, /www]
+    command: {command}
     port: {port}
     health: {{http: /, timeout: 1s}}
     source: {{type: static, count: {count}, interval: 1s}}
@@ -91,7 +91,8 @@ class Cluster:
         self.config = tmp / "agent.yaml"
         self.config.write_text(CONFIG.format(cluster=self.name, tmp=tmp, etcd=etcd.endpoint,
                                              image=image, port=port, count=count,
-                                             docker=dockerd.host, deploy=deploy))
+                                             docker=dockerd.host, deploy=deploy,
+                                             command=Dockerd.WEB_COMMAND))
         self.store = Etcd3Store([etcd.endpoint])
         self.keys = Keys(f"/shipmate/{self.name}")
         self.agents: list[AgentProcess] = []
