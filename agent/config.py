@@ -82,6 +82,12 @@ class AgentConfig(Model):
     "how long a stopping instance gets between SIGTERM and SIGKILL"
     parallelism: int = Field(4, ge=1)
     "starts and stops run at once per actuator"
+    max_instances: int = Field(100, ge=1, le=100_000)
+    "hard ceiling of instances per service, whatever the store or a source says"
+    leader_ttl: Duration = Field(15.0, ge=3.0)
+    "the acting agent's lease"
+    orphans: Literal["keep", "stop"] = "keep"
+    "instances of services no longer in the YAML: keep them (withdrawn), or stop them"
 
 
 class HealthConfig(Model):
@@ -97,6 +103,17 @@ class HealthConfig(Model):
         if self.http and self.tcp:
             raise ValueError("choose one check: http or tcp")
         return self
+
+
+class RestartConfig(Model):
+    """Crash-loop backoff of a slot whose instance exits or fails to start."""
+
+    backoff: Duration = Field(1.0, gt=0)
+    "the first delay before a slot is started again"
+    max_backoff: Duration = Field(300.0, gt=0)
+    "the delay doubles up to this"
+    reset_after: Duration = Field(600.0, gt=0)
+    "an instance up and healthy this long resets its slot's delay"
 
 
 class PolicyConfig(Model):
@@ -157,6 +174,7 @@ class ServiceBase(Model):
     env: dict[str, str] = {}
     health: HealthConfig | None = None
     policy: PolicyConfig = PolicyConfig()
+    restart: RestartConfig = RestartConfig()
 
 
 class Config(BaseModel):
