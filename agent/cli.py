@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.config import ConfigError, file_model
+from agent.durations import format_duration
 from agent.keys import Keys, parse_object
 from agent.plugins import PluginError, load_plugins
 from agent.store import StoreError
@@ -169,6 +170,7 @@ def plan(config_path: str) -> None:
 @friendly
 def status(config_path: str, as_json: bool) -> None:
     """Per service: desired, override, running, healthy, release and deploy."""
+    from agent.restarts import describe as describe_problem
     from agent.scaling import describe, expiry, read_state, summary
 
     config, store, keys, builder, reconciler, views = _views(config_path)
@@ -180,6 +182,14 @@ def status(config_path: str, as_json: bool) -> None:
         store.close()
     rows, now = [], time.time()
     for name, view in views.items():
+        reported = view.reported if isinstance(view.reported, dict) else {}
+        unhealthy = reported.get("unhealthy") if isinstance(reported.get("unhealthy"),
+                                                            dict) else {}
+        problems = list(view.problems)
+        for record in reported.get("problems") or []:
+            text = describe_problem(record, now) if isinstance(record, dict) else str(record)
+            if text not in problems:
+                problems.append(text)
         rows.append({
             "service": name, "desired": view.desired, "override": view.override,
             "effective": view.effective,
@@ -189,9 +199,11 @@ def status(config_path: str, as_json: bool) -> None:
             "instances": [{"name": i.name, "slot": i.slot, "version": i.version,
                            "host": i.host, "port": i.port, "running": i.running,
                            "healthy": i in view.healthy,
+                           "unhealthy_for": _since(unhealthy.get(i.name), now)
+                           if i not in view.healthy and i.running else None,
                            "kept": not i.running and i.version in view.kept}
                           for i in view.instances],
-            "problems": view.problems,
+            "problems": problems,
             "source": reconciler.services[name].source.type_name,
             "policy": summary(states[name], now, expiry(reconciler.services[name].source)),
         })
@@ -219,6 +231,18 @@ def status(config_path: str, as_json: bool) -> None:
     for row in rows:
         for problem in row["problems"]:
             console.print(f"[yellow]{row['service']}: {problem}[/yellow]", highlight=False)
+        for instance in row["instances"]:
+            if instance["unhealthy_for"] is not None:
+                console.print(f"[yellow]{row['service']}: {instance['name']} unhealthy for "
+                              f"{format_duration(instance['unhealthy_for'])}[/yellow]",
+                              highlight=False)
+
+
+def _since(when: Any, now: float) -> float | None:
+    """Seconds since a wall-clock time recorded by the agent (None if it recorded none)."""
+    if isinstance(when, int | float) and not isinstance(when, bool) and when == when:
+        return round(max(0.0, now - when), 1)
+    return None
 
 
 def _known(config, service: str) -> None:
@@ -235,15 +259,32 @@ def _n(value: int | None, missing: str = "-") -> str:
 @click.argument("service")
 @click.argument("count", type=click.IntRange(min=0), required=False)
 @click.option("--auto", is_flag=True, help="clear the override: the source decides again")
+@click.option("--force", is_flag=True, help="allow a count outside policy.min/policy.max")
 @friendly
-def scale(config_path: str, service: str, count: int | None, auto: bool) -> None:
-    """Set (or with --auto clear) a service's override count."""
+def scale(config_path: str, service: str, count: int | None, auto: bool, force: bool) -> None:
+    """Set (or with --auto clear) a service's override count.
+
+    A count outside the service's policy.min and policy.max is refused unless
+    --force is given; the agent never runs more than agent.max_instances.
+    """
     from agent.runtime import connect
 
     if (count is None) == (not auto):
         fail("give either a COUNT or --auto")
     config, _ = _open(config_path)
     _known(config, service)
+    policy = config.services[service].policy
+    if count is not None and not force:
+        if policy.max is not None and count > policy.max:
+            fail(f"{service}: {count} is above its policy.max ({policy.max}); "
+                 "use --force to set it anyway")
+        if count < policy.min:
+            fail(f"{service}: {count} is below its policy.min ({policy.min}); "
+                 "use --force to set it anyway")
+    ceiling = config.agent.max_instances
+    if count is not None and count > ceiling:
+        err.print(f"[yellow]{service}: the agent runs at most agent.max_instances "
+                  f"({ceiling}) instances of a service[/yellow]", highlight=False)
     store = connect(config)
     key = Keys(config.key_prefix).service(service, "override")
     try:

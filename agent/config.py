@@ -433,6 +433,13 @@ def _missing_packages(parsed: Any, plugins: Plugins,
     return out
 
 
+def _port_conflicts(parsed: Any, lines: dict[Path_, int]) -> list[tuple[int, str, str]]:
+    from agent.ports import conflicts
+
+    return [(_line(lines, ("services", name, "port")), f"services.{name}.port", message)
+            for name, message in conflicts(dict(parsed.services), parsed.agent.http)]
+
+
 def _redact(text: str, secrets: set[str]) -> str:
     for secret in sorted(secrets, key=len, reverse=True):
         text = text.replace(secret, "***")
@@ -475,6 +482,7 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
         parsed = None
     if parsed is not None:
         problems += _missing_packages(parsed, plugins, reader.lines)
+        problems += _port_conflicts(parsed, reader.lines)
     if problems:
         problems.sort(key=lambda p: p[0])
         raise ConfigError([_redact(f"{source}:{line}: {key}: {msg}", reader.from_env)

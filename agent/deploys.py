@@ -38,7 +38,7 @@ from agent.instances import Instance
 from agent.keys import Keys, parse_object
 from agent.kinds import Strategy
 from agent.releases import Release, make_release
-from agent.store import Store
+from agent.store import Store, StoreError
 
 log = logging.getLogger("shipmate.deploy")
 ACTIVE = ("requested", "running", "rolling-back", "finished", "rolled-back")
@@ -237,39 +237,68 @@ class DeployRunner:
 
     def __init__(self, *, store: Store, keys: Keys, emit: Callable[..., None],
                  strategies: Callable[[str, str | None], Strategy], grace: float,
-                 leading: Callable[[], bool] = lambda: True) -> None:
+                 leading: Callable[[], bool] = lambda: True,
+                 wake: Callable[[], None] = lambda: None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.store, self.keys, self.emit, self.grace = store, keys, emit, grace
-        self.strategies, self.leading = strategies, leading
+        self.strategies, self.leading, self.wake, self.clock = strategies, leading, wake, clock
         self.threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
+        self.broken: dict[str, tuple[str, int, float]] = {}
+        "service -> (what is wrong, failures, next try): a journal the runner cannot use"
 
     def busy(self, service: str) -> bool:
         thread = self.threads.get(service)
         return thread is not None and thread.is_alive()
 
-    def launch(self, runtime: Any, view: Any) -> None:
-        """Start (or resume) the deploy in ``view.deploy`` unless it already runs here."""
-        if self.busy(runtime.name) or view.deploy.get("phase") not in ACTIVE:
-            return
-        thread = threading.Thread(target=self._run, args=(runtime, view), daemon=True,
-                                  name=f"deploy-{runtime.name}")
-        self.threads[runtime.name] = thread
-        thread.start()
+    def launch(self, runtime: Any, view: Any) -> str | None:
+        """Start (or resume) the deploy in ``view.deploy`` unless it already runs here.
 
-    def stop(self) -> None:
+        A journal that could not be run is retried after a delay doubling from 1 s
+        to 5 min; meanwhile this returns what is wrong with it (a problem for status).
+        """
+        name = runtime.name
+        broken = self.broken.get(name)
+        if broken is not None and self.clock() < broken[2]:
+            return broken[0]
+        if self.busy(name) or view.deploy.get("phase") not in ACTIVE:
+            return None
+        thread = threading.Thread(target=self._run, args=(runtime, view), daemon=True,
+                                  name=f"deploy-{name}")
+        self.threads[name] = thread
+        thread.start()
+        return None
+
+    def _broken(self, service: str, what: str) -> None:
+        failures = self.broken.get(service, ("", 0, 0.0))[1] + 1
+        delay = min(2.0 ** (failures - 1), 300.0)
+        key = self.keys.service(service, "deploy")
+        self.broken[service] = (f"deploy journal {key} cannot be run: {what}", failures,
+                                self.clock() + delay)
+        log.error("%s: deploy journal %s cannot be run: %s; next try in %.0fs", service, key,
+                  what, delay)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Tell running deploys to stop where they are; wait ``timeout`` in all. A deploy
+        still busy (a slow start) is left to its daemon thread: its journal resumes."""
         self.stopping.set()
+        deadline = time.monotonic() + timeout
         for thread in self.threads.values():
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     # ------------------------------------------------------------- one deploy
     def _run(self, runtime: Any, view: Any) -> None:
         try:
             self.execute(runtime, view)
+            self.broken.pop(runtime.name, None)
         except (LockLost, Interrupted) as exc:
             log.warning("%s: deploy left as it is: %s", runtime.name, exc)
-        except Exception:
-            log.exception("%s: deploy runner failed; the journal is kept for a retry",
-                          runtime.name)
+        except StoreError as exc:
+            log.warning("%s: deploy paused, the store is unreachable: %s", runtime.name, exc)
+        except Exception as exc:  # noqa: BLE001 - a bad journal is one problem, not a loop
+            self._broken(runtime.name, f"{type(exc).__name__}: {exc}")
+        finally:
+            self.wake()
 
     def execute(self, runtime: Any, view: Any) -> None:
         """Begin, resume or roll back the deploy of one service, to the end."""

@@ -66,6 +66,8 @@ class Instance:
     running: bool = True
     cluster: str = ""
     ref: Any = field(default=None, compare=False, repr=False)  # the actuator's own handle
+    exit_code: int | None = field(default=None, compare=False)
+    "how an exited instance ended, where the actuator knows it"
 
 
 def fill(template: str, **values: object) -> str:

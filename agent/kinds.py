@@ -120,6 +120,11 @@ class Actuator(PluginType, ABC):
     def stop(self, instance: Instance, grace: float) -> None:
         """Stop and remove ``instance``: ask nicely, force after ``grace`` seconds."""
 
+    def output(self, instance: Instance, lines: int = 5) -> str | None:
+        """The last ``lines`` of ``instance``'s output, if the actuator keeps it (logged
+        when an instance exits, to say why); None by default."""
+        return None
+
     can_park: bool = False
     "whether :meth:`park` and :meth:`unpark` work (blue/green's ``keep_old``)"
 

@@ -21,6 +21,8 @@ class Metrics:
                              registry=self.registry)
         self.healthy = Gauge("shipmate_healthy_instances", "instances passing health", labels,
                              registry=self.registry)
+        self.restarts = Counter("shipmate_restarts", "exits and failed starts of instances",
+                                labels, registry=self.registry)
         self.passes = Counter("shipmate_passes", "reconcile passes", registry=self.registry)
         self.errors = Counter("shipmate_errors", "errors by where they happened", ["where"],
                               registry=self.registry)

@@ -121,6 +121,8 @@ class ServiceView:
 
     override_invalid: bool = False
     "an override key exists but holds no count: the count is unknown, not the desired one"
+    reported: dict[str, Any] | None = None
+    "what the acting agent recorded in the ``problems`` key (crash loops, unhealthy since)"
 
     @property
     def effective(self) -> int | None:
@@ -176,14 +178,17 @@ class Reconciler:
 
     def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
                  emit: Callable[..., None] = lambda *a, **k: None, grace: float = 10.0,
-                 parallelism: int = 4, health_workers: int = 16) -> None:
+                 health_workers: int = 16, ceiling: int = 100, limit: int = 64) -> None:
         self.services = services
         self.store = store
         self.keys = keys
         self.emit = emit
         self.grace = grace
-        self.parallelism = parallelism
         self.health_workers = health_workers
+        self.ceiling = ceiling
+        "no service runs more instances than this (``agent.max_instances``)"
+        self.limit = limit
+        "no pass plans more actions than this per service"
         self.unowned: dict[str, Instance] = {}
         "instances of this cluster that no configured service owns: left alone, reported"
 
@@ -207,6 +212,7 @@ class Reconciler:
                 override=_count(got.get("override"), problems),
                 release=_json(got.get("release"), "release", problems),
                 deploy=_json(got.get("deploy"), "deploy", problems), problems=problems,
+                reported=_json(got.get("problems"), "problems", []),
                 override_invalid="override" in got and parse_count(got["override"].value) is None)
         unowned: dict[str, Instance] = {}
         for actuator, names in self._by_actuator().items():
@@ -286,51 +292,21 @@ class Reconciler:
                         for extra in group[1:]]
         n = view.effective
         if n is None:  # unknown count: keep what runs, restart what crashed
-            return actions + [start(i.slot, "restart exited") for i in view.exited
-                              if i.slot not in by_slot]
+            return (actions + [start(i.slot, "restart exited") for i in view.exited
+                               if i.slot not in by_slot])[:self.limit]
+        if n > self.ceiling:
+            view.problems.append(f"count {n} is above agent.max_instances ({self.ceiling}): "
+                                 f"running {self.ceiling}")
+            n = self.ceiling
         if len(keep) > n:  # other versions first, then the highest slots
             keep.sort(key=lambda i: (i.version == target.version, -i.slot))
             actions += [Action("stop", name, i.slot, f"scale down to {n}", i)
                         for i in keep[:len(keep) - n]]
         free = (slot for slot in itertools.count() if slot not in by_slot)
-        actions += [start(next(free), f"scale up to {n}") for _ in range(n - len(keep))]
-        return actions
-
-    # ---------------------------------------------------------------- apply
-    def apply(self, actions: list[Action]) -> list[str]:
-        """Carry out ``actions``: stops first, in parallel per actuator; return the errors."""
-        errors: list[str] = []
-        stops = [a for a in actions if a.verb == "stop"]
-        starts = [a for a in actions if a.verb == "start"]
-        for batch in (stops, starts):
-            by_actuator: dict[Actuator, list[Action]] = defaultdict(list)
-            for action in batch:
-                by_actuator[self.services[action.service].actuator].append(action)
-            for actuator, todo in by_actuator.items():
-                workers = max(1, min(self.parallelism, actuator.parallelism, len(todo)))
-                with ThreadPoolExecutor(workers) as pool:
-                    errors += [e for e in pool.map(self._do, todo) if e]
-        return errors
-
-    def _do(self, action: Action) -> str | None:
-        runtime = self.services[action.service]
-        try:
-            if action.verb == "stop":
-                assert action.instance is not None
-                if runtime.announcer is not None:
-                    runtime.announcer.withdraw(action.instance)
-                runtime.actuator.stop(action.instance, self.grace)
-                self.emit("shipmate_instance_stopped", instance=action.instance,
-                          reason=action.reason)
-            else:
-                assert action.spec is not None
-                instance = runtime.actuator.start(action.spec)
-                self.emit("shipmate_instance_started", instance=instance)
-            log.info("%s", action)
-            return None
-        except Exception as exc:  # noqa: BLE001 - one failed action must not stop the others
-            log.error("%s failed: %s", action, exc)
-            return f"{action}: failed: {exc}"
+        room = max(0, self.limit - len(actions))
+        actions += [start(next(free), f"scale up to {n}")
+                    for _ in range(min(n - len(keep), room))]
+        return actions[:self.limit]
 
     def announce(self, views: dict[str, ServiceView], stopped: set[str]) -> list[str]:
         """Sync every announcer with the healthy instances (minus those just stopped)."""

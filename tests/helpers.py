@@ -60,5 +60,7 @@ def alive(pid: int) -> bool:
 def kill_recorded(state_dir: Path) -> None:
     """Kill every process the process actuator recorded under ``state_dir`` (test cleanup)."""
     for record in process_records(state_dir):
+        if not isinstance(record.get("pid"), int) or record["pid"] <= 0:
+            continue  # recorded before its spawn, or never ran
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record["pid"], signal.SIGKILL)

@@ -8,6 +8,7 @@ import signal
 
 import pytest
 
+from agent.actuation import Actuation, Outcome
 from agent.keys import Keys
 from agent.kinds import Context
 from agent.reconcile import Reconciler
@@ -59,9 +60,16 @@ def world(load_test_config, embedded_store, shipmate_plugins, tmp_path):
             self.store.put(key, value) if value is not None else self.store.delete(key)
 
         def pass_(self):
+            """One pass whose actions are all carried out before it returns: the actions
+            it took (one per slot: a slot's second action waits for the next pass)."""
             views = self.reconciler.observe()
-            actions = self.reconciler.plan(views)
-            errors = self.reconciler.apply(actions)
+            outcomes: list[Outcome] = []
+            actuation = Actuation(emit=self.reconciler.emit, grace=lambda: 2,
+                                  parallelism=lambda: 16, on_done=outcomes.append)
+            actions = [a for a in self.reconciler.plan(views)
+                       if actuation.submit(self.reconciler.services[a.service], a, set())]
+            eventually(lambda: len(outcomes) == len(actions), 30, "the actions to end")
+            errors = [o.error for o in outcomes if o.error]
             errors += self.reconciler.announce(views, {a.instance.name for a in actions
                                                        if a.instance is not None})
             assert not errors
@@ -127,9 +135,11 @@ def test_an_exited_instance_is_replaced(world):
     victim = world.running("worker")[0]
     os.killpg(victim["pid"], signal.SIGKILL)
     eventually(lambda: not alive(victim["pid"]), what="the kill")
-    actions = world.pass_()
-    assert [(a.verb, a.reason) for a in actions] == [("stop", "exited"),
-                                                      ("start", "scale up to 2")]
+    actions = world.pass_()  # the slot's exited instance is removed first
+    assert [(a.verb, a.reason, a.slot) for a in actions] == [("stop", "exited", victim["slot"])]
+    actions = world.pass_()  # then the slot is started again
+    assert [(a.verb, a.reason, a.slot) for a in actions] == [
+        ("start", "scale up to 2", victim["slot"])]
     assert len(world.running("worker")) == 2
 
 

@@ -1,0 +1,143 @@
+"""Starts and stops off the loop: per-actuator workers, a bounded number in flight.
+
+The pass plans; :class:`Actuation` carries the plan out on worker threads, at
+most the actuator's ``parallelism`` (and ``agent.parallelism``) at once per
+actuator, so a start that takes minutes (a pull, a fleet unit that is slow to
+launch) never holds up the loop: other services are reconciled, sources are
+polled, leadership is refreshed and signals are handled meanwhile.
+
+Nothing is queued beyond what runs: an action that finds its actuator's
+workers all busy is not taken, and the next pass (woken when a worker
+finishes) plans it again from what runs then. So stopping the agent drops
+every start that was not begun, and a huge count never piles up work.
+
+Actions are keyed by slot: while a start or stop of ``web`` slot 3 is under
+way (or finished after the pass that is planning looked at what runs), no
+other action on that slot is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from agent.kinds import Actuator
+from agent.reconcile import Action, ServiceRuntime
+
+log = logging.getLogger("shipmate.actuation")
+SlotKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one action ended: ``error`` is None when it succeeded."""
+
+    action: Action
+    error: str | None
+    instance: Any = None  # the started instance
+
+
+class Actuation:
+    """Runs actions on per-actuator worker threads and reports how they ended.
+
+    ``on_done(outcome)`` is called on the worker thread when an action ends;
+    the loop uses it to record failures and to wake up.
+    """
+
+    def __init__(self, *, emit: Callable[..., None], grace: Callable[[], float],
+                 parallelism: Callable[[], int], on_done: Callable[[Outcome], None],
+                 may_act: Callable[[], bool] = lambda: True) -> None:
+        self.emit, self.grace, self.parallelism = emit, grace, parallelism
+        self.on_done, self.may_act = on_done, may_act
+        self._lock = threading.Lock()
+        self._running: dict[Actuator, int] = {}
+        self._busy: dict[SlotKey, Action] = {}
+        self._finished: dict[SlotKey, int] = {}  # slot -> the tick its action ended at
+        self._tick = 0
+        self._closed = False
+
+    # ---------------------------------------------------------------- state
+    def tick(self) -> int:
+        """A mark to take before looking at what runs (see :meth:`busy_slots`)."""
+        with self._lock:
+            self._tick += 1
+            return self._tick
+
+    def busy_slots(self, since: int) -> set[SlotKey]:
+        """Slots with an action under way, or one that ended after the mark ``since``
+        (what runs was looked at before it ended, so it may not show yet)."""
+        with self._lock:
+            self._finished = {k: t for k, t in self._finished.items() if t >= since}
+            return set(self._busy) | set(self._finished)
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return len(self._busy)
+
+    def stopping(self) -> set[str]:
+        """Names of the instances being stopped now."""
+        with self._lock:
+            return {a.instance.name for a in self._busy.values() if a.instance is not None}
+
+    def _width(self, actuator: Actuator) -> int:
+        return max(1, min(self.parallelism(), getattr(actuator, "parallelism", 1)))
+
+    # ---------------------------------------------------------------- work
+    def submit(self, runtime: ServiceRuntime, action: Action, busy: set[SlotKey]) -> bool:
+        """Take ``action`` if its slot is free and its actuator has a free worker."""
+        key = (action.service, action.slot)
+        actuator = runtime.actuator
+        with self._lock:
+            if self._closed or key in busy or key in self._busy:
+                return False
+            if self._running.get(actuator, 0) >= self._width(actuator):
+                return False
+            self._running[actuator] = self._running.get(actuator, 0) + 1
+            self._busy[key] = action
+        # a daemon thread per action, not a pool: an agent told to stop exits at once,
+        # leaving a slow start to finish (or die) on its own
+        threading.Thread(target=self._do, args=(runtime, action), daemon=True,
+                         name=f"{action.verb}-{action.service}-{action.slot}").start()
+        return True
+
+    def _do(self, runtime: ServiceRuntime, action: Action) -> None:
+        key = (action.service, action.slot)
+        error, instance = None, None
+        try:
+            if not self.may_act():
+                error = "not started: this agent no longer acts for the cluster"
+            elif action.verb == "stop":
+                assert action.instance is not None
+                if runtime.announcer is not None:
+                    runtime.announcer.withdraw(action.instance)
+                runtime.actuator.stop(action.instance, self.grace())
+                self.emit("shipmate_instance_stopped", instance=action.instance,
+                          reason=action.reason)
+            else:
+                assert action.spec is not None
+                instance = runtime.actuator.start(action.spec)
+                self.emit("shipmate_instance_started", instance=instance)
+            if error is None:
+                log.info("%s", action)
+        except Exception as exc:  # noqa: BLE001 - one failed action must not stop the others
+            error = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+        finally:
+            with self._lock:
+                self._busy.pop(key, None)
+                self._running[runtime.actuator] -= 1
+                self._finished[key] = self._tick
+        self.on_done(Outcome(action, error, instance))
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Take nothing more; wait up to ``timeout`` for what runs (an agent that stops
+        leaves its instances as they are, and a slow start to finish on its own)."""
+        with self._lock:
+            self._closed = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)

@@ -1,0 +1,511 @@
+"""The loop: campaign, poll, pass, sleep; never blocks, never spins, says why.
+
+:class:`Loop` takes every collaborator as a keyword argument (kopf's
+``spawn_tasks(*, registry, settings, ...)`` is the model) plus a clock, so a
+test drives it with :meth:`Loop.turn` and no YAML on disk. One turn:
+
+1. a requested reload runs (once no deploy is under way);
+2. a standby campaigns for the leader key, at most every third of the lease;
+3. the acting agent runs the source polls that are due (``schedule``) and, if
+   woken or due, one reconcile pass;
+4. the loop sleeps until the next thing due, at least :data:`MIN_WAIT` and at
+   most ``agent.interval``, or until woken (a store change, a finished action,
+   a signal: see :class:`Waker`).
+
+A pass observes (one store read, one list per actuator, health checks),
+plans, hands starts and stops to :class:`agent.actuation.Actuation` (it never
+waits for them), announces, runs deploys, and records its problems. It is
+quick (1 s) only while instances are young and not yet healthy or a deploy
+runs; finished actions wake it. A slot whose instance keeps exiting waits
+ever longer (:mod:`agent.restarts`); no service runs more than
+``agent.max_instances``; no pass plans more than :data:`MAX_ACTIONS` actions
+per service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import queue
+import select
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import schedule
+
+from agent.actuation import Actuation, Outcome
+from agent.deploys import DeployError, DeployRunner, request_deploy
+from agent.keys import Keys
+from agent.leader import Leadership
+from agent.metrics import Metrics
+from agent.ports import claims, slot_port_problem
+from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
+from agent.releases import parse_release
+from agent.restarts import Restarts
+from agent.scaling import Scaler
+from agent.store import Store, StoreError
+
+log = logging.getLogger("shipmate")
+QUICK_PASS = 1.0  # seconds between passes while instances settle
+MIN_WAIT = 0.05  # the loop never waits less, whatever is due
+MAX_ACTIONS = 64  # actions one pass plans per service, whatever the count
+
+
+@dataclass
+class Settings:
+    """The agent's own settings the loop reads (``agent:`` in the YAML)."""
+
+    interval: float = 10.0
+    grace: float = 10.0
+    parallelism: int = 4
+    max_instances: int = 100
+    http: str | None = None
+    dry_run: bool = False
+    once: bool = False
+
+    @classmethod
+    def from_config(cls, agent: Any, *, dry_run: bool = False, once: bool = False) -> Settings:
+        return cls(interval=agent.interval, grace=agent.grace, parallelism=agent.parallelism,
+                   max_instances=agent.max_instances, http=agent.http, dry_run=dry_run,
+                   once=once)
+
+
+class Waker:
+    """A self-pipe: any thread (or a signal, through ``signal.set_wakeup_fd``) wakes the
+    loop by writing a byte; nothing takes a lock, so a signal handler can never hang."""
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        os.set_blocking(self.write_fd, False)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe is awake already; a closed one, done
+            os.write(self.write_fd, b"!")
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` seconds or until woken; swallow the wake-ups."""
+        with contextlib.suppress(OSError, ValueError):
+            ready, _, _ = select.select([self.read_fd], [], [], max(0.0, timeout))
+            if ready:
+                while os.read(self.read_fd, 4096):
+                    pass
+
+    def close(self) -> None:
+        for fd in (self.read_fd, self.write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+class DaemonWorkers:
+    """A few daemon threads running jobs from a queue: an agent that stops never waits
+    for a source that hangs."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        for i in range(count):
+            threading.Thread(target=self._work, daemon=True, name=f"{name}-{i}").start()
+
+    def put(self, job: Callable[[], None]) -> None:
+        self.jobs.put(job)
+
+    def _work(self) -> None:
+        while True:
+            self.jobs.get()()
+
+
+class Loop:
+    """The acting agent's loop; see the module docstring."""
+
+    def __init__(self, *, store: Store, keys: Keys, services: dict[str, ServiceRuntime],
+                 leadership: Leadership, settings: Settings, metrics: Metrics | None = None,
+                 emit: Callable[..., None] = lambda *a, **k: None,
+                 strategies: Callable[[str, str | None], Any] | None = None,
+                 reload: Callable[[], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time, waker: Waker | None = None) -> None:
+        self.store, self.keys, self.leadership = store, keys, leadership
+        self.metrics = metrics or Metrics()
+        self.emit, self.clock, self.wall = emit, clock, wall
+        self.on_reload = reload
+        self.waker = waker or Waker()
+        self.stop_requested = False
+        self.reload_requested = False
+        self.pass_wanted = False
+        self.failures: list[str] = []  # failed starts and stops (``run --once`` exits 1)
+        self.next_pass = 0.0
+        self.next_campaign = 0.0
+        self.passes = 0
+        self._seen: dict[str, float] = {}  # instance -> when first seen running (monotonic)
+        self._unhealthy: dict[str, float] = {}  # instance -> unhealthy since (wall clock)
+        self._exited: set[str] = set()  # exits already counted
+        self._published: dict[str, str] = {}  # service -> the problems record last written
+        self._polls_running: set[str] = set()
+        self._poll_workers = DaemonWorkers(4, "poll")
+        self.restarts = Restarts(clock=clock, settings=self._restart_settings)
+        self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
+                                   parallelism=lambda: self.settings.parallelism,
+                                   on_done=self._done, may_act=self._leading)
+        self.deploys = DeployRunner(store=store, keys=keys, emit=self._emit,
+                                    grace=settings.grace,
+                                    strategies=strategies or self._own_strategy,
+                                    leading=self._leading, wake=self.request_pass, clock=clock)
+        self.configure(services, settings)
+
+    # ---------------------------------------------------------------- wiring
+    def configure(self, services: dict[str, ServiceRuntime], settings: Settings) -> None:
+        """Take a (re)built set of services and settings."""
+        self.services, self.settings = services, settings
+        self.deploys.grace = settings.grace
+        self.reconciler = Reconciler(services=services, store=self.store, keys=self.keys,
+                                     emit=self._emit, grace=settings.grace,
+                                     ceiling=settings.max_instances, limit=MAX_ACTIONS)
+        self.scaler = Scaler(services=services, store=self.store, keys=self.keys,
+                             emit=self._emit, dry_run=settings.dry_run)
+        self.scheduler = schedule.Scheduler()
+        for name, runtime in services.items():
+            self.scheduler.every(runtime.source.config.interval).seconds.do(self.poll, name)
+        self.restarts.forget(set(services))
+        self._claims = claims({name: rt.config for name, rt in services.items()})
+
+    def _emit(self, hook: str, **kwargs: Any) -> None:
+        self.emit(hook, **kwargs)
+
+    def _restart_settings(self, service: str) -> Any:
+        runtime = self.services.get(service)
+        return getattr(runtime.config, "restart", None) if runtime else None
+
+    def _own_strategy(self, service: str, name: str | None) -> Any:
+        return self.services[service].strategy
+
+    def _leading(self) -> bool:
+        return self.settings.dry_run or self.leadership.is_leader
+
+    def request_pass(self) -> None:
+        """Ask for a pass as soon as possible (any thread)."""
+        self.pass_wanted = True
+        self.waker.wake()
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+        self.waker.wake()
+
+    def request_reload(self) -> None:
+        self.reload_requested = True
+        self.waker.wake()
+
+    def deploying(self) -> bool:
+        return any(self.deploys.busy(name) for name in self.services)
+
+    # ---------------------------------------------------------------- polls
+    def poll(self, name: str) -> None:
+        """Poll ``name``'s source on a thread of its own, unless a poll of it still runs."""
+        if not self._leading() or name in self._polls_running:
+            return
+        self._polls_running.add(name)
+
+        def run() -> None:
+            try:
+                self.poll_now(name)
+            finally:
+                self._polls_running.discard(name)
+
+        self._poll_workers.put(run)
+
+    def poll_now(self, name: str) -> None:
+        try:
+            self.scaler.poll(name)
+        except StoreError as exc:
+            self.metrics.errors.labels("store").inc()
+            log.warning("%s: store unreachable, desired count unchanged: %s", name, exc)
+        except Exception:
+            self.metrics.errors.labels("scaling").inc()
+            log.exception("%s: the poll failed; the desired count is unchanged", name)
+
+    def poll_all(self) -> None:
+        for name in self.services:
+            self.poll(name)
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> None:
+        """Turn until stopped; then let go of what runs (instances keep running)."""
+        log.info("agent started: %d services", len(self.services))
+        try:
+            while not self.stop_requested:
+                self.turn()
+                if not self.stop_requested:
+                    self.waker.wait(self.timeout())
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self.deploys.stop()
+        self.actuation.close(timeout=1.0)
+
+    def turn(self) -> None:
+        """One turn of the loop (tests call it directly)."""
+        if self.reload_requested and not self.deploying() and self.on_reload is not None:
+            self.reload_requested = False
+            self.on_reload()
+        now = self.clock()
+        leading = self._leading()
+        if not leading and now >= self.next_campaign:
+            self.next_campaign = now + self.leadership.ttl / 3
+            try:
+                leading = self.leadership.campaign()
+            except StoreError as exc:
+                log.warning("store unreachable, cannot campaign: %s", exc)
+            if leading:
+                self.poll_all()
+                self.next_pass = 0.0
+        self.metrics.leader.set(1 if leading else 0)
+        if not leading:
+            self.pass_wanted = False  # a standby passes nothing: store changes are not for it
+            self.metrics.last_pass = self.wall()  # a healthy standby
+            return
+        self.scheduler.run_pending()
+        if self.pass_wanted or now >= self.next_pass:
+            self.run_pass()
+
+    def timeout(self) -> float:
+        """How long the loop may sleep now: never below :data:`MIN_WAIT`."""
+        now = self.clock()
+        if not self._leading():
+            return max(MIN_WAIT, min(self.next_campaign - now, self.settings.interval))
+        if self.pass_wanted:
+            return MIN_WAIT
+        due = [self.next_pass - now, self.settings.interval]
+        idle = self.scheduler.idle_seconds
+        if idle is not None:
+            due.append(idle)
+        return max(MIN_WAIT, min(due))
+
+    # ---------------------------------------------------------------- the pass
+    def run_pass(self) -> None:
+        """One reconcile pass; a failed one is retried shortly and never fatal."""
+        self.pass_wanted = False
+        self.next_pass = self.clock() + QUICK_PASS
+        try:
+            self._pass()
+        except StoreError as exc:
+            self.metrics.errors.labels("store").inc()
+            log.warning("store unreachable, changing nothing: %s", exc)
+        except Exception:
+            self.metrics.errors.labels("pass").inc()
+            log.exception("the pass failed; it is retried shortly")
+
+    def _pass(self) -> None:
+        started = self.clock()
+        mark = self.actuation.tick()
+        views = self.reconciler.observe()
+        dry = self.settings.dry_run
+        if dry:  # nothing was written: plan with the counts the policy decided
+            for name, reading in self.scaler.readings.items():
+                if reading.decision.count is not None and name in views:
+                    views[name].desired = reading.decision.count
+        self._count_exits(views)
+        busy = self.actuation.busy_slots(mark)
+        taken: list[Action] = []
+        for action in self.reconciler.plan(views):
+            if self._hold(action, views[action.service], busy):
+                continue
+            if dry:
+                log.info("would %s", action)
+            elif self.actuation.submit(self.services[action.service], action, busy):
+                taken.append(action)
+        errors: list[str] = []
+        if not dry:
+            stopping = {a.instance.name for a in taken if a.instance is not None}
+            errors += self.reconciler.announce(views, stopping | self.actuation.stopping())
+            if not self.settings.once:
+                errors += self._deploys(views)
+        self._track_health(views)
+        for error in errors:
+            self.metrics.errors.labels("pass").inc()
+            log.warning("%s", error)
+        self._publish(views, dry)
+        self._record_metrics(views, started)
+        self.next_pass = self.clock() + self._next_delay(views)
+        soonest = self.restarts.next_try()
+        if soonest is not None:
+            self.next_pass = min(self.next_pass, soonest)
+
+    def _hold(self, action: Action, view: ServiceView, busy: set[tuple[str, int]]) -> bool:
+        """Whether to leave ``action`` for later (slot busy, backing off, bad port)."""
+        if action.verb != "start":
+            return False
+        if (action.service, action.slot) in busy:
+            return True
+        if not self.restarts.may_start(action.service, action.slot):
+            return True
+        port = action.spec.port if action.spec else None
+        if port is not None:
+            problem = slot_port_problem(action.service, port, self._claims, self.settings.http)
+            if problem:
+                view.problems.append(f"slot {action.slot}: {problem}")
+                return True
+        return False
+
+    def _count_exits(self, views: dict[str, ServiceView]) -> None:
+        """Each instance that exited on its own counts once towards its slot's backoff."""
+        exited_now: set[str] = set()
+        for name, view in views.items():
+            if view.deploy is not None:
+                continue  # the deploy owns its instances and judges them
+            actuator = self.services[name].actuator
+            for instance in view.exited:
+                exited_now.add(instance.name)
+                if instance.name in self._exited:
+                    continue
+                output = None
+                with contextlib.suppress(Exception):
+                    output = actuator.output(instance)
+                self.restarts.failed(name, instance.slot, "exited", code=instance.exit_code,
+                                     output=output)
+                self.metrics.restarts.labels(name).inc()
+        self._exited &= exited_now  # a name that runs again may exit again
+        self._exited |= exited_now
+
+    def _done(self, outcome: Outcome) -> None:
+        action = outcome.action
+        if outcome.error is not None:
+            if action.verb == "start":
+                self.restarts.failed(action.service, action.slot,
+                                     f"start failed: {outcome.error}")
+                self.metrics.restarts.labels(action.service).inc()
+            else:
+                log.error("%s failed: %s", action, outcome.error)
+            self.failures.append(f"{action}: failed: {outcome.error}")
+            del self.failures[:-100]
+        self.request_pass()
+
+    def _track_health(self, views: dict[str, ServiceView]) -> None:
+        now, wall = self.clock(), self.wall()
+        running: set[str] = set()
+        for name, view in views.items():
+            healthy = {i.name for i in view.healthy}
+            for instance in view.running:
+                running.add(instance.name)
+                self._seen.setdefault(instance.name, now)
+                if instance.name in healthy:
+                    self._unhealthy.pop(instance.name, None)
+                    self.restarts.healthy(name, instance.slot)
+                else:
+                    self._unhealthy.setdefault(instance.name, wall)
+        for table in (self._seen, self._unhealthy):
+            for gone in table.keys() - running:
+                del table[gone]
+
+    def _next_delay(self, views: dict[str, ServiceView]) -> float:
+        """Seconds to the next pass: quick only while something is young. An action in
+        flight wakes the loop when it ends; a deploy gets 1 s passes; an instance within its
+        health timeout that has not passed yet gets passes that back off (1, 4, 16 s after
+        it started), so one that never passes costs little more than an idle one."""
+        delay = self.settings.interval
+        if self.actuation.in_flight:
+            return QUICK_PASS
+        now = self.clock()
+        for name, view in views.items():
+            if self.deploys.busy(name):
+                return QUICK_PASS
+            window = getattr(getattr(self.services[name].strategy, "config", None),
+                             "health_timeout", 60.0)
+            healthy = {i.name for i in view.healthy}
+            for instance in view.running:
+                age = now - self._seen.get(instance.name, now)
+                if instance.name not in healthy and age < window:
+                    delay = min(delay, max(QUICK_PASS, 3 * age))
+        return delay
+
+    def _deploys(self, views: dict[str, ServiceView]) -> list[str]:
+        """Run requested deploys; request one where the YAML no longer matches the release."""
+        errors = []
+        for name, view in views.items():
+            runtime = self.services[name]
+            if not view.listed:
+                continue
+            if view.deploy is not None:
+                problem = self.deploys.launch(runtime, view)
+                if problem:
+                    view.problems.append(problem)
+                continue
+            release, wanted = parse_release(view.release), runtime.yaml_release
+            try:
+                if release is None and all(i.version == wanted.version for i in view.running):
+                    self.store.create(self.keys.service(name, "release"),
+                                      json.dumps(wanted.to_json(by="config")))
+                elif release is None or release.spec != wanted.spec:
+                    request_deploy(self.store, self.keys, name, image=wanted.image,
+                                   by="config", reason="config changed")
+                    log.info("%s: the config changed: deploying it", name)
+                    self.request_pass()
+            except (DeployError, StoreError) as exc:
+                errors.append(f"{name}: {exc}")
+        return errors
+
+    def _publish(self, views: dict[str, ServiceView], dry: bool) -> None:
+        """Log each new problem once, and write a service's problems to its ``problems``
+        key only when they change (``shipmate status`` shows them)."""
+        for name, view in views.items():
+            record = {"problems": [{"kind": "problem", "text": p} for p in view.problems]
+                      + self.restarts.problems(name, self.wall()),
+                      "unhealthy": {i.name: self._unhealthy[i.name] for i in view.running
+                                    if i.name in self._unhealthy}}
+            text = json.dumps(record, sort_keys=True)
+            before = self._published.get(name)
+            if before == text:
+                continue
+            seen = set() if before is None else {p["text"] for p in
+                                                 json.loads(before)["problems"] if "text" in p}
+            for problem in view.problems:
+                if problem not in seen:
+                    log.warning("%s: %s", name, problem)
+            if not dry:
+                key = self.keys.service(name, "problems")
+                try:
+                    if record["problems"] or record["unhealthy"]:
+                        self.store.put(key, text)
+                    elif before is not None:
+                        self.store.delete(key)
+                except StoreError as exc:
+                    log.warning("%s: cannot record its problems: %s", name, exc)
+                    continue
+            self._published[name] = text
+        for gone in self._published.keys() - views.keys():
+            del self._published[gone]
+
+    def _record_metrics(self, views: dict[str, ServiceView], started: float) -> None:
+        for name, view in views.items():
+            self.metrics.desired.labels(name).set(
+                view.effective if view.effective is not None else math.nan)
+            unknown = math.nan  # an actuator that could not list: unknown, not zero
+            self.metrics.running.labels(name).set(len(view.running) if view.listed else unknown)
+            self.metrics.healthy.labels(name).set(len(view.healthy) if view.listed else unknown)
+        self.passes += 1
+        self.metrics.passes.inc()
+        self.metrics.pass_seconds.set(self.clock() - started)
+        self.metrics.last_pass = self.wall()
+
+    # ---------------------------------------------------------------- --once
+    def run_once(self, timeout: float = 300.0) -> int:
+        """Campaign, poll every source, one pass, wait for its actions; exit code."""
+        if not self.settings.dry_run and not self.leadership.campaign():
+            log.error("another agent leads this cluster; --once changes nothing")
+            return 1
+        for name in self.services:
+            self.poll_now(name)
+        self.run_pass()
+        deadline = self.clock() + timeout
+        while self.actuation.in_flight and self.clock() < deadline:
+            self.waker.wait(0.1)
+        self.actuation.close(timeout=0)
+        if self.failures:
+            log.error("%d start(s) or stop(s) failed", len(self.failures))
+            return 1
+        return 0

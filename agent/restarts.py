@@ -1,0 +1,127 @@
+"""Crash-loop backoff: a slot whose instance keeps exiting is restarted ever more slowly.
+
+Kubernetes' CrashLoopBackOff and Docker's restart policy are the anchors. Per
+slot of a service: after an exit (or a failed start) the next start waits
+``restart.backoff`` (1 s), doubling after each further failure up to
+``restart.max_backoff`` (5 min); once an instance of the slot has stayed up
+and healthy for ``restart.reset_after`` (10 min) the slot starts afresh.
+
+Each failure is logged once, at WARNING, with the exit code and the last lines
+of the instance's output where the actuator has them. :meth:`Restarts.problems`
+says it in words for ``shipmate status``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agent.durations import format_duration
+
+log = logging.getLogger("shipmate.restarts")
+WINDOW = 3600.0  # exits older than this are forgotten in "N exits in 4m"
+
+
+@dataclass
+class SlotState:
+    failures: int = 0
+    next_try: float = 0.0  # monotonic
+    exits: deque[float] = field(default_factory=lambda: deque(maxlen=1000))
+    last_exit: str = ""
+    up_since: float | None = None  # healthy since (monotonic)
+
+
+class Restarts:
+    """The backoff state of every failing slot, in memory (a new agent starts afresh)."""
+
+    def __init__(self, *, clock: Callable[[], float],
+                 settings: Callable[[str], Any]) -> None:
+        """``settings(service)`` -> that service's ``restart`` block (or None)."""
+        self.clock, self.settings = clock, settings
+        self.slots: dict[tuple[str, int], SlotState] = {}
+
+    def failed(self, service: str, slot: int, what: str, *, code: int | None = None,
+               output: str | None = None, count: bool = True) -> float:
+        """Record an exit or a failed start; return the delay before the slot's next try."""
+        cfg = self.settings(service)
+        if cfg is None:
+            return 0.0
+        now = self.clock()
+        state = self.slots.setdefault((service, slot), SlotState())
+        state.failures += 1
+        state.up_since = None
+        state.exits.append(now)
+        delay = min(cfg.backoff * 2 ** min(state.failures - 1, 30), cfg.max_backoff)
+        state.next_try = now + delay
+        state.last_exit = what if code is None else f"{what} (exit code {code})"
+        tail = " | ".join(line for line in (output or "").splitlines()[-3:] if line.strip())
+        log.warning("%s slot %d: %s; restart %d in %s%s", service, slot, state.last_exit,
+                    state.failures, format_duration(delay),
+                    f"; last output: {tail[:300]}" if tail else "")
+        return delay
+
+    def may_start(self, service: str, slot: int) -> bool:
+        state = self.slots.get((service, slot))
+        return state is None or self.clock() >= state.next_try
+
+    def wait(self, service: str, slot: int) -> float:
+        """Seconds until the slot may start again (0 if it may now)."""
+        state = self.slots.get((service, slot))
+        return 0.0 if state is None else max(0.0, state.next_try - self.clock())
+
+    def next_try(self) -> float | None:
+        """The soonest monotonic time a held slot may start, if any waits."""
+        now = self.clock()
+        waits = [s.next_try for s in self.slots.values() if s.next_try > now]
+        return min(waits) if waits else None
+
+    def healthy(self, service: str, slot: int) -> None:
+        """An instance of the slot passed its health check in this pass."""
+        state = self.slots.get((service, slot))
+        cfg = self.settings(service)
+        if state is None or cfg is None:
+            return
+        now = self.clock()
+        if state.up_since is None:
+            state.up_since = now
+        elif now - state.up_since >= cfg.reset_after:
+            log.info("%s slot %d: up and healthy for %s: its restart delay is reset",
+                     service, slot, format_duration(now - state.up_since))
+            del self.slots[(service, slot)]
+
+    def forget(self, services: set[str]) -> None:
+        """Drop the state of services that are no longer configured."""
+        for key in [k for k in self.slots if k[0] not in services]:
+            del self.slots[key]
+
+    def problems(self, service: str, wall: float) -> list[dict[str, Any]]:
+        """The crash-looping slots of ``service`` (times on the wall clock ``wall``), as
+        records that change only with a new exit: :func:`describe` words them."""
+        now = self.clock()
+        out = []
+        for (name, slot), state in sorted(self.slots.items()):
+            recent = [t for t in state.exits if now - t <= WINDOW]
+            if name != service or state.up_since is not None or not recent:
+                continue
+            out.append({"kind": "crash-loop", "slot": slot, "exits": len(recent),
+                        "restarts": state.failures, "last_exit": state.last_exit,
+                        "since": round(wall - (now - recent[0]), 3),
+                        "last_at": round(wall - (now - recent[-1]), 3),
+                        "next_try_at": round(wall + max(0.0, state.next_try - now), 3)})
+        return out
+
+
+def describe(problem: dict[str, Any], now: float) -> str:
+    """A problem record (of the ``problems`` key) in words, as of wall-clock ``now``."""
+    if problem.get("kind") != "crash-loop":
+        return str(problem.get("text", problem))
+    exits = problem.get("exits", 0)
+    span = format_duration(max(float(problem.get("last_at", now)) - float(
+        problem.get("since", now)), 1.0))
+    wait = float(problem.get("next_try_at", now)) - now
+    return (f"slot {problem.get('slot')} crash-looping: {exits} {'exit' if exits == 1 else 'exits'}"
+            f" in {span}, last: {problem.get('last_exit')}"
+            + (f", next try in {format_duration(wait)}" if wait > 0 else ", restarting"))

@@ -1,0 +1,226 @@
+"""The loop, driven turn by turn with a fake clock: real processes, the embedded store."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from agent.keys import Keys
+from agent.kinds import Context
+from agent.leader import Leadership
+from agent.loop import MIN_WAIT, Loop, Settings
+from agent.restarts import describe
+from agent.runtime import Builder
+from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
+
+
+class Clock:
+    """Monotonic time that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def make_loop(load_test_config, embedded_store, shipmate_plugins, tmp_path):
+    """``make_loop(yaml)`` -> a Loop over the YAML, with a fake clock at ``loop.clock``."""
+    made: list[tuple[Loop, Builder]] = []
+
+    def make(text: str, **settings) -> Loop:
+        config = load_test_config(text)
+        builder = Builder(shipmate_plugins, Context(config.agent.cluster, embedded_store,
+                                                    tmp_path))
+        keys = Keys(config.key_prefix)
+        loop = Loop(store=embedded_store, keys=keys, services=builder.services(config),
+                    leadership=Leadership(embedded_store, keys.leader),
+                    settings=Settings.from_config(config.agent, **settings), clock=Clock())
+        made.append((loop, builder))
+        loop.turn()  # campaigns; its polls run on their own threads: run them here instead
+        for name in loop.services:
+            loop.poll_now(name)
+        loop.pass_wanted = True  # as the store watch would
+        return loop
+
+    yield make
+    for loop, builder in made:
+        loop.close()
+        loop.leadership.resign()
+        builder.close()
+    kill_recorded(tmp_path)
+
+
+def settle(loop: Loop) -> None:
+    """Turn, then follow the wake-ups of finished actions until none is under way (what the
+    running loop does, with the fake clock standing still)."""
+    loop.turn()
+    while True:
+        eventually(lambda: loop.actuation.in_flight == 0, 30, "the actions to end")
+        if not loop.pass_wanted:
+            return
+        loop.turn()
+
+
+def live(tmp_path, service: str) -> list[dict]:
+    return [r for r in process_records(tmp_path) if r["service"] == service
+            and isinstance(r.get("pid"), int) and r["pid"] > 0 and alive(r["pid"])]
+
+
+CRASHING = """
+agent: {cluster: loop}
+services:
+  crash:
+    command: [sh, -c, "echo cannot find the thing >&2; exit 127"]
+    source: {type: static, count: 1}
+    actuator: {type: process}
+"""
+
+
+def test_a_crashing_slot_backs_off_and_status_says_so(make_loop, embedded_store, caplog):
+    loop = make_loop(CRASHING)
+    starts = []
+    loop.emit = lambda hook, **kw: starts.append(kw) if hook == "shipmate_instance_started" \
+        else None
+    caplog.set_level(logging.WARNING, "shipmate.restarts")
+    end = loop.clock.now + 40
+    while loop.clock.now < end:
+        settle(loop)
+        before = len(starts)
+        # let the started process exit for real before the next pass looks
+        eventually(lambda: all(not i.running for i in loop.services["crash"].actuator.list()),
+                   20, "the instance to exit")
+        loop.run_pass()
+        settle(loop)
+        loop.clock.now += max(loop.timeout(), 0.5)
+        assert len(starts) - before <= 1
+    assert 4 <= len(starts) <= 7, f"{len(starts)} starts in 40 s"
+    record = json.loads(embedded_store.get(loop.keys.service("crash", "problems")).value)
+    words = [describe(p, record["problems"][0]["last_at"]) for p in record["problems"]]
+    assert any("crash-looping" in w and "exit code 127" in w for w in words), words
+    lines = [r for r in caplog.records if r.name == "shipmate.restarts"]
+    assert len(lines) == len(starts)  # one line per attempt
+    assert "cannot find the thing" in lines[-1].getMessage()
+    assert loop.metrics.restarts.labels("crash")._value.get() == len(starts)
+
+
+def test_a_start_that_fails_backs_off_too(make_loop, tmp_path):
+    loop = make_loop(CRASHING.replace('[sh, -c, "echo cannot find the thing >&2; exit 127"]',
+                                      "[/no/such/command]"))
+    settle(loop)
+    assert loop.failures and "No such file" in loop.failures[0]
+    assert not loop.restarts.may_start("crash", 0)
+    failures = len(loop.failures)
+    loop.clock.now += 0.5
+    settle(loop)
+    assert len(loop.failures) == failures  # held: the backoff has not run out
+    loop.clock.now += 1.0
+    settle(loop)
+    assert len(loop.failures) == failures + 1
+
+
+WORKERS = """
+agent: {{cluster: loop, max_instances: {ceiling}, parallelism: 8}}
+services:
+  worker:
+    command: [sleep, "300"]
+    source: {{type: static, count: 1}}
+    policy: {{max: 20}}
+    actuator: {{type: process}}
+"""
+
+
+def test_the_agent_never_runs_more_than_max_instances(make_loop, embedded_store, tmp_path):
+    loop = make_loop(WORKERS.format(ceiling=12))
+    embedded_store.put(loop.keys.service("worker", "override"), "100000")
+    most = 0
+    for _ in range(10):
+        settle(loop)
+        most = max(most, len(live(tmp_path, "worker")))
+    assert most == 12
+    views = loop.reconciler.observe()
+    loop.reconciler.plan(views)
+    assert any("above agent.max_instances (12): running 12" in p
+               for p in views["worker"].problems)
+    record = json.loads(embedded_store.get(loop.keys.service("worker", "problems")).value)
+    assert "max_instances" in json.dumps(record)
+
+
+def test_a_huge_count_plans_a_bounded_pass(make_loop, embedded_store):
+    loop = make_loop(WORKERS.format(ceiling=100_000))
+    embedded_store.put(loop.keys.service("worker", "override"), str(10**9))
+    views = loop.reconciler.observe()
+    assert len(loop.reconciler.plan(views)) == loop.reconciler.limit
+
+
+UNHEALTHY = """
+agent: {{cluster: loop, interval: 10s}}
+services:
+  web:
+    command: [sleep, "300"]
+    port: {port}
+    health: {{http: /}}
+    source: {{type: static, count: 1}}
+    actuator: {{type: process}}
+"""
+
+
+def test_an_unhealthy_instance_does_not_quicken_passes(make_loop, tmp_path):
+    loop = make_loop(UNHEALTHY.format(port=port_block(1)))
+    start = loop.clock.now
+    while loop.clock.now - start < 20:
+        settle(loop)
+        loop.clock.now += loop.timeout()
+    assert len(live(tmp_path, "web")) == 1
+    assert loop.passes <= 6, f"{loop.passes} passes in 20 s"
+
+
+def test_a_standby_does_not_spin(make_loop, embedded_store):
+    embedded_store.put("/shipmate/loop/leader", '{"host": "elsewhere", "pid": 1}')
+    loop = make_loop(WORKERS.format(ceiling=10))
+    loop.turn()
+    assert not loop.leadership.is_leader
+    assert loop.timeout() >= loop.leadership.ttl / 3 - 0.01
+    loop.clock.now += loop.timeout()
+    loop.turn()
+    assert loop.timeout() >= MIN_WAIT and loop.passes == 0
+
+
+def test_a_broken_journal_is_one_problem_per_backoff_step(make_loop, embedded_store, tmp_path,
+                                                          caplog):
+    loop = make_loop(WORKERS.format(ceiling=10))
+    settle(loop)
+    pids = {r["pid"] for r in live(tmp_path, "worker")}
+    embedded_store.put(loop.keys.service("worker", "deploy"),
+                       json.dumps({"id": "x1", "phase": "running"}))  # no from, no to
+    caplog.set_level(logging.ERROR, "shipmate.deploy")
+    for _ in range(40):  # 10 s in quarter seconds
+        loop.run_pass()
+        eventually(lambda: not loop.deploys.busy("worker"), 10, "the deploy thread")
+        loop.clock.now += 0.25
+    lines = [r for r in caplog.records if "cannot be run" in r.getMessage()]
+    assert 2 <= len(lines) <= 5  # tries at 0, 1, 3, 7 s
+    assert "deploy journal /shipmate/loop/services/worker/deploy" in lines[0].getMessage()
+    record = json.loads(embedded_store.get(loop.keys.service("worker", "problems")).value)
+    assert any("cannot be run" in p["text"] for p in record["problems"])
+    assert {r["pid"] for r in live(tmp_path, "worker")} == pids  # nothing stopped
+
+
+def test_a_slot_past_65535_is_never_started(make_loop, embedded_store, tmp_path):
+    loop = make_loop("""
+        agent: {cluster: loop}
+        services:
+          edge:
+            command: [sleep, "300"]
+            port: 65534
+            source: {type: static, count: 1}
+            actuator: {type: process}
+        """)
+    embedded_store.put(loop.keys.service("edge", "override"), "3")
+    settle(loop)
+    assert sorted(r["port"] for r in live(tmp_path, "edge")) == [65534, 65535]
+    record = json.loads(embedded_store.get(loop.keys.service("edge", "problems")).value)
+    assert any("port 65536 is past 65535" in p["text"] for p in record["problems"])
