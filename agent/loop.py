@@ -494,16 +494,20 @@ class Loop:
 
     # ---------------------------------------------------------------- --once
     def run_once(self, timeout: float = 300.0) -> int:
-        """Campaign, poll every source, one pass, wait for its actions; exit code."""
+        """Campaign, poll every source, then pass until nothing is left to do (no later
+        pass would take what this one could not); the exit code says if anything failed."""
         if not self.settings.dry_run and not self.leadership.campaign():
             log.error("another agent leads this cluster; --once changes nothing")
             return 1
         for name in self.services:
             self.poll_now(name)
-        self.run_pass()
         deadline = self.clock() + timeout
-        while self.actuation.in_flight and self.clock() < deadline:
-            self.waker.wait(0.1)
+        while True:
+            self.run_pass()
+            while self.actuation.in_flight and self.clock() < deadline:
+                self.waker.wait(0.1)
+            if not self.pass_wanted or self.clock() >= deadline:
+                break  # nothing was taken, so nothing ended and asked for another pass
         self.actuation.close(timeout=0)
         if self.failures:
             log.error("%d start(s) or stop(s) failed", len(self.failures))
