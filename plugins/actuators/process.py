@@ -98,14 +98,20 @@ class ProcessActuator(Actuator):
         return Instance(name=record["name"], service=record["service"], slot=record["slot"],
                         version=record["version"], host=self.config.host, port=record["port"],
                         running=alive, cluster=self.context.cluster, ref=record,
-                        exit_code=None if alive else self.exit_codes.get(record["pid"]))
+                        exit_code=None if alive else self._reap(record["pid"]))
+
+    def _reap(self, pid: int) -> int | None:
+        """How our own child ``pid`` ended (reaping it), if it was ours and has ended."""
+        child = self.children.get(pid)
+        code = child.poll() if child is not None else None
+        if code is not None:
+            self.exit_codes[pid] = code
+            self.children.pop(pid, None)
+        return self.exit_codes.get(pid)
 
     def list(self) -> list[Instance]:
-        for pid, child in list(self.children.items()):  # the loop and a deploy both list
-            code = child.poll()  # reap our own exited children
-            if code is not None:
-                self.exit_codes[pid] = code
-                self.children.pop(pid, None)
+        for pid in list(self.children):  # the loop and a deploy both list
+            self._reap(pid)  # reap our own exited children
         out = []
         for path in sorted(self.records.glob("*.json")):
             try:
@@ -218,6 +224,7 @@ class ProcessActuator(Actuator):
             self._signal(pid, signal.SIGKILL)
             self._gone(pid, ticks, 5.0)
         self.children.pop(pid, None)
+        self.exit_codes.pop(pid, None)
         (self.records / f"{instance.name}.json").unlink(missing_ok=True)
 
     def _alive(self, pid: int, ticks: int) -> bool:

@@ -89,3 +89,64 @@ def test_a_command_that_cannot_run_is_a_clear_error(actuator):
         actuator.start(spec(0, ["no-such-binary"]))
     with pytest.raises(ValueError, match="has no command"):
         actuator.start(spec(0, []))
+
+
+def test_an_agent_killed_between_record_and_spawn_leaves_a_visible_instance(
+        actuator, tmp_path, embedded_store):
+    """The record is written before the spawn: what a killed agent leaves is completed."""
+    import os
+    import subprocess
+
+    name = "t-svc-4-v1"
+    record = {"name": name, "service": "svc", "slot": 4, "version": "v1", "port": None,
+              "pid": None, "ticks": None, "command": ["sleep", "60"], "labels": {},
+              "log": "", "written": time.time()}
+    (tmp_path / "processes" / "t" / f"{name}.json").write_text(json.dumps(record))
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True,
+                             env={**os.environ, "SHIPMATE_INSTANCE": name})
+    try:
+        again = ProcessActuator(ProcessConfig(), Context("t", embedded_store, tmp_path))
+        (found,) = again.list()
+        assert found.running and found.ref["pid"] == child.pid
+        again.stop(found, grace=2)
+        assert child.wait(10) is not None
+    finally:
+        child.kill()
+
+
+def test_a_record_whose_spawn_never_happened_becomes_an_exited_instance(actuator, tmp_path):
+    record = {"name": "t-svc-5-v1", "service": "svc", "slot": 5, "version": "v1",
+              "port": None, "pid": None, "ticks": None, "command": ["x"], "labels": {},
+              "log": "", "written": time.time() - 3600}
+    (tmp_path / "processes" / "t" / "t-svc-5-v1.json").write_text(json.dumps(record))
+    (listed,) = actuator.list()
+    assert not listed.running
+    actuator.stop(listed, grace=1)
+    assert actuator.list() == []
+
+
+def test_exit_code_and_output_of_an_exited_instance(actuator):
+    actuator.start(spec(6, ["sh", "-c", "echo first; echo the reason >&2; exit 3"]))
+    exited = eventually(lambda: (i := actuator.list()[0]) and not i.running and i)
+    assert exited.exit_code == 3
+    assert actuator.output(exited).splitlines()[-1] == "the reason"
+
+
+def test_logs_rotate_and_go_with_their_instance(tmp_path, embedded_store):
+    actuator = ProcessActuator(ProcessConfig(log_max_bytes=1000, log_keep=2, log_retention=0),
+                               Context("t", embedded_store, tmp_path))
+    logs = tmp_path / "logs"
+    try:
+        instance = actuator.start(spec(7, ["sh", "-c", "head -c 5000 /dev/zero; exec sleep 60"]))
+        log = logs / f"{instance.name}.log"
+        eventually(lambda: log.stat().st_size >= 5000, what="the output")
+        actuator._next_tend = 0
+        actuator.list()
+        assert log.stat().st_size < 1000 and (logs / f"{instance.name}.log.1").stat(
+            ).st_size >= 5000
+        actuator.stop(actuator.list()[0], grace=1)
+        actuator._next_tend = 0
+        actuator.list()
+        assert not list(logs.glob(f"{instance.name}.log*"))
+    finally:
+        kill_recorded(tmp_path)

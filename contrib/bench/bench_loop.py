@@ -1,0 +1,123 @@
+"""Benchmark: how fast the agent stops in the middle of a big scale-up, and what a standby costs.
+
+Runs real ``shipmate run`` processes on the embedded store with the process
+actuator (``sleep`` instances) in a temporary folder, and prints:
+
+- SIGTERM to exit, one second into a scale-up to ``--instances`` (default
+  1,000), against SIGTERM to exit of the same agent when idle (the baseline,
+  measured in the same run): the ratio says what a scale-up adds to stopping;
+- the CPU of an idle standby (a second agent while the first leads) and of the
+  idle leader over ``--seconds``, in % of one core, and their ratio.
+
+Every instance started is killed at the end.
+
+    python3 contrib/bench/bench_loop.py [--instances 1000] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = """
+agent: {{cluster: bench, interval: 10s, max_instances: {n}, parallelism: 8}}
+services:
+  web:
+    command: [sleep, "600"]
+    source: {{type: static, count: 1}}
+    actuator: {{type: process}}
+"""
+
+
+def agent(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+
+
+def shipmate(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "agent", *args], cwd=ROOT, check=True,
+                   capture_output=True)
+
+
+def instances(folder: Path) -> int:
+    return len(list(folder.glob(".shipmate/processes/bench/*.json")))
+
+
+def wait_for(check, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit("timed out")
+        time.sleep(0.05)
+
+
+def stop_time(process: subprocess.Popen[bytes]) -> float:
+    sent = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    process.wait(120)
+    return time.monotonic() - sent
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def kill_all(folder: Path) -> None:
+    config = folder / "agent.yaml"
+    shipmate("scale", "-c", str(config), "web", "0", "--force")
+    shipmate("run", "-c", str(config), "--once")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--instances", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        config = folder / "agent.yaml"
+        config.write_text(CONFIG.format(n=args.instances))
+        try:
+            idle = agent(config)
+            wait_for(lambda: instances(folder) == 1, 60)
+            time.sleep(1)
+            baseline = stop_time(idle)
+
+            shipmate("scale", "-c", str(config), "web", str(args.instances), "--force")
+            busy = agent(config)
+            wait_for(lambda: instances(folder) > 10, 60)
+            time.sleep(1)
+            started = instances(folder)
+            during = stop_time(busy)
+            print(f"SIGTERM to exit, idle: {baseline * 1000:.0f} ms; one second into a "
+                  f"scale-up to {args.instances} ({started} started): {during * 1000:.0f} ms "
+                  f"= x{during / baseline:.2f}")
+
+            shipmate("scale", "-c", str(config), "web", "1", "--force")
+            leader = agent(config)
+            wait_for(lambda: instances(folder) <= 1, 300)
+            standby = agent(config)
+            time.sleep(2)
+            before = {p.pid: cpu_seconds(p.pid) for p in (leader, standby)}
+            time.sleep(args.seconds)
+            used = {p.pid: (cpu_seconds(p.pid) - before[p.pid]) / args.seconds * 100
+                    for p in (leader, standby)}
+            print(f"idle CPU over {args.seconds:.0f} s: standby {used[standby.pid]:.2f} % of a "
+                  f"core, leader {used[leader.pid]:.2f} % = x"
+                  f"{used[standby.pid] / max(used[leader.pid], 0.01):.2f}")
+            for p in (standby, leader):
+                stop_time(p)
+        finally:
+            kill_all(folder)
+
+
+if __name__ == "__main__":
+    main()
