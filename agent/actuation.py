@@ -50,7 +50,7 @@ class Actuation:
 
     def __init__(self, *, emit: Callable[..., None], grace: Callable[[], float],
                  parallelism: Callable[[], int], on_done: Callable[[Outcome], None],
-                 may_act: Callable[[], bool] = lambda: True) -> None:
+                 may_act: Callable[[int], bool] = lambda term: True) -> None:
         self.emit, self.grace, self.parallelism = emit, grace, parallelism
         self.on_done, self.may_act = on_done, may_act
         self._lock = threading.Lock()
@@ -88,8 +88,11 @@ class Actuation:
         return max(1, min(self.parallelism(), getattr(actuator, "parallelism", 1)))
 
     # ---------------------------------------------------------------- work
-    def submit(self, runtime: ServiceRuntime, action: Action, busy: set[SlotKey]) -> bool:
-        """Take ``action`` if its slot is free and its actuator has a free worker."""
+    def submit(self, runtime: ServiceRuntime, action: Action, busy: set[SlotKey],
+               term: int = 0) -> bool:
+        """Take ``action`` if its slot is free and its actuator has a free worker; it runs
+        only if ``may_act(term)`` still holds when its worker begins (a plan of a lost
+        leadership term is dropped)."""
         key = (action.service, action.slot)
         actuator = runtime.actuator
         with self._lock:
@@ -101,16 +104,16 @@ class Actuation:
             self._busy[key] = action
         # a daemon thread per action, not a pool: an agent told to stop exits at once,
         # leaving a slow start to finish (or die) on its own
-        threading.Thread(target=self._do, args=(runtime, action), daemon=True,
+        threading.Thread(target=self._do, args=(runtime, action, term), daemon=True,
                          name=f"{action.verb}-{action.service}-{action.slot}").start()
         return True
 
-    def _do(self, runtime: ServiceRuntime, action: Action) -> None:
+    def _do(self, runtime: ServiceRuntime, action: Action, term: int) -> None:
         key = (action.service, action.slot)
         error, instance = None, None
         try:
-            if not self.may_act():
-                error = "not started: this agent no longer acts for the cluster"
+            if not self.may_act(term):
+                error = "dropped: this agent no longer acts for the cluster"
             elif action.verb == "stop":
                 assert action.instance is not None
                 if runtime.announcer is not None:

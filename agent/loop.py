@@ -151,7 +151,7 @@ class Loop:
         self.restarts = Restarts(clock=clock, settings=self._restart_settings)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
                                    parallelism=lambda: self.settings.parallelism,
-                                   on_done=self._done, may_act=self._leading)
+                                   on_done=self._done, may_act=self._may_act)
         self.deploys = DeployRunner(store=store, keys=keys, emit=self._emit,
                                     grace=settings.grace,
                                     strategies=strategies or self._own_strategy,
@@ -186,6 +186,14 @@ class Loop:
 
     def _leading(self) -> bool:
         return self.settings.dry_run or self.leadership.is_leader
+
+    def _may_act(self, term: int) -> bool:
+        return self.settings.dry_run or self.leadership.valid(term)
+
+    def campaign_now(self) -> None:
+        """The leader key is vacant (any thread): a standby campaigns at once."""
+        self.next_campaign = 0.0
+        self.waker.wake()
 
     def request_pass(self) -> None:
         """Ask for a pass as soon as possible (any thread)."""
@@ -302,6 +310,7 @@ class Loop:
 
     def _pass(self) -> None:
         started = self.clock()
+        term = self.leadership.term
         mark = self.actuation.tick()
         views = self.reconciler.observe()
         dry = self.settings.dry_run
@@ -317,7 +326,11 @@ class Loop:
                 continue
             if dry:
                 log.info("would %s", action)
-            elif self.actuation.submit(self.services[action.service], action, busy):
+                continue
+            if not self.leadership.valid(term):
+                log.warning("leadership lost during the pass: its plan is dropped")
+                return
+            if self.actuation.submit(self.services[action.service], action, busy, term):
                 taken.append(action)
         errors: list[str] = []
         if not dry:

@@ -19,7 +19,7 @@ from typing import Any
 from agent.config import Config, ConfigError, load_config
 from agent.keys import Keys
 from agent.kinds import Context, PluginType
-from agent.leader import Leadership
+from agent.leader import FencedStore, Leadership
 from agent.loop import Loop, Settings
 from agent.metrics import Metrics, serve
 from agent.plugins import PluginError, Plugins, load_plugins
@@ -132,12 +132,16 @@ class Agent:
         self.keys = Keys(self.config.key_prefix)
         self.metrics = Metrics()
         self.leadership = Leadership(self.store, self.keys.leader,
-                                     ttl=self.config.agent.leader_ttl)
-        context = Context(cluster=self.config.agent.cluster, store=self.store,
+                                     ttl=self.config.agent.leader_ttl,
+                                     on_change=lambda leading: self.loop.request_pass())
+        # what acts for the leader writes through the fence (the raw store stays for reads
+        # of the CLI and for leadership itself); a dry run writes nothing
+        acting = self.store if dry_run else FencedStore(self.store, self.leadership)
+        context = Context(cluster=self.config.agent.cluster, store=acting,
                           state_dir=self.config.resolve(self.config.agent.state_dir),
                           wake=lambda: self.loop.request_pass())
         self.builder = Builder(self.plugins, context)
-        self.loop = Loop(store=self.store, keys=self.keys,
+        self.loop = Loop(store=acting, keys=self.keys,
                          services=self.builder.services(self.config),
                          leadership=self.leadership, settings=self._settings(),
                          metrics=self.metrics, emit=self._emit, strategies=self._strategy,
@@ -223,6 +227,8 @@ class Agent:
             if self.config.agent.http and not self.once:
                 server = self._serve()
             watch = self.store.watch(self.keys.services, self._on_watch)
+            if not self.once and not self.dry_run:
+                self.leadership.watch(self.loop.campaign_now)
             if self.once:
                 return self.loop.run_once()
             log.info("cluster %s, store %s", self.config.agent.cluster,

@@ -5,12 +5,22 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store.base import (
+    Entry,
+    Fence,
+    Lease,
+    NotLeading,
+    Store,
+    StoreError,
+    Watch,
+    WatchEvent,
+)
 
 if TYPE_CHECKING:
     from agent.config import StoreConfig
 
-__all__ = ["Entry", "Lease", "Store", "StoreError", "Watch", "WatchEvent", "open_store"]
+__all__ = ["Entry", "Fence", "Lease", "NotLeading", "Store", "StoreError", "Watch",
+           "WatchEvent", "open_store"]
 
 
 def open_store(config: StoreConfig) -> Store:

@@ -17,6 +17,12 @@ Semantics every backend keeps (the contract suite in tests/agent/store checks th
   events and re-read state, because etcd may compact history and drop watches.
 - Any failure to reach the backend raises :class:`StoreError`, never a library's
   own exception, so callers can freeze instead of acting on a half answer.
+- A write given a :class:`Fence` succeeds only while the fence's key is held on
+  the fence's lease, checked by the store in the same transaction as the write
+  (etcd v3: a compare on the key's lease; embedded: inside its SQLite
+  transaction); otherwise it raises :class:`NotLeading` and changes nothing.
+  Backends without multi-key transactions (etcd v2) say so with
+  ``fences = False`` and ignore the fence: callers rely on their own deadline.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from dataclasses import dataclass
 
 class StoreError(Exception):
     """The store could not be reached or answered with an error."""
+
+
+class NotLeading(StoreError):
+    """A fenced write was refused: the fence's key is no longer held on its lease (or the
+    caller's own deadline passed before it was sent). Nothing was written."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +72,14 @@ class Lease(ABC):
         """End the lease now, deleting its keys."""
 
 
+@dataclass(frozen=True)
+class Fence:
+    """Makes a write conditional on ``key`` being held on ``lease`` (the leader key)."""
+
+    key: str
+    lease: Lease
+
+
 class Watch(ABC):
     """A running watch; ``cancel`` stops it."""
 
@@ -76,6 +95,8 @@ class Store(ABC):
     """
 
     round_trips: int = 0
+    fences: bool = True
+    "whether fenced writes are checked by the store itself (False: the fence is ignored)"
 
     @abstractmethod
     def get(self, key: str) -> Entry | None:
@@ -86,22 +107,30 @@ class Store(ABC):
         """Every entry whose key starts with ``prefix``, in one request."""
 
     @abstractmethod
-    def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
-        """Write unconditionally; return the new revision."""
+    def put(self, key: str, value: str, *, lease: Lease | None = None,
+            fence: Fence | None = None) -> int:
+        """Write unconditionally (but for the fence); return the new revision."""
 
     @abstractmethod
-    def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
+    def create(self, key: str, value: str, *, lease: Lease | None = None,
+               fence: Fence | None = None) -> bool:
         """Write only if ``key`` is absent; False if it exists."""
 
     @abstractmethod
     def replace(
-        self, key: str, value: str, revision: int, *, lease: Lease | None = None
+        self, key: str, value: str, revision: int, *, lease: Lease | None = None,
+        fence: Fence | None = None,
     ) -> bool:
         """Write only if ``key`` exists at ``revision``; False otherwise."""
 
     @abstractmethod
-    def delete(self, key: str, revision: int | None = None) -> bool:
+    def delete(self, key: str, revision: int | None = None, *,
+               fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""
+
+    def lease_left(self, key: str) -> float | None:
+        """Seconds until the lease ``key`` is written on ends (None: no lease, or unknown)."""
+        return None
 
     @abstractmethod
     def lease(self, ttl: float) -> Lease:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store.base import Entry, Fence, Lease, NotLeading, Store, StoreError, Watch, WatchEvent
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (id INTEGER PRIMARY KEY CHECK (id = 0), rev INTEGER NOT NULL);
@@ -215,32 +215,52 @@ class EmbeddedStore(Store):
             ).fetchall()
         return {row[0]: Entry(*row) for row in rows}
 
-    def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
+    def _fenced(self, db: sqlite3.Connection, fence: Fence | None) -> None:
+        if fence is None:
+            return
+        row = db.execute("SELECT lease FROM kv WHERE key = ?", (fence.key,)).fetchone()
+        if row is None or row[0] != fence.lease.id:  # type: ignore[attr-defined]
+            raise NotLeading(f"{fence.key} is no longer held by this agent: write refused")
+
+    def put(self, key: str, value: str, *, lease: Lease | None = None,
+            fence: Fence | None = None) -> int:
         with self._tx() as db:
+            self._fenced(db, fence)
             return self._write(db, key, value, lease)
 
-    def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
+    def create(self, key: str, value: str, *, lease: Lease | None = None,
+               fence: Fence | None = None) -> bool:
         with self._tx() as db:
+            self._fenced(db, fence)
             if self._revision(db, key) is not None:
                 return False
             self._write(db, key, value, lease)
             return True
 
     def replace(self, key: str, value: str, revision: int, *,
-                lease: Lease | None = None) -> bool:
+                lease: Lease | None = None, fence: Fence | None = None) -> bool:
         with self._tx() as db:
+            self._fenced(db, fence)
             if self._revision(db, key) != revision:
                 return False
             self._write(db, key, value, lease)
             return True
 
-    def delete(self, key: str, revision: int | None = None) -> bool:
+    def delete(self, key: str, revision: int | None = None, *,
+               fence: Fence | None = None) -> bool:
         with self._tx() as db:
+            self._fenced(db, fence)
             current = self._revision(db, key)
             if current is None or (revision is not None and current != revision):
                 return False
             self._write(db, key, None)
             return True
+
+    def lease_left(self, key: str) -> float | None:
+        with self._tx() as db:
+            row = db.execute("SELECT l.expires FROM kv JOIN leases l ON kv.lease = l.id "
+                             "WHERE kv.key = ?", (key,)).fetchone()
+        return max(0.0, row[0] - time.time()) if row else None
 
     def lease(self, ttl: float) -> Lease:
         with self._tx() as db:

@@ -41,7 +41,7 @@ from urllib.parse import SplitResult, quote, unquote
 import etcd
 import urllib3
 
-from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store.base import Entry, Fence, Lease, Store, StoreError, Watch, WatchEvent
 from agent.store.endpoints import never_sent, parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -298,7 +298,13 @@ class _Cleared(Exception):
 
 
 class Etcd2Store(Store):
-    """The ``etcd2`` backend: etcd's v2 API at ``endpoints`` (tried in turn)."""
+    """The ``etcd2`` backend: etcd's v2 API at ``endpoints`` (tried in turn).
+
+    v2 has no multi-key transactions: a write's fence is not checked by etcd
+    (``fences = False``); the agent relies on its local leadership deadline.
+    """
+
+    fences = False
 
     def __init__(self, endpoints: list[str], timeout: float = 5.0) -> None:
         if not endpoints:
@@ -429,7 +435,8 @@ class Etcd2Store(Store):
                 entries[node.key] = Entry(node.key, node.value, node.modifiedIndex)
         return dict(sorted(entries.items()))
 
-    def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
+    def put(self, key: str, value: str, *, lease: Lease | None = None,
+            fence: Fence | None = None) -> int:
         """Write unconditionally; return the new modifiedIndex."""
         path, ttl = _path(key), self._ttl(lease)
         try:
@@ -439,7 +446,8 @@ class Etcd2Store(Store):
         self._lease_write(key, lease, result.modifiedIndex)
         return result.modifiedIndex
 
-    def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
+    def create(self, key: str, value: str, *, lease: Lease | None = None,
+               fence: Fence | None = None) -> bool:
         """Write only if ``key`` is absent (``prevExist=false``)."""
         path, ttl = _path(key), self._ttl(lease)
         try:
@@ -451,7 +459,7 @@ class Etcd2Store(Store):
         return True
 
     def replace(self, key: str, value: str, revision: int, *,
-                lease: Lease | None = None) -> bool:
+                lease: Lease | None = None, fence: Fence | None = None) -> bool:
         """Write only if ``key`` exists at ``revision`` (``prevIndex``)."""
         path, ttl = _path(key), self._ttl(lease)
         if revision <= 0:  # v2 ignores prevIndex=0: it would write unconditionally
@@ -464,7 +472,8 @@ class Etcd2Store(Store):
         self._lease_write(key, lease, result.modifiedIndex)
         return True
 
-    def delete(self, key: str, revision: int | None = None) -> bool:
+    def delete(self, key: str, revision: int | None = None, *,
+               fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given, via ``prevIndex``)."""
         if revision is not None and revision <= 0:
             return False

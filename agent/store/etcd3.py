@@ -36,7 +36,16 @@ from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Et
 from etcd3gw.lease import Lease as GwLease
 from urllib3.exceptions import ReadTimeoutError
 
-from agent.store.base import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store.base import (
+    Entry,
+    Fence,
+    Lease,
+    NotLeading,
+    Store,
+    StoreError,
+    Watch,
+    WatchEvent,
+)
 from agent.store.endpoints import never_sent, parse_endpoint
 
 log = logging.getLogger(__name__)
@@ -339,10 +348,29 @@ class Etcd3Store(Store):
     def _lease_id(lease: Lease | None) -> dict[str, Any]:
         return {} if lease is None else {"lease": lease.id}  # type: ignore[attr-defined]
 
-    def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]]) -> bool:
-        txn = {"compare": compare, "success": success, "failure": []}
+    def _txn(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+             fence: Fence | None = None) -> bool:
+        return bool(self._txn_reply(compare, success, fence).get("succeeded"))
+
+    def _txn_reply(self, compare: list[dict[str, Any]], success: list[dict[str, Any]],
+                   fence: Fence | None = None) -> dict[str, Any]:
+        """One transaction; with a fence, also compare the fence key's lease, and tell a
+        refused fence (NotLeading) from a lost compare-and-set (not succeeded)."""
+        failure: list[dict[str, Any]] = []
+        if fence is not None:
+            k = _b64(fence.key)
+            compare = [*compare, {"key": k, "target": "LEASE", "result": "EQUAL",
+                                  "lease": str(fence.lease.id)}]  # type: ignore[attr-defined]
+            failure = [{"request_range": {"key": k}}]
+        txn = {"compare": compare, "success": success, "failure": failure}
         reply = self._call(lambda c: c.transaction(txn), idempotent=False)
-        return bool(reply.get("succeeded"))
+        if fence is not None and not reply.get("succeeded"):
+            responses = reply.get("responses") or [{}]
+            kvs = (responses[0].get("response_range") or {}).get("kvs") or []
+            held = kvs and int(kvs[0].get("lease", 0)) == fence.lease.id  # type: ignore
+            if not held:
+                raise NotLeading(f"{fence.key} is no longer held by this agent: write refused")
+        return reply
 
     # -- the contract -----------------------------------------------------
     def get(self, key: str) -> Entry | None:
@@ -358,22 +386,28 @@ class Etcd3Store(Store):
         entries = (self._entry(kv) for kv in reply.get("kvs") or [])
         return {entry.key: entry for entry in entries}
 
-    def put(self, key: str, value: str, *, lease: Lease | None = None) -> int:
-        """Write unconditionally; return the new revision."""
+    def put(self, key: str, value: str, *, lease: Lease | None = None,
+            fence: Fence | None = None) -> int:
+        """Write unconditionally (but for the fence); return the new revision."""
         payload = {"key": _b64(key), "value": _b64(value), **self._lease_id(lease)}
+        if fence is not None:
+            reply = self._txn_reply([], [{"request_put": payload}], fence)
+            return int(reply["header"]["revision"])
         reply = self._post("/kv/put", payload, idempotent=False)
         return int(reply["header"]["revision"])
 
-    def create(self, key: str, value: str, *, lease: Lease | None = None) -> bool:
+    def create(self, key: str, value: str, *, lease: Lease | None = None,
+               fence: Fence | None = None) -> bool:
         """Write only if ``key`` is absent (a transaction on create_revision == 0)."""
         k = _b64(key)
         return self._txn(
             [{"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}],
             [{"request_put": {"key": k, "value": _b64(value), **self._lease_id(lease)}}],
+            fence,
         )
 
     def replace(self, key: str, value: str, revision: int, *,
-                lease: Lease | None = None) -> bool:
+                lease: Lease | None = None, fence: Fence | None = None) -> bool:
         """Write only if ``key`` exists at ``revision`` (a transaction on mod_revision)."""
         if revision <= 0:
             return False
@@ -381,20 +415,32 @@ class Etcd3Store(Store):
         return self._txn(
             [{"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision}],
             [{"request_put": {"key": k, "value": _b64(value), **self._lease_id(lease)}}],
+            fence,
         )
 
-    def delete(self, key: str, revision: int | None = None) -> bool:
+    def delete(self, key: str, revision: int | None = None, *,
+               fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""
         k = _b64(key)
-        if revision is None:
+        if revision is None and fence is None:
             reply = self._post("/kv/deleterange", {"key": k}, idempotent=False)
             return int(reply.get("deleted", 0)) > 0
-        if revision <= 0:
+        if revision is not None and revision <= 0:
             return False
-        return self._txn(
-            [{"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision}],
-            [{"request_delete_range": {"key": k}}],
-        )
+        compare = [] if revision is None else [
+            {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision}]
+        return self._txn(compare, [{"request_delete_range": {"key": k}}], fence)
+
+    def lease_left(self, key: str) -> float | None:
+        """Seconds left on the lease ``key`` is written on (one range, one time-to-live)."""
+        reply = self._post("/kv/range", {"key": _b64(key)}, idempotent=True)
+        kvs = reply.get("kvs") or []
+        lease_id = int(kvs[0].get("lease", 0)) if kvs else 0
+        if not lease_id:
+            return None
+        ttl = self._post("/lease/timetolive", {"ID": str(lease_id)}, idempotent=True)
+        left = int(ttl.get("TTL", -1))
+        return float(left) if left >= 0 else None
 
     def lease(self, ttl: float) -> Lease:
         """Grant an etcd lease of ``ttl`` seconds (rounded up; etcd may enforce a minimum)."""

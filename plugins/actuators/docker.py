@@ -74,6 +74,7 @@ LABEL_PORT = "shipmate.port"
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
 EVENT_BACKOFF = (0.2, 5.0)  # seconds between event-stream reconnects: first, at most
 WAKE_ACTIONS = {"die", "oom", "destroy", "stop"}  # plus every "health_status: ..."
+EVENT_RECHECK = 0.5  # seconds after an event the agent is woken once more
 _HEALTH = re.compile(r"\((healthy|unhealthy|health: starting)\)")
 
 
@@ -526,6 +527,10 @@ class DockerActuator(Actuator):
                     action = str(event.get("Action") or event.get("status") or "")
                     if action in WAKE_ACTIONS or action.startswith("health_status"):
                         self.context.wake()
+                        # the engine's container list can lag its event: look once more
+                        again = threading.Timer(EVENT_RECHECK, self.context.wake)
+                        again.daemon = True
+                        again.start()
                 if not self._stop.is_set():
                     raise ConnectionError("the event stream ended")
             except Exception as exc:  # noqa: BLE001 - the stream is a hint, never fatal
