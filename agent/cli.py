@@ -111,6 +111,11 @@ def check(config_path: str) -> None:
     console.print(f"{config_path}: ok: cluster {config.agent.cluster}, "
                   f"{len(config.services)} services, {len(plugins.infos)} plugins",
                   highlight=False)
+    if config.agent.store.backend == "etcd2":
+        err.print("note: the etcd2 backend (v2 API) has no multi-key transactions, so writes "
+                  "are not fenced on the leader key: with more than one agent per cluster, "
+                  "only each agent's own leadership deadline keeps a deposed agent from "
+                  "writing; prefer backend: etcd (v3)", highlight=False)
 
 
 def _views(config_path: str, *, health: bool = True):
@@ -176,6 +181,10 @@ def status(config_path: str, as_json: bool) -> None:
     config, store, keys, builder, reconciler, views = _views(config_path)
     try:
         leader = store.get(keys.leader)
+        if leader is not None:
+            holder = parse_object(leader.value)
+            holder = {k: holder.get(k) for k in ("host", "pid", "since", "ttl")}
+            holder["lease_left"] = store.lease_left(keys.leader)
         states = {name: read_state(store, keys, name) for name in views}
     finally:
         builder.close()
@@ -209,7 +218,7 @@ def status(config_path: str, as_json: bool) -> None:
         })
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
-                               "leader": parse_object(leader.value) if leader else None,
+                               "leader": holder if leader else None,
                                "services": rows}, indent=2))
         return
     table = Table(title=f"cluster {config.agent.cluster}")
@@ -223,6 +232,16 @@ def status(config_path: str, as_json: bool) -> None:
                       str(release.get("image") or release.get("version") or "-"),
                       f"{deploy.get('phase', '?')}" if deploy else "-")
     console.print(table)
+    if leader:
+        since = holder.get("since")
+        left = holder.get("lease_left")
+        console.print(
+            f"leader: {holder.get('host')} pid {holder.get('pid')}"
+            + (f", since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(since))}"
+               if isinstance(since, int | float) and not isinstance(since, bool)
+               and 0 < since < 1e11 else "")
+            + (f", lease ends in {format_duration(left)}" if isinstance(left, float) else ""),
+            highlight=False)
     if not leader:
         console.print("[yellow]no agent is acting for this cluster[/yellow]")
     for name, runtime in reconciler.services.items():

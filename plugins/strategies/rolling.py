@@ -6,7 +6,10 @@ never fewer than ``count - batch`` healthy instances serve. ``start-first``
 starts the replacements on free slots first and stops the old ones only once
 the new ones are healthy: never fewer than ``count``. Each step is worked out
 from what runs, so a resumed deploy carries on where the last one stopped, and
-a rollback is the same walk back to the old release.
+a rollback is the same walk back to the old release. A deploy first fills the
+slots a dead agent emptied and lets instances still starting pass (with their
+full health timeout), so a resumed deploy never dips below ``count - batch``
+and never blames an instance that was only starting.
 """
 
 from __future__ import annotations
@@ -67,6 +70,7 @@ class RollingStrategy(Strategy):
         config: RollingConfig = self.config
         target, count = deploy.target, deploy.desired
         batch, failures = config.size(count), 0
+        self._recover(deploy, count)
         while True:
             instances = deploy.instances()
             for dead in (i for i in instances if not i.running):
@@ -107,6 +111,25 @@ class RollingStrategy(Strategy):
             if config.pause and old[batch:]:
                 deploy.stopping.wait(config.pause)
                 deploy.check()
+
+    def _recover(self, deploy, count: int) -> None:
+        """First, before anything is stopped (a resumed deploy, or one that begins short):
+        slots a dead agent emptied are filled, and instances of the target still starting
+        get their full health timeout; neither counts as a failure unless it then fails."""
+        instances = deploy.instances()
+        for dead in (i for i in instances if not i.running):
+            deploy.stop(dead, "exited")
+        running = [i for i in instances if i.running]
+        starting = [i for i in running
+                    if i.version == deploy.target.version and not deploy.healthy(i)]
+        taken = {i.slot for i in running}
+        free = (s for s in itertools.count() if s not in taken)
+        filled = [deploy.start(next(free)) for _ in range(max(0, count - len(running)))]
+        if starting or filled:
+            deploy.progress(len(running) - len(starting), count,
+                            f"first {len(filled)} emptied slot(s) filled, {len(starting)} "
+                            "instance(s) still starting given their health timeout")
+            deploy.wait_healthy(starting + filled, self.config.health_timeout)
 
     def _stop_first(self, deploy, step, running, count, batch) -> None:
         slots = [i.slot for i in step]
