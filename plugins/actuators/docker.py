@@ -150,6 +150,15 @@ class DockerConfig(TypeConfig):
         return restart
 
 
+_EXITED = re.compile(r"^Exited \((-?\d+)\)")
+
+
+def _exit_code(status: str) -> int | None:
+    """The exit code in a listing's status text ("Exited (127) 3 seconds ago"), or None."""
+    match = _EXITED.match(status or "")
+    return int(match.group(1)) if match else None
+
+
 def _health(status: str) -> str | None:
     """The HEALTHCHECK state in a listing's status text ("Up 5 seconds (healthy)"), or None."""
     match = _HEALTH.search(status or "")
@@ -298,7 +307,16 @@ class DockerActuator(Actuator):
         return Instance(name=name, service=service, slot=slot, version=version, host=host,
                         port=port, running=starting or state in ("running", "restarting",
                                                                  "paused"),
-                        cluster=labels.get(LABEL_CLUSTER, self.context.cluster), ref=ref)
+                        cluster=labels.get(LABEL_CLUSTER, self.context.cluster), ref=ref,
+                        exit_code=_exit_code(row.get("Status", "")))
+
+    def output(self, instance: Instance, lines: int = 5) -> str | None:
+        """The last lines the container wrote (stdout and stderr)."""
+        ref = instance.ref or {}
+        if "id" not in ref:
+            return None
+        logs = self._call("read logs", lambda api: api.logs(ref["id"], tail=lines))
+        return logs.decode(errors="replace") if isinstance(logs, bytes) else str(logs)
 
     # ------------------------------------------------------------ role: health
     def healthy(self, instance: Instance, check: Any) -> bool:

@@ -598,3 +598,12 @@ def test_tls_engine_with_ca_and_client_certificate(tls_engine, cluster, embedded
             other.list()
         assert str(err.value).startswith(f"docker {tls_engine.tcp}: list containers: ")
         other.close()
+
+
+def test_an_exited_container_has_its_exit_code_and_output(actuator, cluster):
+    docker = actuator()
+    docker.start(spec(cluster, image=Dockerd.WEB_BROKEN))
+    exited = eventually(lambda: (found := docker.list()) and not found[0].running and found[0],
+                        timeout=20, what="the broken container to exit")
+    assert exited.exit_code == 1
+    assert "can't change directory to '/www'" in docker.output(exited)

@@ -1,0 +1,135 @@
+"""Benchmark: how long a standby takes to act when the leader stops, dies or freezes.
+
+Starts a real etcd (from tests/services.py) and two ``shipmate run`` agents on
+it (process actuator, ``sleep`` instances), then, for each way the leader can
+go, measures the time from the event to the standby holding the leader key,
+and prints it against ``agent.leader_ttl`` (the baseline: what a lease-based
+takeover cannot beat unless the leader resigns):
+
+- clean stop (SIGTERM: the leader deletes its key);
+- kill -9 (the lease must expire);
+- SIGSTOP (a frozen leader: the lease must expire; the frozen one acts on
+  nothing when it continues).
+
+It also prints the CPU of the idle standby and of the idle leader.
+
+    python3 contrib/bench/bench_leadership.py [--ttl 5] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.services import Etcd  # noqa: E402
+
+CONFIG = """
+agent:
+  cluster: lead
+  interval: 10s
+  leader_ttl: {ttl}s
+  store: {{backend: etcd, endpoints: ["{endpoint}"]}}
+  state_dir: {state}
+services:
+  web:
+    command: [sleep, "600"]
+    source: {{type: static, count: 1}}
+    actuator: {{type: process}}
+"""
+
+
+def agent(config: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL)
+
+
+def leader(etcd: Etcd) -> int | None:
+    out = etcd.etcdctl("get", "/shipmate/lead/leader", "--print-value-only").strip()
+    return json.loads(out)["pid"] if out else None
+
+
+def wait_for(check, timeout: float) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise SystemExit("timed out")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ttl", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    etcd = Etcd()
+    etcd.start()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "agent.yaml"
+            config.write_text(CONFIG.format(ttl=args.ttl, endpoint=etcd.endpoint,
+                                            state=Path(tmp) / "state"))
+            times: dict[str, list[float]] = {"clean stop": [], "kill -9": [], "SIGSTOP": []}
+            agents = [agent(config)]
+            wait_for(lambda: leader(etcd) == agents[0].pid, 30)
+            agents.append(agent(config))
+            time.sleep(3)
+            standby, acting = agents[1], agents[0]
+            before = {p.pid: cpu(p.pid) for p in agents}
+            time.sleep(10)
+            idle_leader, idle_standby = ((cpu(p.pid) - before[p.pid]) / 10 * 100
+                                         for p in agents)
+            for _ in range(args.rounds):
+                for how in times:
+                    acting, standby = agents[0], agents[1]
+                    sent = time.monotonic()
+                    if how == "clean stop":
+                        acting.send_signal(signal.SIGTERM)
+                    elif how == "kill -9":
+                        acting.kill()
+                    else:
+                        acting.send_signal(signal.SIGSTOP)
+                    wait_for(lambda s=standby: leader(etcd) == s.pid, 10 * args.ttl)
+                    times[how].append(time.monotonic() - sent)
+                    if how == "SIGSTOP":
+                        acting.send_signal(signal.SIGCONT)
+                        acting.send_signal(signal.SIGTERM)
+                    acting.wait(30)
+                    agents = [standby, agent(config)]  # a fresh standby for the next round
+                    time.sleep(2)
+            ttl = args.ttl
+            for how, values in times.items():
+                median = statistics.median(values)
+                print(f"takeover after {how:10s}: median {median:5.2f} s over {len(values)} "
+                      f"= x{median / ttl:.2f} of the {ttl:g} s lease")
+            print(f"idle CPU over 10 s: standby {idle_standby:.2f} % of a core, leader "
+                  f"{idle_leader:.2f} %")
+            for p in agents:
+                p.send_signal(signal.SIGTERM)
+                p.wait(30)
+            subprocess.run([sys.executable, "-m", "agent", "scale", "-c", str(config), "web",
+                            "0"], cwd=ROOT, capture_output=True)
+            subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(config), "--once"],
+                           cwd=ROOT, capture_output=True)
+    finally:
+        etcd.close()
+
+
+if __name__ == "__main__":
+    main()
