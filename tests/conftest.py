@@ -13,7 +13,15 @@ from typing import TypeVar
 
 import pytest
 
-from tests.services import Dockerd, Etcd, MissingDependency, Moto, Prometheus, Service
+from tests.services import (
+    Dockerd,
+    Etcd,
+    EtcdCluster,
+    MissingDependency,
+    Moto,
+    Prometheus,
+    Service,
+)
 
 S = TypeVar("S", bound=Service)
 
@@ -48,6 +56,14 @@ def etcd() -> Iterator[Etcd]:
     service = _started(Etcd)
     yield service
     service.close()
+
+
+@pytest.fixture(scope="session")
+def etcd_cluster() -> Iterator[EtcdCluster]:
+    """Three etcd members on loopback (``.endpoints``, ``.members``, ``.etcdctl(*args)``)."""
+    cluster = _started(EtcdCluster)
+    yield cluster
+    cluster.close()
 
 
 @pytest.fixture(scope="session")

@@ -212,3 +212,37 @@ class Proxy:
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
+
+
+class Proxies:
+    """One proxy per endpoint of a cluster, faulted together (an agent cut off from all)."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.proxies = [Proxy(("127.0.0.1", port)) for port in ports]
+
+    @property
+    def urls(self) -> list[str]:
+        return [p.url for p in self.proxies]
+
+    @property
+    def seen(self) -> list[Seen]:
+        return sorted((s for p in self.proxies for s in p.seen), key=lambda s: s.at)
+
+    def writes(self, after: float = 0.0) -> list[Seen]:
+        return sorted((s for p in self.proxies for s in p.writes(after)), key=lambda s: s.at)
+
+    def pause(self) -> None:
+        for proxy in self.proxies:
+            proxy.pause()
+
+    def resume(self) -> None:
+        for proxy in self.proxies:
+            proxy.resume()
+
+    def reset(self) -> None:
+        for proxy in self.proxies:
+            proxy.reset()
+
+    def close(self) -> None:
+        for proxy in self.proxies:
+            proxy.close()

@@ -205,6 +205,12 @@ class Service:
         """Start the process and wait until it answers (no-op if it runs)."""
         if self.running:
             return
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (from the main thread: the child is
+        killed when the thread that started it ends)."""
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 self.command(),
@@ -216,6 +222,10 @@ class Service:
                 preexec_fn=_PREEXEC,  # only prctl(): safe between fork and exec
             )
         _LIVE.add(self)
+
+    def wait_ready(self) -> None:
+        """Wait until the launched process answers; stop it and raise if it does not."""
+        assert self._proc is not None
         deadline = time.monotonic() + self.start_timeout
         while True:
             code = self._proc.poll()
@@ -329,6 +339,58 @@ class Etcd(Service):
                 f"etcdctl {' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}"
             )
         return result.stdout
+
+
+class EtcdMember(Etcd):
+    """One member of an :class:`EtcdCluster` (real elections: etcd's default timings)."""
+
+    def __init__(self, name: str, cluster: str, client_port: int, peer_port: int) -> None:
+        super().__init__()
+        self.name, self.cluster = name, cluster
+        self.port, self.peer_port = client_port, peer_port
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        return [
+            self.binary, f"--name={self.name}", f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={self.endpoint}", f"--advertise-client-urls={self.endpoint}",
+            f"--listen-peer-urls={peer}", f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster={self.cluster}", "--initial-cluster-state=new",
+            "--initial-cluster-token=shipmate-test", "--logger=zap", "--log-level=warn",
+        ]
+
+
+class EtcdCluster:
+    """Three etcd members on loopback: ``.members``, ``.endpoints``, ``.etcdctl(*args)``."""
+
+    def __init__(self, size: int = 3) -> None:
+        ports = free_ports(2 * size)
+        names = [f"m{i}" for i in range(size)]
+        cluster = ",".join(f"{n}=http://127.0.0.1:{ports[2 * i + 1]}"
+                           for i, n in enumerate(names))
+        self.members = [EtcdMember(n, cluster, ports[2 * i], ports[2 * i + 1])
+                        for i, n in enumerate(names)]
+        self.endpoints = [m.endpoint for m in self.members]
+
+    def start(self) -> None:
+        """Start every member at once (none is healthy before a quorum runs)."""
+        for member in self.members:
+            member.launch()
+        try:
+            for member in self.members:
+                member.wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def etcdctl(self, *args: str, timeout: float = 30.0) -> str:
+        """etcdctl (v3) against the first member (reads are linearizable: the cluster's)."""
+        return self.members[0].etcdctl(*args, timeout=timeout)
+
+    def close(self) -> None:
+        for member in self.members:
+            member.close()
 
 
 # Busybox applets linked into the test image (all in /bin).

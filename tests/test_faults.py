@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import Proxy
+from tests.faults import Proxies, Proxy
 from tests.helpers import eventually, port_block
 from tests.plugins.actuators.test_docker import containers, remove_cluster
 from tests.services import Dockerd, free_port
@@ -40,7 +40,7 @@ agent:
   leader_ttl: {ttl}s
   grace: 1s
   http: "127.0.0.1:{http}"
-  store: {{backend: etcd, endpoints: ["{etcd}"], timeout: 2s}}
+  store: {{backend: etcd, endpoints: {etcd}, timeout: 2s}}
   state_dir: {state}
 services:
   web:
@@ -60,11 +60,12 @@ class Agent:
 
     def __init__(self, tmp: Path, name: str, etcd, dockerd: Dockerd, cluster: str, port: int,
                  count: int) -> None:
-        self.etcd = Proxy(("127.0.0.1", etcd.port))
+        members = getattr(etcd, "members", [etcd])
+        self.etcd = Proxies([m.port for m in members])
         self.docker = Proxy(dockerd.host.removeprefix("unix://"))
         self.config = tmp / f"{name}.yaml"
         self.config.write_text(AGENT.format(
-            cluster=cluster, ttl=TTL, http=free_port(), etcd=self.etcd.url,
+            cluster=cluster, ttl=TTL, http=free_port(), etcd=json.dumps(self.etcd.urls),
             state=tmp / name, image=Dockerd.WEB_V1, command=Dockerd.WEB_COMMAND, port=port,
             count=count, docker=self.docker.port))
         self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
@@ -93,8 +94,7 @@ class Agent:
         self.log.close()
 
 
-@pytest.fixture
-def world(etcd, dockerd, busybox_images, tmp_path) -> Iterator[dict]:
+def _world(etcd, dockerd: Dockerd, tmp_path: Path) -> Iterator[dict]:
     cluster = f"f{uuid.uuid4().hex[:8]}"
     agents: list[Agent] = []
 
@@ -109,6 +109,17 @@ def world(etcd, dockerd, busybox_images, tmp_path) -> Iterator[dict]:
     remove_cluster(dockerd, cluster)
     etcd.etcdctl("del", "--prefix", f"/shipmate/{cluster}/")
     etcd.etcdctl("del", "--prefix", f"/services/{cluster}/")
+
+
+@pytest.fixture(params=["etcd", "etcd_cluster"], ids=["1 member", "3 members"])
+def world(request, dockerd, busybox_images, tmp_path) -> Iterator[dict]:
+    """Agents on one etcd member or on a 3-member cluster (each agent proxied to all)."""
+    yield from _world(request.getfixturevalue(request.param), dockerd, tmp_path)
+
+
+@pytest.fixture
+def one_member_world(etcd, dockerd, busybox_images, tmp_path) -> Iterator[dict]:
+    yield from _world(etcd, dockerd, tmp_path)
 
 
 def leader_pid(etcd, cluster: str) -> int | None:
@@ -206,8 +217,10 @@ def journal(etcd, cluster: str) -> dict:
 
 
 @pytest.mark.parametrize("kill_at", [0, 1, 3])
-def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(world, kill_at):
+def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(one_member_world,
+                                                                       kill_at):
     """The acting agent is killed once ``kill_at`` of the 4 instances run the new release."""
+    world = one_member_world
     etcd, dockerd, cluster = world["etcd"], world["dockerd"], world["cluster"]
     port = port_block(5)
     first = world["start"]("a", port, 4)
