@@ -229,11 +229,13 @@ def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(one_memb
     second = world["start"]("b", port, 4)
     eventually(lambda: any(s.path == "/v3/kv/txn" for s in second.etcd.seen), 30,
                "the standby to campaign")
-    least, done = [4], threading.Event()
+    least, doubled, done = [4], set(), threading.Event()
 
     def probe() -> None:
         while not done.is_set():
             least[0] = min(least[0], sum(serving(port + i) for i in range(4)))
+            slots = [c["Labels"]["shipmate.slot"] for c in running(dockerd, cluster)]
+            doubled.update(slot for slot in slots if slots.count(slot) > 1)
             done.wait(0.2)
 
     prober = threading.Thread(target=probe, daemon=True)
@@ -264,5 +266,6 @@ def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(one_memb
     assert release["deploy"]["result"] == "finished" and not release["deploy"]["reason"], \
         release["deploy"]
     assert least[0] >= 3, f"only {least[0]} instances served during the deploy"
+    assert not doubled, f"two instances ran on slot(s) {sorted(doubled)}"
     eventually(lambda: leader_pid(etcd, cluster) == second.pid, 2 * TTL + 10, "the takeover")
     assert sorted(c["Image"] for c in running(dockerd, cluster)) == [Dockerd.WEB_V2] * 4

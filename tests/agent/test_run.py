@@ -123,3 +123,28 @@ def test_run_once_exits_1_when_a_start_fails(write_config, tmp_path):
     result = shipmate("run", "-c", str(path), "--once")
     assert result.returncode == 1
     assert "/no/such/program" in result.stderr
+
+
+def test_a_crash_looping_service_is_a_problem_in_status(write_config, tmp_path):
+    path = write_config(f"""
+        agent: {{cluster: crashy, http: "127.0.0.1:{free_port()}"}}
+        services:
+          crash:
+            command: [sh, -c, "echo no such thing >&2; exit 127"]
+            source: {{type: static, count: 1}}
+            actuator: {{type: process}}
+        """)
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        crash = eventually(lambda: (s := status(path)["services"][0]) and any(
+            "crash-looping" in p for p in s["problems"]) and s, 30, "the crash loop reported")
+        (problem,) = [p for p in crash["problems"] if "crash-looping" in p]
+        assert "exit code 127" in problem and "next try in" in problem
+        table = shipmate("status", "-c", str(path)).stdout
+        assert "crash-looping" in table
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, log = agent.communicate(timeout=30)
+    lines = [line for line in log.splitlines() if "crash slot 0: exited" in line]
+    assert lines and all("no such thing" in line for line in lines)
