@@ -57,13 +57,18 @@ def agent_id() -> dict[str, object]:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead: it only waits to be reaped)."""
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError, ValueError):
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] not in "ZX"
 
 
 def _bounded(call: Callable[[], Any], timeout: float) -> tuple[bool, Any]:

@@ -242,17 +242,15 @@ class Loop:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> None:
-        """Turn until stopped; then let go of what runs (instances keep running)."""
+        """Turn until stopped (then :meth:`close` lets go: instances keep running)."""
         log.info("agent started: %d services", len(self.services))
-        try:
-            while not self.stop_requested:
-                self.turn()
-                if not self.stop_requested:
-                    self.waker.wait(self.timeout())
-        finally:
-            self.close()
+        while not self.stop_requested:
+            self.turn()
+            if not self.stop_requested:
+                self.waker.wait(self.timeout())
 
     def close(self) -> None:
+        """Stop deploys where they are and take no more actions (waits about a second)."""
         self.deploys.stop()
         self.actuation.close(timeout=1.0)
 

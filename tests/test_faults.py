@@ -64,8 +64,9 @@ class Agent:
         self.etcd = Proxies([m.port for m in members])
         self.docker = Proxy(dockerd.host.removeprefix("unix://"))
         self.config = tmp / f"{name}.yaml"
+        self.http = free_port()
         self.config.write_text(AGENT.format(
-            cluster=cluster, ttl=TTL, http=free_port(), etcd=json.dumps(self.etcd.urls),
+            cluster=cluster, ttl=TTL, http=self.http, etcd=json.dumps(self.etcd.urls),
             state=tmp / name, image=Dockerd.WEB_V1, command=Dockerd.WEB_COMMAND, port=port,
             count=count, docker=self.docker.port))
         self.log = open(tmp / f"{name}.log", "w")  # noqa: SIM115 - closed in stop()
@@ -75,6 +76,17 @@ class Agent:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def leading(self) -> float | None:
+        """``shipmate_leader`` from the agent's /metrics (None if it does not answer)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics",
+                                        timeout=2) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return None
+        line = next(line for line in text.splitlines() if line.startswith("shipmate_leader "))
+        return float(line.split()[1])
 
     def cpu(self) -> float:
         fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -144,18 +156,24 @@ def serving(port: int) -> bool:
         return False
 
 
+def two_agents(world: dict, port: int, count: int) -> tuple[Agent, Agent]:
+    """A leader running ``count`` healthy instances, and a standby that campaigned."""
+    etcd, cluster = world["etcd"], world["cluster"]
+    first = world["start"]("a", port, count)
+    eventually(lambda: leader_pid(etcd, cluster) == first.pid, 30, "the first agent to lead")
+    eventually(lambda: len(announced(etcd, cluster)) == count, 60, f"{count} announced")
+    second = world["start"]("b", port, count)
+    eventually(lambda: second.leading() == 0 and any(
+        s.path == "/v3/kv/txn" for s in second.etcd.seen), 30, "the standby to campaign")
+    return first, second
+
+
 def test_a_leader_paused_past_its_lease_acts_on_nothing_after_it_continues(world):
     etcd, dockerd, cluster = world["etcd"], world["dockerd"], world["cluster"]
-    port = port_block(3)
-    first = world["start"]("a", port, 2)
-    eventually(lambda: leader_pid(etcd, cluster) == first.pid, 30, "the first agent to lead")
-    eventually(lambda: len(running(dockerd, cluster)) == 2, 60, "2 containers")
-    second = world["start"]("b", port, 2)
-    eventually(lambda: second.cpu() > 0 and second.docker.seen == [] and
-               any(s.path.startswith("/v3/") for s in second.etcd.seen), 30, "a standby")
-    time.sleep(0.5)  # the standby has started up; now measure it idle
+    first, second = two_agents(world, port_block(3), 2)
+    assert second.docker.docker_actions() == []
     before, t0 = second.cpu(), time.monotonic()
-    time.sleep(5)
+    time.sleep(5)  # a measurement window, not a wait
     standby_cpu = (second.cpu() - before) / (time.monotonic() - t0)
     assert standby_cpu < 0.05, f"a standby used {standby_cpu:.1%} of a core"
 
@@ -169,7 +187,8 @@ def test_a_leader_paused_past_its_lease_acts_on_nothing_after_it_continues(world
     time.sleep(max(0.0, paused + 3 * TTL - time.monotonic()))
     resumed = time.monotonic()
     first.process.send_signal(signal.SIGCONT)
-    time.sleep(2 * TTL)  # what a deposed agent would do, it would do now
+    eventually(lambda: first.leading() == 0, 30, "the continued agent to look at itself")
+    time.sleep(2 * TTL)  # an observation window: a stale plan or keep-alive would act now
     assert first.etcd.writes(after=resumed) == [], "the deposed agent wrote to etcd"
     assert first.docker.docker_actions(after=resumed) == [], "the deposed agent acted"
     assert leader_pid(etcd, cluster) == second.pid
@@ -179,13 +198,7 @@ def test_a_leader_paused_past_its_lease_acts_on_nothing_after_it_continues(world
 
 def test_a_silent_partition_never_gives_two_acting_agents_nor_a_ghost(world):
     etcd, dockerd, cluster = world["etcd"], world["dockerd"], world["cluster"]
-    port = port_block(3)
-    first = world["start"]("a", port, 2)
-    eventually(lambda: leader_pid(etcd, cluster) == first.pid, 30, "the first agent to lead")
-    eventually(lambda: len(announced(etcd, cluster)) == 2, 60, "2 announced")
-    second = world["start"]("b", port, 2)
-    eventually(lambda: any(s.path == "/v3/kv/txn" for s in second.etcd.seen), 30,
-               "the standby to campaign")
+    first, second = two_agents(world, port_block(3), 2)
     first.etcd.pause()
     cut = time.monotonic()
     eventually(lambda: leader_pid(etcd, cluster) == second.pid, 2 * TTL + 10,
@@ -202,7 +215,9 @@ def test_a_silent_partition_never_gives_two_acting_agents_nor_a_ghost(world):
         first.docker.reset()
     healed = time.monotonic()
     first.etcd.resume()
-    time.sleep(2 * TTL + 4)  # longer than the announcements' TTL
+    eventually(lambda: first.leading() == 0 and any(s.at > healed for s in first.etcd.seen),
+               30, "the healed agent to reach etcd again")
+    time.sleep(2 * TTL + 4)  # an observation window longer than the announcements' TTL
     assert first.etcd.writes(after=healed) == []
     assert first.docker.docker_actions(after=healed) == []
     names = {c["Names"][0].lstrip("/") for c in running(dockerd, cluster)}
@@ -223,12 +238,8 @@ def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(one_memb
     world = one_member_world
     etcd, dockerd, cluster = world["etcd"], world["dockerd"], world["cluster"]
     port = port_block(5)
-    first = world["start"]("a", port, 4)
-    eventually(lambda: leader_pid(etcd, cluster) == first.pid, 30, "the first agent to lead")
+    first, second = two_agents(world, port, 4)
     eventually(lambda: all(serving(port + i) for i in range(4)), 60, "4 serving")
-    second = world["start"]("b", port, 4)
-    eventually(lambda: any(s.path == "/v3/kv/txn" for s in second.etcd.seen), 30,
-               "the standby to campaign")
     least, doubled, done = [4], set(), threading.Event()
 
     def probe() -> None:
