@@ -7,7 +7,9 @@ and prints it against ``agent.leader_ttl`` (the baseline: what a lease-based
 takeover cannot beat unless the leader resigns):
 
 - clean stop (SIGTERM: the leader deletes its key);
-- kill -9 (the lease must expire);
+- kill -9 (both agents run on this host, so the standby sees its predecessor's pid
+  gone and takes over at its next campaign, a third of the lease at most; across
+  hosts the lease must expire first);
 - SIGSTOP (a frozen leader: the lease must expire; the frozen one acts on
   nothing when it continues).
 
