@@ -62,7 +62,7 @@ from agent.kinds import (
     StrategyConfig,
     TypeConfig,
 )
-from agent.store import Entry, Lease, Store, StoreError, Watch, WatchEvent
+from agent.store import Entry, Lease, NotLeading, Store, StoreError, Watch, WatchEvent
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
 """Marks a function as the implementation of the hook spec of the same name."""
@@ -70,7 +70,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 __all__ = [
     "LABEL_CLUSTER", "LABEL_SERVICE", "LABEL_SLOT", "LABEL_VERSION", "PROJECT",
     "Actuator", "Announcer", "Context", "DeployError", "Duration", "Entry", "Instance",
-    "InstanceSpec", "Interrupted", "Lease", "LockLost", "PluginType", "Source", "SourceConfig",
-    "SourceError", "Store", "StoreError", "Strategy", "StrategyConfig", "TypeConfig", "Watch",
-    "WatchEvent", "fill", "format_duration", "hookimpl", "parse_duration", "probe",
+    "InstanceSpec", "Interrupted", "Lease", "LockLost", "NotLeading", "PluginType", "Source",
+    "SourceConfig", "SourceError", "Store", "StoreError", "Strategy", "StrategyConfig",
+    "TypeConfig", "Watch", "WatchEvent", "fill", "format_duration", "hookimpl",
+    "parse_duration", "probe",
 ]

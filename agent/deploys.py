@@ -108,6 +108,8 @@ class Deployment:
     grace: float = 10.0
     stopping: threading.Event = field(default_factory=threading.Event)
     leading: Callable[[], bool] = lambda: True
+    port_problem: Callable[[str, int], str | None] = lambda service, port: None
+    "why a slot may not listen on a port (another service's, past 65535), or None"
 
     @property
     def service(self) -> str:
@@ -168,9 +170,14 @@ class Deployment:
             return False
 
     def start(self, slot: int, release: Release | None = None) -> Instance:
-        """Start ``slot`` of ``release`` (default: the target)."""
+        """Start ``slot`` of ``release`` (default: the target); DeployError if its port is
+        not the service's to use."""
         self.check()
-        instance = self.runtime.actuator.start(self.runtime.spec(slot, release or self.target))
+        spec = self.runtime.spec(slot, release or self.target)
+        problem = self.port_problem(self.service, spec.port) if spec.port is not None else None
+        if problem:
+            raise DeployError(f"slot {slot}: {problem}")
+        instance = self.runtime.actuator.start(spec)
         self.emit("shipmate_instance_started", instance=instance)
         return instance
 
@@ -239,9 +246,13 @@ class DeployRunner:
                  strategies: Callable[[str, str | None], Strategy], grace: float,
                  leading: Callable[[], bool] = lambda: True,
                  wake: Callable[[], None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 ceiling: Callable[[], int] = lambda: 100_000,
+                 port_problem: Callable[[str, int], str | None] = lambda s, p: None) -> None:
         self.store, self.keys, self.emit, self.grace = store, keys, emit, grace
         self.strategies, self.leading, self.wake, self.clock = strategies, leading, wake, clock
+        self.ceiling, self.port_problem = ceiling, port_problem
+        "no deploy runs more than ``ceiling()`` instances, nor on another service's ports"
         self.threads: dict[str, threading.Thread] = {}
         self.stopping = threading.Event()
         self.broken: dict[str, tuple[str, int, float]] = {}
@@ -321,13 +332,14 @@ class DeployRunner:
         deploy = Deployment(runtime=runtime, store=self.store, keys=self.keys,
                             record=Journal(journal, entry.revision), source=runtime.release(view),
                             target=runtime.release(view), desired=0, emit=self.emit,
-                            grace=self.grace, stopping=self.stopping, leading=self.leading)
+                            grace=self.grace, stopping=self.stopping, leading=self.leading,
+                            port_problem=self.port_problem)
         if journal["phase"] == "requested":
             self._begin(deploy, view)
         else:
             deploy.source = _release(journal["from"])
             deploy.target = _release(journal["to"])
-            deploy.desired = int(journal["desired"])
+            deploy.desired = min(int(journal["desired"]), self.ceiling())
             log.info("%s: resuming deploy %s at phase %s", runtime.name, journal["id"],
                      journal["phase"])
         phase = deploy.journal["phase"]
@@ -374,7 +386,8 @@ class DeployRunner:
         image = journal.get("image") or current.image
         deploy.target = make_release(runtime.config, image=image, port=port)
         running = len(view.running)
-        deploy.desired = view.effective if view.effective is not None else running
+        deploy.desired = min(view.effective if view.effective is not None else running,
+                             self.ceiling())
         deploy.save(phase="running", started_at=time.time(), desired=deploy.desired,
                     strategy=runtime.strategy.type_name,
                     **{"from": current.to_json(), "to": deploy.target.to_json()},

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from agent.store import Entry, Fence, Lease, NotLeading, Store, Watch, WatchEvent
+from agent.store import Entry, Fence, Lease, NotLeading, Store, StoreError, Watch, WatchEvent
 
 log = logging.getLogger("shipmate.leader")
 
@@ -144,6 +144,10 @@ class Leadership:
             if self.is_leader:
                 return True
             self._lease = None
+            current = self.store.get(self.key)
+            if current is not None and not (self._ours(current.value)
+                                            or self._dead_local(current.value)):
+                return False  # held by another: no lease to grant and revoke
             sent = self.clock()
             lease = self.store.lease(self.ttl)
             value = json.dumps({**agent_id(), "token": self.token, "since": time.time(),
@@ -208,6 +212,8 @@ class Leadership:
                     self._confirmed = sent
             elif ok:  # taken over, or deleted by ops
                 self._lose(lease, "the leader key no longer names this agent")
+            elif isinstance(result, StoreError) and "expired" in str(result):
+                self._lose(lease, f"the lease expired: {result}")
             else:  # unknown whether the lease survived: try again soon, until the deadline
                 log.warning("leadership refresh failed: %s", result or "no answer in time")
                 wait = min(self.ttl / 10, max(0.1, self.deadline - self.clock()))
@@ -243,15 +249,16 @@ class Leadership:
             return {"invalid": entry.value[:80]}
         return {**value, "lease_left": self.store.lease_left(self.key)}
 
-    def resign(self, timeout: float = 2.0) -> None:
-        """Give the key up at once (clean stop), so another agent can act; a store that does
-        not answer within ``timeout`` is left to expire the lease."""
+    def resign(self, timeout: float = 2.0, *, revoke: bool = True) -> None:
+        """Stop acting. With ``revoke``, give the key up at once (a clean stop) so another
+        agent can act; without (a start of ours may still be under way), or if the store
+        does not answer within ``timeout``, the lease expires on its own."""
         self._stop.set()
         if self._watch is not None:
             self._watch.cancel()
         with self._lock:
             lease, self._lease = self._lease, None
-        if lease is not None:
+        if lease is not None and revoke:
             _bounded(lease.revoke, timeout)
 
 

@@ -55,6 +55,7 @@ log = logging.getLogger("shipmate")
 QUICK_PASS = 1.0  # seconds between passes while instances settle
 MIN_WAIT = 0.05  # the loop never waits less, whatever is due
 MAX_ACTIONS = 64  # actions one pass plans per service, whatever the count
+CAMPAIGN_WAIT = 1.0  # seconds a turn waits for a campaign before going on without it
 
 
 @dataclass
@@ -147,6 +148,10 @@ class Loop:
         self._exited: set[str] = set()  # exits already counted
         self._published: dict[str, str] = {}  # service -> the problems record last written
         self._polls_running: set[str] = set()
+        self._was_leading = False
+        self._campaigner: threading.Thread | None = None
+        self._stop_retry: dict[tuple[str, int], tuple[int, float]] = {}
+        "slot -> (failed stops, when to try again): a stop that fails is retried ever later"
         self._poll_workers = DaemonWorkers(4, "poll")
         self.restarts = Restarts(clock=clock, settings=self._restart_settings)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
@@ -155,7 +160,9 @@ class Loop:
         self.deploys = DeployRunner(store=store, keys=keys, emit=self._emit,
                                     grace=settings.grace,
                                     strategies=strategies or self._own_strategy,
-                                    leading=self._leading, wake=self.request_pass, clock=clock)
+                                    leading=self._leading, wake=self.request_pass, clock=clock,
+                                    ceiling=lambda: self.settings.max_instances,
+                                    port_problem=self._port_problem)
         self.configure(services, settings)
 
     # ---------------------------------------------------------------- wiring
@@ -263,13 +270,11 @@ class Loop:
         leading = self._leading()
         if not leading and now >= self.next_campaign:
             self.next_campaign = now + self.leadership.ttl / 3
-            try:
-                leading = self.leadership.campaign()
-            except StoreError as exc:
-                log.warning("store unreachable, cannot campaign: %s", exc)
-            if leading:
-                self.poll_all()
-                self.next_pass = 0.0
+            leading = self._campaign()
+        if leading and not self._was_leading:  # newly won: read everything afresh
+            self.poll_all()
+            self.next_pass = 0.0
+        self._was_leading = leading
         self.metrics.leader.set(1 if leading else 0)
         if not leading:
             self.pass_wanted = False  # a standby passes nothing: store changes are not for it
@@ -278,6 +283,22 @@ class Loop:
         self.scheduler.run_pending()
         if self.pass_wanted or now >= self.next_pass:
             self.run_pass()
+
+    def _campaign(self) -> bool:
+        """Campaign on a thread of its own, waiting for it at most :data:`CAMPAIGN_WAIT`: a
+        store that does not answer (a partition) never holds up the loop or a signal."""
+        if self._campaigner is None or not self._campaigner.is_alive():
+            self._campaigner = threading.Thread(target=self._campaign_once, daemon=True,
+                                                name="campaign")
+            self._campaigner.start()
+        self._campaigner.join(CAMPAIGN_WAIT)
+        return self._leading()
+
+    def _campaign_once(self) -> None:
+        try:
+            self.leadership.campaign()
+        except StoreError as exc:
+            log.warning("store unreachable, cannot campaign: %s", exc)
 
     def timeout(self) -> float:
         """How long the loop may sleep now: never below :data:`MIN_WAIT`."""
@@ -343,25 +364,32 @@ class Loop:
         self._publish(views, dry)
         self._record_metrics(views, started)
         self.next_pass = self.clock() + self._next_delay(views)
-        soonest = self.restarts.next_try()
+        now = self.clock()
+        waits = [t for _, t in self._stop_retry.values() if t > now]
+        soonest = min([t for t in (self.restarts.next_try(), *waits) if t is not None],
+                      default=None)
         if soonest is not None:
             self.next_pass = min(self.next_pass, soonest)
 
     def _hold(self, action: Action, view: ServiceView, busy: set[tuple[str, int]]) -> bool:
         """Whether to leave ``action`` for later (slot busy, backing off, bad port)."""
-        if action.verb != "start":
-            return False
         if (action.service, action.slot) in busy:
             return True
+        if action.verb != "start":
+            retry = self._stop_retry.get((action.service, action.slot))
+            return retry is not None and self.clock() < retry[1]
         if not self.restarts.may_start(action.service, action.slot):
             return True
         port = action.spec.port if action.spec else None
         if port is not None:
-            problem = slot_port_problem(action.service, port, self._claims, self.settings.http)
+            problem = self._port_problem(action.service, port)
             if problem:
                 view.problems.append(f"slot {action.slot}: {problem}")
                 return True
         return False
+
+    def _port_problem(self, service: str, port: int) -> str | None:
+        return slot_port_problem(service, port, self._claims, self.settings.http)
 
     def _count_exits(self, views: dict[str, ServiceView]) -> None:
         """Each instance that exited on its own counts once towards its slot's backoff."""
@@ -387,13 +415,23 @@ class Loop:
         action = outcome.action
         if outcome.error is not None:
             if action.verb == "start":
-                self.restarts.failed(action.service, action.slot,
-                                     f"start failed: {outcome.error}")
+                delay = self.restarts.failed(action.service, action.slot,
+                                             f"start failed: {outcome.error}")
                 self.metrics.restarts.labels(action.service).inc()
             else:
-                log.error("%s failed: %s", action, outcome.error)
+                key = (action.service, action.slot)
+                tries = self._stop_retry.get(key, (0, 0.0))[0] + 1
+                delay = min(2.0 ** (tries - 1), 300.0)
+                self._stop_retry[key] = (tries, self.clock() + delay)
+                log.error("%s failed: %s; tried again in %.0fs", action, outcome.error, delay)
             self.failures.append(f"{action}: failed: {outcome.error}")
             del self.failures[:-100]
+            # retried after its delay, not at once (no spin): a pass is due then
+            self.next_pass = min(self.next_pass, self.clock() + delay)
+            self.waker.wake()
+            return
+        if action.verb == "stop":
+            self._stop_retry.pop((action.service, action.slot), None)
         self.request_pass()
 
     def _track_health(self, views: dict[str, ServiceView]) -> None:
@@ -414,13 +452,12 @@ class Loop:
                 del table[gone]
 
     def _next_delay(self, views: dict[str, ServiceView]) -> float:
-        """Seconds to the next pass: quick only while something is young. An action in
-        flight wakes the loop when it ends; a deploy gets 1 s passes; an instance within its
+        """Seconds to the next pass: quick only while something is young. A deploy gets
+        1 s passes; an instance within its
         health timeout that has not passed yet gets passes that back off (1, 4, 16 s after
-        it started), so one that never passes costs little more than an idle one."""
+        it started), so one that never passes costs little more than an idle one. A start
+        or stop in flight needs none: it wakes the loop when it ends."""
         delay = self.settings.interval
-        if self.actuation.in_flight:
-            return QUICK_PASS
         now = self.clock()
         for name, view in views.items():
             if self.deploys.busy(name):
@@ -470,10 +507,15 @@ class Loop:
                                     if i.name in self._unhealthy}}
             text = json.dumps(record, sort_keys=True)
             before = self._published.get(name)
-            if before == text:
+            if before is None and view.reported is not None:  # an earlier agent's record
+                before = json.dumps(view.reported, sort_keys=True)
+            if before == text or (before is None and not record["problems"]
+                                  and not record["unhealthy"]):
+                self._published[name] = text  # nothing to write
                 continue
-            seen = set() if before is None else {p["text"] for p in
-                                                 json.loads(before)["problems"] if "text" in p}
+            seen = set() if before is None else {
+                p.get("text") for p in json.loads(before).get("problems") or []
+                if isinstance(p, dict)}
             for problem in view.problems:
                 if problem not in seen:
                     log.warning("%s: %s", name, problem)

@@ -13,7 +13,9 @@ says it in words for ``shipmate status``.
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,15 @@ from agent.durations import format_duration
 
 log = logging.getLogger("shipmate.restarts")
 WINDOW = 3600.0  # exits older than this are forgotten in "N exits in 4m"
+
+
+def _locked(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def wrapper(self: Restarts, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 @dataclass
@@ -42,9 +53,11 @@ class Restarts:
         """``settings(service)`` -> that service's ``restart`` block (or None)."""
         self.clock, self.settings = clock, settings
         self.slots: dict[tuple[str, int], SlotState] = {}
+        self._lock = threading.RLock()  # the loop and the action workers both record
 
+    @_locked
     def failed(self, service: str, slot: int, what: str, *, code: int | None = None,
-               output: str | None = None, count: bool = True) -> float:
+               output: str | None = None) -> float:
         """Record an exit or a failed start; return the delay before the slot's next try."""
         cfg = self.settings(service)
         if cfg is None:
@@ -63,21 +76,19 @@ class Restarts:
                     f"; last output: {tail[:300]}" if tail else "")
         return delay
 
+    @_locked
     def may_start(self, service: str, slot: int) -> bool:
         state = self.slots.get((service, slot))
         return state is None or self.clock() >= state.next_try
 
-    def wait(self, service: str, slot: int) -> float:
-        """Seconds until the slot may start again (0 if it may now)."""
-        state = self.slots.get((service, slot))
-        return 0.0 if state is None else max(0.0, state.next_try - self.clock())
-
+    @_locked
     def next_try(self) -> float | None:
         """The soonest monotonic time a held slot may start, if any waits."""
         now = self.clock()
         waits = [s.next_try for s in self.slots.values() if s.next_try > now]
         return min(waits) if waits else None
 
+    @_locked
     def healthy(self, service: str, slot: int) -> None:
         """An instance of the slot passed its health check in this pass."""
         state = self.slots.get((service, slot))
@@ -92,11 +103,13 @@ class Restarts:
                      service, slot, format_duration(now - state.up_since))
             del self.slots[(service, slot)]
 
+    @_locked
     def forget(self, services: set[str]) -> None:
         """Drop the state of services that are no longer configured."""
         for key in [k for k in self.slots if k[0] not in services]:
             del self.slots[key]
 
+    @_locked
     def problems(self, service: str, wall: float) -> list[dict[str, Any]]:
         """The crash-looping slots of ``service`` (times on the wall clock ``wall``), as
         records that change only with a new exit: :func:`describe` words them."""

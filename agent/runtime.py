@@ -244,8 +244,8 @@ class Agent:
             if server is not None:
                 server.shutdown()
             self.builder.close()
-            if not self.dry_run:
-                self.leadership.resign()
+            if not self.dry_run:  # a start still under way: let the lease run out first
+                self.leadership.resign(revoke=not self.loop.actuation.in_flight)
             self.store.close()
             log.info("agent stopped; instances left running")
 

@@ -163,8 +163,8 @@ def two_agents(world: dict, port: int, count: int) -> tuple[Agent, Agent]:
     eventually(lambda: leader_pid(etcd, cluster) == first.pid, 30, "the first agent to lead")
     eventually(lambda: len(announced(etcd, cluster)) == count, 60, f"{count} announced")
     second = world["start"]("b", port, count)
-    eventually(lambda: second.leading() == 0 and any(
-        s.path == "/v3/kv/txn" for s in second.etcd.seen), 30, "the standby to campaign")
+    eventually(lambda: second.leading() == 0 and any(  # it read the leader key: a campaign
+        s.path == "/v3/kv/range" for s in second.etcd.seen), 30, "the standby to campaign")
     return first, second
 
 
@@ -193,7 +193,7 @@ def test_a_leader_paused_past_its_lease_acts_on_nothing_after_it_continues(world
     assert first.docker.docker_actions(after=resumed) == [], "the deposed agent acted"
     assert leader_pid(etcd, cluster) == second.pid
     assert len(running(dockerd, cluster)) == 3
-    assert took_over < 2 * TTL + 5
+    assert took_over < 2 * TTL
 
 
 def test_a_silent_partition_never_gives_two_acting_agents_nor_a_ghost(world):
@@ -231,10 +231,11 @@ def journal(etcd, cluster: str) -> dict:
     return json.loads(out) if out else {}
 
 
-@pytest.mark.parametrize("kill_at", [0, 1, 3])
+@pytest.mark.parametrize("kill_at", [None, 0, 1, 3])
 def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(one_member_world,
                                                                        kill_at):
-    """The acting agent is killed once ``kill_at`` of the 4 instances run the new release."""
+    """The acting agent is killed once ``kill_at`` of the 4 instances run the new release
+    (None: as soon as the request is written, before the agent picked it up)."""
     world = one_member_world
     etcd, dockerd, cluster = world["etcd"], world["dockerd"], world["cluster"]
     port = port_block(5)
@@ -256,9 +257,10 @@ def test_kill_9_during_a_rolling_deploy_keeps_count_minus_batch_serving(one_memb
                                  str(first.config), "web", "--image", Dockerd.WEB_V2,
                                  "--no-wait"], capture_output=True, text=True, timeout=60)
         assert deploy.returncode == 0, deploy.stderr
-        eventually(lambda: journal(etcd, cluster).get("phase") == "running" and journal(
-            etcd, cluster).get("progress", {}).get("done", -1) >= kill_at, 60,
-            f"{kill_at} of 4 replaced")
+        if kill_at is not None:
+            eventually(lambda: journal(etcd, cluster).get("phase") == "running" and journal(
+                etcd, cluster).get("progress", {}).get("done", -1) >= kill_at, 60,
+                f"{kill_at} of 4 replaced")
         first.process.kill()
         release_key = f"/shipmate/{cluster}/services/web/release"
 

@@ -429,7 +429,11 @@ class Etcd3Store(Store):
             return False
         compare = [] if revision is None else [
             {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision}]
-        return self._txn(compare, [{"request_delete_range": {"key": k}}], fence)
+        reply = self._txn_reply(compare, [{"request_delete_range": {"key": k}}], fence)
+        if not reply.get("succeeded"):
+            return False
+        responses = reply.get("responses") or [{}]
+        return int((responses[0].get("response_delete_range") or {}).get("deleted", 0)) > 0
 
     def lease_left(self, key: str) -> float | None:
         """Seconds left on the lease ``key`` is written on (one range, one time-to-live)."""

@@ -152,16 +152,16 @@ class ProcessActuator(Actuator):
         self.spawning.add(spec.name)
         try:
             self._write(path, record)  # first: a killed agent leaves a record to complete
-            with open(log_path, "ab") as log:
-                try:
+            try:
+                with open(log_path, "ab") as log:
                     child = subprocess.Popen(
                         spec.command, stdin=subprocess.DEVNULL, stdout=log,
                         stderr=subprocess.STDOUT, start_new_session=True,
                         env={**os.environ, **spec.env, MARKER: spec.name},
                     )
-                except OSError:
-                    path.unlink(missing_ok=True)
-                    raise
+            except OSError:  # nothing was spawned: no record either
+                path.unlink(missing_ok=True)
+                raise
             self.children[child.pid] = child
             record = {**record, "pid": child.pid, "ticks": _start_ticks(child.pid)}
             self._write(path, record)

@@ -36,7 +36,17 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from agent import Announcer, Duration, Instance, Lease, StoreError, TypeConfig, fill, hookimpl
+from agent import (
+    Announcer,
+    Duration,
+    Instance,
+    Lease,
+    NotLeading,
+    StoreError,
+    TypeConfig,
+    fill,
+    hookimpl,
+)
 
 
 class EtcdAnnounceConfig(TypeConfig):
@@ -127,6 +137,12 @@ class EtcdAnnouncer(Announcer):
                         self._refreshed = time.monotonic()
                     if self._wanted.keys() - self._owned:
                         self._write_missing(None)  # the store is back: announce again now
+                except NotLeading:
+                    # deposed (or paused past its lease): keep nothing alive, re-put nothing;
+                    # the next leader's first sync decides what is announced
+                    self._lease = None
+                    self._wanted.clear()
+                    self._owned.clear()
                 except StoreError as exc:
                     self.context.log.warning("announcements: %s", exc)
                     self._check_lease(exc)

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
+from pathlib import Path
 
 import pytest
 
+from agent import Actuator, Instance, InstanceSpec, hookimpl
+from agent.config import load_config
+from agent.deploys import request_deploy
 from agent.keys import Keys
 from agent.kinds import Context
 from agent.leader import Leadership
-from agent.loop import MIN_WAIT, Loop, Settings
+from agent.loop import Loop, Settings
+from agent.plugins import load_plugins
 from agent.restarts import describe
 from agent.runtime import Builder
 from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
@@ -184,9 +190,11 @@ def test_a_standby_does_not_spin(make_loop, embedded_store):
     loop.turn()
     assert not loop.leadership.is_leader
     assert loop.timeout() >= loop.leadership.ttl / 3 - 0.01
-    loop.clock.now += loop.timeout()
+    embedded_store.put(loop.keys.service("worker", "override"), "3")
+    loop.request_pass()  # a store change reaches a standby too: it must not pass, nor spin
     loop.turn()
-    assert loop.timeout() >= MIN_WAIT and loop.passes == 0
+    assert loop.passes == 0 and not loop.pass_wanted
+    assert loop.timeout() >= loop.leadership.ttl / 3 - 0.01
 
 
 def test_a_broken_journal_is_one_problem_per_backoff_step(make_loop, embedded_store, tmp_path,
@@ -224,3 +232,82 @@ def test_a_slot_past_65535_is_never_started(make_loop, embedded_store, tmp_path)
     assert sorted(r["port"] for r in live(tmp_path, "edge")) == [65534, 65535]
     record = json.loads(embedded_store.get(loop.keys.service("edge", "problems")).value)
     assert any("port 65536 is past 65535" in p["text"] for p in record["problems"])
+
+
+class StuckStops(Actuator):
+    """One instance on slot 5 that cannot be stopped (an engine refusing every stop)."""
+
+    type_name = "stuck"
+    stops = 0
+    version = ""  # the YAML's release, set by the test (so that no deploy is due)
+
+    def list(self) -> list[Instance]:
+        return [Instance(name=f"loop-worker-5-{self.version}", service="worker", slot=5,
+                         version=self.version, host="127.0.0.1", port=None, cluster="loop")]
+
+    def start(self, spec: InstanceSpec) -> Instance:
+        raise AssertionError("nothing to start")
+
+    def stop(self, instance: Instance, grace: float) -> None:
+        type(self).stops += 1
+        raise RuntimeError("the engine refuses")
+
+
+class StuckPlugin:
+    @staticmethod
+    @hookimpl
+    def shipmate_actuator_types():
+        return [StuckStops]
+
+
+def test_a_stop_that_fails_is_retried_later_not_at_once(load_test_config, embedded_store,
+                                                        tmp_path):
+    plugins = load_plugins(extra=[("stuck", StuckPlugin)])
+    config = load_config(_write(tmp_path, """
+        agent: {cluster: loop}
+        services:
+          worker:
+            source: {type: static, count: 0}
+            actuator: {type: stuck}
+        """), plugins)
+    builder = Builder(plugins, Context("loop", embedded_store, tmp_path))
+    keys = Keys(config.key_prefix)
+    services = builder.services(config)
+    StuckStops.version = services["worker"].yaml_release.version
+    loop = Loop(store=embedded_store, keys=keys, services=services,
+                leadership=Leadership(embedded_store, keys.leader),
+                settings=Settings.from_config(config.agent), clock=Clock())
+    try:
+        loop.turn()
+        loop.poll_now("worker")
+        for _ in range(20):  # the clock stands still: 20 turns, woken each time
+            loop.pass_wanted = True
+            settle(loop)
+        assert StuckStops.stops == 1  # one try; the next one waits its delay
+        assert loop.failures and "the engine refuses" in loop.failures[0]
+        loop.clock.now += 1.0
+        settle(loop)  # the retry is due: no wake-up needed
+        assert StuckStops.stops == 2
+    finally:
+        loop.close()
+        loop.leadership.resign()
+        builder.close()
+
+
+def _write(folder: Path, text: str) -> Path:
+    path = folder / "stuck.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_a_deploy_runs_no_more_than_max_instances(make_loop, embedded_store):
+    loop = make_loop(WORKERS.format(ceiling=3))
+    settle(loop)
+    started = []
+    loop.emit = lambda hook, **kw: started.append(kw) if hook == "shipmate_deploy_started" \
+        else None
+    embedded_store.put(loop.keys.service("worker", "override"), "50")
+    request_deploy(embedded_store, loop.keys, "worker", image="v2", by="t", reason="t")
+    loop.run_pass()
+    (begun,) = eventually(lambda: started, 30, "the deploy to begin")
+    assert begun["deploy"]["desired"] == 3

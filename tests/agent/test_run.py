@@ -72,11 +72,20 @@ def test_a_forced_huge_count_runs_the_ceiling_and_status_says_why(config, tmp_pa
     shipmate("scale", "-c", str(path), "web", "100000", "--force", check=True)
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
                              stderr=subprocess.DEVNULL)
+    most = [0]
+
+    def count() -> int:
+        most[0] = max(most[0], len(marked("ceil")))
+        return most[0]
+
     try:
-        eventually(lambda: len(marked("ceil")) == 50, 60, "50 instances")
-        web = eventually(lambda: (s := status(path)["services"][0])["running"] == 50 and s, 30)
+        eventually(lambda: count() == 50, 60, "50 instances")
+        web = eventually(lambda: count() and (s := status(path)["services"][0])[
+            "running"] == 50 and s, 30)
         assert any("above agent.max_instances (50): running 50" in p for p in web["problems"])
-        assert len(marked("ceil")) == 50
+        for _ in range(20):  # sampled a while longer: never more
+            count()
+        assert most[0] == 50
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(30)
@@ -96,7 +105,7 @@ def test_sigterm_during_a_big_scale_up_ends_the_agent_and_loses_no_instance(conf
     finally:
         if agent.poll() is None:
             agent.kill()
-    assert took < 10, f"the agent took {took:.1f}s to stop"
+    assert took < 3, f"the agent took {took:.1f}s to stop"
     running = marked("runs")
     assert 20 <= len(running) < 400  # it stopped in the middle
     second = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
