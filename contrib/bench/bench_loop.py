@@ -7,7 +7,8 @@ actuator (``sleep`` instances) in a temporary folder, and prints:
   1,000), against SIGTERM to exit of the same agent when idle (the baseline,
   measured in the same run): the ratio says what a scale-up adds to stopping;
 - the CPU of an idle standby (a second agent while the first leads) and of the
-  idle leader over ``--seconds``, in % of one core, and their ratio.
+  idle leader over ``--seconds``, in % of one core, and their ratio;
+- the CPU of an agent waiting for an etcd that does not answer.
 
 Every instance started is killed at the end.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -70,6 +72,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def kill_all(folder: Path) -> None:
     config = folder / "agent.yaml"
     shipmate("scale", "-c", str(config), "web", "0", "--force")
@@ -115,6 +123,19 @@ def main() -> None:
                   f"{used[standby.pid] / max(used[leader.pid], 0.01):.2f}")
             for p in (standby, leader):
                 stop_time(p)
+
+            lost = folder / "lost.yaml"  # an etcd that does not answer (nothing listens there)
+            lost.write_text(CONFIG.format(n=1).replace(
+                "agent: {", f'agent: {{store: {{backend: etcd, endpoints: '
+                f'["http://127.0.0.1:{free_port()}"], timeout: 1s}}, '))
+            waiting = agent(lost)
+            time.sleep(2)
+            before = cpu_seconds(waiting.pid)
+            time.sleep(args.seconds)
+            print(f"idle CPU over {args.seconds:.0f} s waiting for an etcd that does not "
+                  f"answer: {(cpu_seconds(waiting.pid) - before) / args.seconds * 100:.2f} % "
+                  "of a core")
+            stop_time(waiting)
         finally:
             kill_all(folder)
 
