@@ -27,8 +27,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     create_model,
+    field_validator,
     model_validator,
 )
 
@@ -175,6 +177,14 @@ class ServiceBase(Model):
     health: HealthConfig | None = None
     policy: PolicyConfig = PolicyConfig()
     restart: RestartConfig = RestartConfig()
+    _secrets: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    "values the YAML took from the environment: never stored in a release (agent.releases)"
+
+    @field_validator("health", mode="before")
+    @classmethod
+    def _no_health(cls, value: Any) -> Any:
+        # `health: none` (a string in YAML) means what `health: null` does: running is healthy
+        return None if isinstance(value, str) and value.strip().lower() == "none" else value
 
 
 class Config(BaseModel):
@@ -488,5 +498,7 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
         raise ConfigError([_redact(f"{source}:{line}: {key}: {msg}", reader.from_env)
                            for line, key, msg in problems])
     assert parsed is not None
+    for svc in parsed.services.values():
+        svc._secrets = frozenset(reader.from_env)
     return Config(agent=parsed.agent, services=dict(parsed.services), path=path,
                   base_dir=path.resolve().parent)

@@ -12,8 +12,18 @@ resumes it. The lock it carries is the leader's lease.
 Phases: ``requested`` -> ``running`` -> done (the key is deleted and ``release``
 records the result), or on failure ``rolling-back`` -> done, or ``paused``
 (``on_failure: pause``; ops decide with ``shipmate rollback``), or ``failed``
-(even the rollback failed: the key stays and scaling stays paused until ops
-delete it). While the key exists the service is not scaled or reconciled by count.
+(even the rollback failed: the key stays and scaling stays paused until
+``shipmate abort`` clears it). While the key exists the service is not scaled or
+reconciled by count.
+
+A rollback is a deploy with ``restore`` naming the version to bring back; the
+runner takes that release (image, command, env, port, shape) from the
+``release`` key's ``previous`` or from the history (:mod:`agent.history`), never
+from the request itself. ``shipmate abort`` writes ``rolling-back`` into a
+running journal (compare-and-set); the runner notices within a second (every
+step re-reads the journal's revision), lets go, and the next pass resumes the
+journal backwards. A deploy that rolled back, or a rollback, marks the YAML's
+spec ``held`` in the release, so the YAML is not deployed again until it changes.
 
 Strategies keep their own resume points in the journal (``step``: blue/green's
 ``starting``, ``switching``, ``baking``, ``draining``), and may narrow
@@ -34,10 +44,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from agent import history
 from agent.instances import Instance
 from agent.keys import Keys, parse_object
 from agent.kinds import Strategy
-from agent.releases import Release, make_release
+from agent.releases import (
+    Release,
+    config_deploy,
+    make_release,
+    parse_release,
+    restore_release,
+)
 from agent.store import Store, StoreError
 
 log = logging.getLogger("shipmate.deploy")
@@ -59,25 +76,70 @@ class Interrupted(DeployError):
 
 def request_deploy(store: Store, keys: Keys, service: str, *, image: str | None = None,
                    port: int | None = None, strategy: str | None = None, by: str,
-                   reason: str) -> dict[str, Any]:
-    """Write a deploy request; DeployError if one is already in progress."""
+                   reason: str, restore: str | None = None) -> dict[str, Any]:
+    """Write a deploy request; DeployError if one is already in progress.
+
+    ``restore`` names a recorded release's version to bring back (a rollback).
+    """
     journal = {"id": uuid.uuid4().hex[:12], "phase": "requested", "strategy": strategy,
                "image": image, "port": port, "by": by, "reason": reason,
                "requested_at": time.time()}
+    if restore is not None:
+        journal["restore"] = restore
     if not store.create(keys.service(service, "deploy"), json.dumps(journal)):
         current = store.get(keys.service(service, "deploy"))
         phase = parse_object(current.value).get("phase", "?") if current else "?"
         if phase in ("paused", "failed"):
             raise DeployError(f"the last deploy of {service} is {phase}: `shipmate rollback "
-                              f"{service}` finishes it backwards, or delete its deploy key "
-                              "(see `shipmate status`)")
+                              f"{service}` finishes it backwards, `shipmate abort {service}` "
+                              "clears it (see `shipmate status`)")
         raise DeployError(f"a deploy of {service} is already in progress (phase {phase}); "
                           "follow it with `shipmate status`")
     return journal
 
 
 def _release(data: dict[str, Any]) -> Release:
-    return Release(data.get("image"), data.get("port"), data["version"], data.get("spec", ""))
+    release = parse_release(data)
+    if release is None:
+        raise DeployError(f"the journal holds no readable release: {str(data)[:80]}")
+    return release
+
+
+def follow_yaml(store: Store, keys: Keys, service: str, view: Any, wanted: Release) -> bool:
+    """Keep the release in step with the YAML, for a service with no deploy running.
+
+    Records the YAML's release if nothing is recorded and it runs; requests a
+    deploy if the YAML changed since the release was made (unless that YAML's
+    deploy rolled back: see :func:`agent.releases.config_deploy`).
+
+    :returns: True if a deploy was requested.
+    :raises DeployError, StoreError: as :func:`request_deploy` and the store do.
+    """
+    todo = config_deploy(view.release, wanted, [i.version for i in view.running])
+    if todo == "record":
+        record = wanted.to_json(by="config")
+        if store.create(keys.service(service, "release"), json.dumps(record)):
+            history.append(store, keys, service, "releases", _entry(
+                record, None, wanted, {"result": "recorded", "reason": "running the YAML"}))
+        return False
+    if todo == "deploy":
+        request_deploy(store, keys, service, image=wanted.image, by="config",
+                       reason="config changed")
+        return True
+    return False
+
+
+def _entry(record: dict[str, Any], old: Release | None, new: Release,
+           outcome: dict[str, Any]) -> dict[str, Any]:
+    """A history entry for ``record`` (a release as stored) and its outcome."""
+    from agent.leader import agent_id
+
+    me = agent_id()
+    keep = ("version", "image", "port", "command", "env", "secret_env", "shape", "spec",
+            "when", "by")
+    return {**{k: record[k] for k in keep if k in record}, "changed": history.changes(old, new),
+            "agent": f"{me['host']}:{me['pid']}", "result": outcome.get("result"),
+            "reason": outcome.get("reason", ""), "deploy": outcome.get("id")}
 
 
 @dataclass
@@ -110,6 +172,7 @@ class Deployment:
     leading: Callable[[], bool] = lambda: True
     port_problem: Callable[[str, int], str | None] = lambda service, port: None
     "why a slot may not listen on a port (another service's, past 65535), or None"
+    _checked: float = 0.0
 
     @property
     def service(self) -> str:
@@ -152,11 +215,19 @@ class Deployment:
         log.info("%s: deploy %s: %s (%d/%d)", self.service, self.journal["id"], note, done, total)
 
     def check(self) -> None:
-        """Raise Interrupted if the agent is stopping or no longer acts for the cluster."""
+        """Raise Interrupted if the agent is stopping or no longer acts for the cluster, and
+        LockLost if someone else changed the journal (``shipmate abort``; read once a second)."""
         if self.stopping.is_set():
             raise Interrupted("the agent is stopping; the next agent resumes this deploy")
         if not self.leading():
             raise Interrupted("this agent no longer leads; the acting agent resumes this deploy")
+        now = time.monotonic()
+        if now - self._checked >= 1.0:
+            self._checked = now
+            entry = self.store.get(self.keys.service(self.service, "deploy"))
+            if entry is None or entry.revision != self.revision:
+                raise LockLost(f"the deploy journal of {self.service} was changed by someone "
+                               "else (aborted?)")
 
     # ------------------------------------------------------------- instances
     def instances(self) -> list[Instance]:
@@ -335,7 +406,13 @@ class DeployRunner:
                             grace=self.grace, stopping=self.stopping, leading=self.leading,
                             port_problem=self.port_problem)
         if journal["phase"] == "requested":
-            self._begin(deploy, view)
+            try:
+                self._begin(deploy, view)
+            except DeployError as exc:
+                if deploy.journal.get("phase") != "failed":
+                    raise
+                log.error("%s: %s", runtime.name, exc)
+                return
         else:
             deploy.source = _release(journal["from"])
             deploy.target = _release(journal["to"])
@@ -380,11 +457,21 @@ class DeployRunner:
     def _begin(self, deploy: Deployment, view: Any) -> None:
         journal, runtime = deploy.journal, deploy.runtime
         current = deploy.source
-        port = journal.get("port")
-        if port is None:
-            port = runtime.strategy.target_port(current.port, runtime.config.port)
-        image = journal.get("image") or current.image
-        deploy.target = make_release(runtime.config, image=image, port=port)
+        if journal.get("restore"):
+            recorded = parse_release(history.find_release(
+                self.store, self.keys, runtime.name, str(journal["restore"])))
+            if recorded is None:
+                deploy.save(phase="failed", error=f"no release {journal['restore']} is "
+                            "recorded to roll back to")
+                raise DeployError(deploy.journal["error"])
+            port = runtime.strategy.target_port(current.port, recorded.port)
+            deploy.target = restore_release(recorded, runtime.config, port)
+        else:
+            port = journal.get("port")
+            if port is None:
+                port = runtime.strategy.target_port(current.port, runtime.config.port)
+            image = journal.get("image") or current.image
+            deploy.target = make_release(runtime.config, image=image, port=port)
         running = len(view.running)
         deploy.desired = min(view.effective if view.effective is not None else running,
                              self.ceiling())
@@ -411,10 +498,20 @@ class DeployRunner:
         release_key = self.keys.service(deploy.service, "release")
         entry = self.store.get(release_key)
         current = parse_object(entry.value) if entry else {}
-        previous = deploy.source.to_json() if result == "finished" else current.get("previous")
+        same = deploy.source.version == deploy.target.version
+        # never the release itself as its own previous: a no-op deploy keeps the one before
+        previous = (deploy.source.to_json() if result == "finished" and not same
+                    else current.get("previous"))
         # stopped instances kept for an instant rollback: the deploy's, or (rolled back) as before
         kept = deploy.journal.get("kept") if result == "finished" else current.get("kept")
         extra = {"kept": kept} if isinstance(kept, str) and kept != live.version else {}
+        # a YAML whose deploy rolled back, or that ops rolled back from, is not deployed again
+        # until it changes again
+        yaml_spec = deploy.runtime.yaml_release.spec
+        if (result == "rolled-back" or deploy.journal.get("restore")) and yaml_spec != live.spec:
+            extra["held"] = yaml_spec
+        elif same and current.get("held"):
+            extra["held"] = current["held"]
         record = live.to_json(by=deploy.journal.get("by"), deploy=outcome, previous=previous,
                               **extra)
         value = json.dumps(record)
@@ -425,6 +522,10 @@ class DeployRunner:
                            "the next pass records it again")
         if not self.store.delete(self.keys.service(deploy.service, "deploy"), deploy.revision):
             raise LockLost(f"the deploy journal of {deploy.service} changed as it ended")
+        if not same:
+            history.append(self.store, self.keys, deploy.service, "releases", _entry(
+                deploy.target.to_json(by=deploy.journal.get("by")), deploy.source,
+                deploy.target, outcome))
         if result == "finished":
             self.emit("shipmate_deploy_finished", service=deploy.service, deploy=deploy.journal)
         else:

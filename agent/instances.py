@@ -14,10 +14,13 @@ LABEL_SLOT = "shipmate.slot"
 
 
 def release_version(image: str | None, command: list[str] | None, env: dict[str, str],
-                    port: int | None) -> str:
-    """The short hash of a release spec: a changed image, command, env or port is a new version."""
-    spec = json.dumps({"image": image, "command": command, "env": env, "port": port},
-                      sort_keys=True)
+                    port: int | None, shape: dict[str, Any] | None = None) -> str:
+    """The short hash of a release spec: a changed image, command, env, port or shape (the
+    actuator settings that shape an instance, like fleet's unit text) is a new version."""
+    fields: dict[str, Any] = {"image": image, "command": command, "env": env, "port": port}
+    if shape:  # absent when empty: versions from before shapes counted stay the same
+        fields["shape"] = shape
+    spec = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:10]
 
 

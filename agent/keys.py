@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-FIELDS = ("desired", "override", "release", "deploy", "policy", "problems")
+FIELDS = ("desired", "override", "release", "deploy", "policy", "problems", "history")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ class TypeConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    shape_fields: ClassVar[tuple[str, ...]] = ()
+    "an actuator's settings that shape an instance: part of a release and its version"
 
 
 class SourceConfig(TypeConfig):

@@ -40,13 +40,12 @@ from typing import Any
 import schedule
 
 from agent.actuation import Actuation, Outcome
-from agent.deploys import DeployError, DeployRunner, request_deploy
+from agent.deploys import DeployError, DeployRunner, follow_yaml
 from agent.keys import Keys
 from agent.leader import Leadership
 from agent.metrics import Metrics
 from agent.ports import claims, slot_port_problem
 from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
-from agent.releases import parse_release
 from agent.restarts import Restarts
 from agent.scaling import Scaler
 from agent.store import Store, StoreError
@@ -483,14 +482,8 @@ class Loop:
                 if problem:
                     view.problems.append(problem)
                 continue
-            release, wanted = parse_release(view.release), runtime.yaml_release
             try:
-                if release is None and all(i.version == wanted.version for i in view.running):
-                    self.store.create(self.keys.service(name, "release"),
-                                      json.dumps(wanted.to_json(by="config")))
-                elif release is None or release.spec != wanted.spec:
-                    request_deploy(self.store, self.keys, name, image=wanted.image,
-                                   by="config", reason="config changed")
+                if follow_yaml(self.store, self.keys, name, view, runtime.yaml_release):
                     log.info("%s: the config changed: deploying it", name)
                     self.request_pass()
             except (DeployError, StoreError) as exc:

@@ -75,6 +75,7 @@ class ServiceRuntime:
     def spec(self, slot: int, release: Release) -> InstanceSpec:
         """The spec of ``slot``'s instance of ``release``, with ``{port}`` and friends filled in."""
         c = self.config
+        command = release.command_for(c)
         port = release.port + slot if release.port is not None else None
         name = instance_name(self.cluster, self.name, slot, release.version)
         values = {"port": port, "instance": name, "service": self.name, "slot": slot,
@@ -84,8 +85,9 @@ class ServiceRuntime:
         return InstanceSpec(
             cluster=self.cluster, service=self.name, slot=slot, version=release.version,
             name=name, port=port, image=release.image,
-            command=[fill(part, **values) for part in c.command] if c.command else None,
-            env={k: fill(v, **values) for k, v in c.env.items()}, labels=labels,
+            # the release's own command and env (a rollback restores them), else the YAML's
+            command=[fill(part, **values) for part in command] if command else None,
+            env={k: fill(v, **values) for k, v in release.env_for(c).items()}, labels=labels,
         )
 
 

@@ -104,6 +104,7 @@ class TlsConfig(TypeConfig):
 
 
 class DockerConfig(TypeConfig):
+    shape_fields = ("network", "publish", "volumes", "restart", "cpus", "memory", "init")
     host: str | None = None
     "the engine: unix:///path, tcp://host:port or ssh://user@host (default: $DOCKER_HOST)"
     tls: TlsConfig | None = None

@@ -215,6 +215,7 @@ def _quote_env(key: str, value: str) -> str:
 
 
 class FleetConfig(TypeConfig):
+    shape_fields = ("unit", "global_")
     endpoint: str = "unix:///var/run/fleet.sock"
     "fleet's API: unix:///path/to/fleet.sock or http(s)://host:port"
     timeout: Duration = Field(10.0, gt=0)
