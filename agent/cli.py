@@ -123,6 +123,9 @@ def _views(config_path: str, *, health: bool = True):
     from agent.reconcile import Reconciler
     from agent.runtime import Builder, connect
 
+    # orphans are listed by the command itself, not warned about in passing
+    logging.getLogger("shipmate.reconcile").setLevel(logging.ERROR)
+
     config, plugins = _open(config_path)
     store = connect(config)
     context = Context(cluster=config.agent.cluster, store=store,
@@ -171,14 +174,20 @@ def plan(config_path: str) -> None:
 
 @main.command()
 @config_option
+@click.argument("service", required=False)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
-def status(config_path: str, as_json: bool) -> None:
-    """Per service: desired, override, running, healthy, release and deploy."""
+def status(config_path: str, service: str | None, as_json: bool) -> None:
+    """Per service: desired, override, running, healthy, release and deploy; SERVICE up close."""
+    from agent.orphans import announced_keys, candidate_announcers, default_announcer
+    from agent.releases import yaml_differs
     from agent.restarts import describe as describe_problem
     from agent.scaling import describe, expiry, read_state, summary
 
     config, store, keys, builder, reconciler, views = _views(config_path)
+    if service is not None:
+        _known(config, service)
+        views = {service: views[service]}
     try:
         leader = store.get(keys.leader)
         if leader is not None:
@@ -186,6 +195,21 @@ def status(config_path: str, as_json: bool) -> None:
             holder = {k: holder.get(k) for k in ("host", "pid", "since", "ttl")}
             holder["lease_left"] = store.lease_left(keys.leader)
         states = {name: read_state(store, keys, name) for name in views}
+        announced = {}
+        for name, view in views.items():
+            announcer = reconciler.services[name].announcer
+            for i in view.instances:
+                key = next(iter(announced_keys(i, [announcer] if announcer else [])), None)
+                announced[i.name] = key if key and store.get(key) is not None else None
+        orphans = []
+        if reconciler.unowned:
+            announcers = candidate_announcers(reconciler.services,
+                                              lambda: default_announcer(builder))
+            for i in sorted(reconciler.unowned.values(), key=lambda i: (i.service, i.slot)):
+                keys_now = [k for k in announced_keys(i, announcers) if store.get(k) is not None]
+                orphans.append({"name": i.name, "service": i.service, "slot": i.slot,
+                                "version": i.version, "host": i.host, "port": i.port,
+                                "running": i.running, "announced": keys_now})
     finally:
         builder.close()
         store.close()
@@ -199,6 +223,9 @@ def status(config_path: str, as_json: bool) -> None:
             text = describe_problem(record, now) if isinstance(record, dict) else str(record)
             if text not in problems:
                 problems.append(text)
+        differs = yaml_differs(view.release, reconciler.services[name].yaml_release)
+        if differs:
+            problems.append(differs)
         rows.append({
             "service": name, "desired": view.desired, "override": view.override,
             "effective": view.effective,
@@ -210,7 +237,8 @@ def status(config_path: str, as_json: bool) -> None:
                            "healthy": i in view.healthy,
                            "unhealthy_for": _since(unhealthy.get(i.name), now)
                            if i not in view.healthy and i.running else None,
-                           "kept": not i.running and i.version in view.kept}
+                           "kept": not i.running and i.version in view.kept,
+                           "announced": announced.get(i.name)}
                           for i in view.instances],
             "problems": problems,
             "source": reconciler.services[name].source.type_name,
@@ -219,7 +247,12 @@ def status(config_path: str, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
                                "leader": holder if leader else None,
-                               "services": rows}, indent=2))
+                               "services": rows, "orphans": orphans}, indent=2))
+        return
+    if service is not None:
+        _status_one(rows[0], describe(reconciler.services[service].source.type_name,
+                                      states[service], now,
+                                      expiry(reconciler.services[service].source)))
         return
     table = Table(title=f"cluster {config.agent.cluster}")
     for column in ("service", "desired", "override", "running", "healthy", "release", "deploy"):
@@ -230,7 +263,7 @@ def status(config_path: str, as_json: bool) -> None:
         table.add_row(row["service"], _n(row["desired"]), _n(row["override"]),
                       _n(row["running"], "?"), _n(row["healthy"], "?"),
                       str(release.get("image") or release.get("version") or "-"),
-                      f"{deploy.get('phase', '?')}" if deploy else "-")
+                      _deploy_word(deploy))
     console.print(table)
     if leader:
         since = holder.get("since")
@@ -256,12 +289,80 @@ def status(config_path: str, as_json: bool) -> None:
                               f"{format_duration(instance['unhealthy_for'])}[/yellow]",
                               highlight=False)
 
+    for orphan in orphans:
+        state = "running" if orphan["running"] else "dead"
+        where = ", ".join(orphan["announced"]) or "not announced"
+        console.print(f"[yellow]orphan: {orphan['name']} (service {orphan['service']!r} is no "
+                      f"longer in the config; {state}, {where}): `shipmate prune` stops it"
+                      "[/yellow]", highlight=False)
+
 
 def _since(when: Any, now: float) -> float | None:
     """Seconds since a wall-clock time recorded by the agent (None if it recorded none)."""
     if isinstance(when, int | float) and not isinstance(when, bool) and when == when:
         return round(max(0.0, now - when), 1)
     return None
+
+
+def _deploy_word(deploy: dict[str, Any] | None) -> str:
+    """A deploy's phase, with a failed or paused one's reason in a word or two."""
+    if not deploy:
+        return "-"
+    phase = str(deploy.get("phase", "?"))
+    if "invalid" in deploy:
+        return "unreadable"
+    error = str(deploy.get("error") or "")
+    if phase not in ("failed", "paused", "rolling-back") or not error:
+        return phase
+    words = (("rollback failed", "rollback failed too"), ("not healthy", "unhealthy"),
+             ("stopped passing", "unhealthy"), ("exited", "exited"), ("aborted", "aborted"),
+             ("cannot run strategy", "bad strategy"), ("no release", "no such release"))
+    word = next((short for needle, short in words if needle in error),
+                " ".join(error.split()[:2]))
+    return f"{phase}: {word}"
+
+
+def _status_one(row: dict[str, Any], source_line: str) -> None:
+    """``shipmate status SERVICE``: the service up close."""
+    name, release = row["service"], row["release"] or {}
+    console.print(f"[bold]{name}[/bold]: desired {_n(row['desired'])}, override "
+                  f"{_n(row['override'])}, running {_n(row['running'], '?')}, healthy "
+                  f"{_n(row['healthy'], '?')}", highlight=False)
+    if release:
+        when = release.get("when")
+        console.print(f"  release: {release.get('image') or '-'} version "
+                      f"{release.get('version', '?')} on port {release.get('port')}, by "
+                      f"{release.get('by', '?')}"
+                      + (f", {_ago(when)}" if isinstance(when, (int, float)) else ""),
+                      highlight=False)
+    console.print(f"  source: {source_line}", highlight=False, soft_wrap=True)
+    deploy = row["deploy"]
+    if deploy:
+        got = deploy.get("progress") or {}
+        console.print(f"  deploy {deploy.get('id', '?')}: {deploy.get('phase', '?')}"
+                      + (f", {got.get('note')}" if got.get("note") else "")
+                      + (f" ({(deploy.get('from') or {}).get('version')} -> "
+                         f"{(deploy.get('to') or {}).get('version')})" if deploy.get("to")
+                         else ""), highlight=False)
+        if deploy.get("error"):
+            console.print(f"  deploy error: {deploy['error']}", highlight=False)
+    table = Table()
+    for column in ("slot", "version", "address", "health", "announced", "instance"):
+        table.add_column(column)
+    for i in sorted(row["instances"], key=lambda i: (i["slot"], i["version"])):
+        health = ("healthy" if i["healthy"] else "unhealthy") if i["running"] else (
+            "kept (stopped)" if i["kept"] else "exited")
+        table.add_row(str(i["slot"]), i["version"], f"{i['host']}:{_n(i['port'])}", health,
+                      i["announced"] or "-", i["name"])
+    console.print(table)
+    for problem in row["problems"]:
+        console.print(f"[yellow]! {problem}[/yellow]", highlight=False)
+
+
+def _ago(when: float) -> str:
+    from agent.durations import format_duration
+
+    return f"{format_duration(max(0.0, time.time() - when))} ago"
 
 
 def _known(config, service: str) -> None:
@@ -351,8 +452,10 @@ def schema() -> None:
 
 
 
-def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> None:
-    """Show a deploy's progress from its journal until it ends; exit 1 unless it finished."""
+def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float,
+            expect: str = "finished") -> None:
+    """Show a deploy's progress from its journal until it ends; exit 1 unless it ended as
+    ``expect`` (``finished``; an abort expects ``rolled-back``)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     deploy_key, release_key = keys.service(service, "deploy"), keys.service(service, "release")
@@ -389,15 +492,20 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float) -> 
     outcome = release.get("deploy") or {}
     if outcome.get("id") != deploy_id:
         fail(f"the deploy of {service} ended but left no outcome; see `shipmate status`")
-    if outcome.get("result") != "finished":
-        fail(f"deploy of {service} rolled back: {outcome.get('reason')}")
+    if outcome.get("result") != expect:
+        fail(f"deploy of {service} {outcome.get('result')}: {outcome.get('reason')}")
+    if expect == "rolled-back":
+        console.print(f"{service}: deploy {deploy_id} rolled back to "
+                      f"{release.get('image') or release.get('version')}", highlight=False)
+        return
     label = release.get("image") or release.get("version")
     console.print(f"{service}: deployed {label}"
                   + (f" ({outcome['reason']})" if outcome.get("reason") else ""), highlight=False)
 
 
 def _request(config_path: str, service: str, image: str | None, port: int | None,
-             strategy: str | None, reason: str, wait: bool, timeout: float) -> None:
+             strategy: str | None, reason: str, wait: bool, timeout: float,
+             restore: str | None = None) -> None:
     from agent.deploys import request_deploy
     from agent.runtime import connect
 
@@ -420,7 +528,7 @@ def _request(config_path: str, service: str, image: str | None, port: int | None
     keys = Keys(config.key_prefix)
     try:
         journal = request_deploy(store, keys, service, image=image, port=port,
-                                 strategy=strategy, by=_who(), reason=reason)
+                                 strategy=strategy, by=_who(), reason=reason, restore=restore)
         console.print(f"{service}: deploy {journal['id']} requested", highlight=False)
         if wait:
             _follow(store, keys, service, journal["id"], timeout)
@@ -475,11 +583,15 @@ def deploy(config_path: str, service: str, image: str, strategy: str | None, no_
 @main.command()
 @config_option
 @click.argument("service")
+@click.option("--to", "version", help="the version to bring back (default: the previous "
+              "release; see `shipmate history`)")
 @_with(wait_options)
 @friendly
-def rollback(config_path: str, service: str, no_wait: bool, timeout: float) -> None:
-    """Deploy the release SERVICE ran before the current one."""
+def rollback(config_path: str, service: str, version: str | None, no_wait: bool,
+             timeout: float) -> None:
+    """Bring back the release SERVICE ran before (or VERSION): its image, command, env and port."""
     from agent.deploys import DeployError
+    from agent.history import find_release
     from agent.runtime import connect
 
     config, _ = _open(config_path)
@@ -495,16 +607,296 @@ def rollback(config_path: str, service: str, no_wait: bool, timeout: float) -> N
                 fail(f"the deploy of {service} changed meanwhile; see `shipmate status`")
             console.print(f"{service}: rolling back deploy {journal['id']}", highlight=False)
             if not no_wait:
-                _follow(store, keys, service, journal["id"], timeout)
+                _follow(store, keys, service, journal["id"], timeout, expect="rolled-back")
             return
         entry = store.get(keys.service(service, "release"))
+        current = parse_object(entry.value) if entry else {}
+        target = find_release(store, keys, service, version)
     finally:
         store.close()
-    previous = (parse_object(entry.value) if entry else {}).get("previous")
-    if not previous:
-        fail(f"{service} has no previous release recorded to roll back to")
+    if target is None:
+        fail(f"{service} has no {'release ' + version if version else 'earlier release'} "
+             f"recorded to roll back to (see `shipmate history {service}`)")
+    if target.get("version") == current.get("version"):
+        fail(f"{service} already runs {target.get('version')}")
+    console.print(f"{service}: rolling back to {target.get('image') or 'version'} "
+                  f"{target.get('version')}", highlight=False)
     try:
-        _request(config_path, service, previous.get("image"), previous.get("port"), None,
-                 "rollback", not no_wait, timeout)
+        _request(config_path, service, None, None, None, "rollback", not no_wait, timeout,
+                 restore=str(target["version"]))
     except DeployError as exc:
         fail(str(exc))
+
+
+@main.command()
+@config_option
+@click.argument("service")
+@_with(wait_options)
+@friendly
+def abort(config_path: str, service: str, no_wait: bool, timeout: float) -> None:
+    """Stop SERVICE's deploy where it is and roll it back; clear a failed or unreadable one.
+
+    Every write is a compare-and-set on the journal as read, so an abort never
+    overwrites what the acting agent wrote meanwhile.
+    """
+    from agent.runtime import connect
+
+    config, _ = _open(config_path)
+    _known(config, service)
+    store = connect(config)
+    keys = Keys(config.key_prefix)
+    try:
+        for _ in range(5):  # the acting agent may write the journal between read and write
+            entry = store.get(keys.service(service, "deploy"))
+            if entry is None:
+                fail(f"no deploy of {service} is in progress")
+            journal = parse_object(entry.value)
+            phase = journal.get("phase")
+            readable = "id" in journal and phase in (
+                "requested", "running", "paused", "rolling-back", "failed", "finished",
+                "rolled-back")
+            if not readable or phase in ("failed", "requested"):
+                if store.delete(entry.key, entry.revision):
+                    what = ("cancelled the requested deploy" if phase == "requested" and readable
+                            else f"cleared the {'failed' if readable else 'unreadable'} "
+                            "deploy journal")
+                    console.print(f"{service}: {what}; a new deploy can start"
+                                  + (f" (it said: {journal['error']})" if journal.get("error")
+                                     else ""), highlight=False)
+                    return
+                continue
+            if phase in ("finished", "rolled-back"):
+                console.print(f"{service}: the deploy is ending ({phase}); nothing to abort",
+                              highlight=False)
+                return
+            if phase in ("running", "paused"):
+                versions = [v for v in ((journal.get("from") or {}).get("version"),
+                                        (journal.get("to") or {}).get("version")) if v]
+                aborted = {**journal, "phase": "rolling-back",
+                           "error": f"aborted by {_who()}", "announce": versions}
+                if not store.replace(entry.key, json.dumps(aborted), entry.revision):
+                    continue
+                console.print(f"{service}: deploy {journal['id']} aborted; rolling back",
+                              highlight=False)
+            else:
+                console.print(f"{service}: deploy {journal['id']} is already rolling back",
+                              highlight=False)
+            if not no_wait:
+                _follow(store, keys, service, journal["id"], timeout, expect="rolled-back")
+            return
+        fail(f"the deploy journal of {service} kept changing; try again")
+    finally:
+        store.close()
+
+
+@main.command()
+@config_option
+@click.argument("service")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@friendly
+def history(config_path: str, service: str, as_json: bool) -> None:
+    """The last releases and scaling decisions of SERVICE, newest first."""
+    from agent.history import read_history
+    from agent.runtime import connect
+
+    config, _ = _open(config_path)
+    _known(config, service)
+    store = connect(config)
+    try:
+        got = read_history(store, Keys(config.key_prefix), service)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"service": service, **got}, indent=2))
+        return
+    table = Table(title=f"{service}: releases")
+    for column in ("when", "version", "image", "changed", "by", "agent", "outcome"):
+        table.add_column(column)
+    for item in reversed(got["releases"]):
+        outcome = str(item.get("result") or "?")
+        if item.get("reason") and outcome != "recorded":
+            outcome += f": {item['reason']}"
+        table.add_row(_when(item.get("when")), str(item.get("version", "?")),
+                      str(item.get("image") or "-"), str(item.get("changed", "")),
+                      str(item.get("by") or "-"), str(item.get("agent") or "-"), outcome)
+    console.print(table)
+    if not got["releases"]:
+        console.print("no releases recorded yet")
+    if got["scaling"]:
+        table = Table(title=f"{service}: scaling")
+        for column in ("when", "count", "reason"):
+            table.add_column(column)
+        for item in reversed(got["scaling"]):
+            table.add_row(_when(item.get("when")), f"{_n(item.get('from'))} -> "
+                          f"{_n(item.get('to'))}", str(item.get("reason", "")))
+        console.print(table)
+
+
+def _when(when: Any) -> str:
+    if not isinstance(when, (int, float)):
+        return "?"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
+
+
+@main.command()
+@config_option
+@click.argument("service", required=False)
+@click.option("--yes", is_flag=True, help="stop them without asking")
+@friendly
+def prune(config_path: str, service: str | None, yes: bool) -> None:
+    """Stop the instances of services no longer in the config (withdrawn first)."""
+    from agent import orphans
+
+    config, store, keys, builder, reconciler, views = _views(config_path, health=False)
+    try:
+        if service is not None and service in config.services:
+            fail(f"{service} is in the config: `shipmate scale {service} 0` stops its instances")
+        actuators = [rt.actuator for rt in reconciler.services.values()]
+        found = orphans.find_orphans(actuators, config.services, service)
+        if not found:
+            console.print("no orphans" + (f" of service {service!r}" if service else ""))
+            return
+        for orphan in found:
+            i = orphan.instance
+            console.print(f"orphan: {i.name} (service {i.service!r}, "
+                          f"{'running' if i.running else 'dead'}, {i.host}:{_n(i.port)})",
+                          highlight=False)
+        if not yes and not click.confirm(f"stop these {len(found)} instances?"):
+            fail("nothing stopped")
+        announcers = orphans.candidate_announcers(
+            reconciler.services, lambda: orphans.default_announcer(builder))
+        failed = 0
+        for orphan in found:
+            try:
+                orphans.stop(orphan, announcers, config.agent.grace)
+                console.print(f"stopped {orphan.instance.name}", highlight=False)
+            except Exception as exc:  # noqa: BLE001 - say which, go on with the others
+                failed += 1
+                err.print(f"cannot stop {orphan.instance.name}: {exc}", highlight=False)
+        if failed:
+            fail(f"{failed} of {len(found)} orphans not stopped")
+    finally:
+        builder.close()
+        store.close()
+
+
+# ---------------------------------------------------------------- the store
+
+
+@main.group("store")
+def store_cmd() -> None:
+    """The store from the CLI, on every backend.
+
+    A KEY without a leading / is relative to the cluster's keys
+    (``<prefix>/<cluster>/``); with a leading / it is absolute (announcements).
+    """
+
+
+def _store_key(config, key: str) -> str:
+    if not key:
+        fail("give a key")
+    return key if key.startswith("/") else f"{config.key_prefix}/{key}"
+
+
+def _open_store(config_path: str):
+    from agent.runtime import connect
+
+    config, _ = _open(config_path)
+    return config, connect(config)
+
+
+prefix_option = click.option("--prefix", is_flag=True, help="every key that starts with KEY")
+
+
+@store_cmd.command("get")
+@config_option
+@prefix_option
+@click.argument("key")
+@friendly
+def store_get(config_path: str, prefix: bool, key: str) -> None:
+    """Print KEY's value (with --prefix: each key and its value)."""
+    config, store = _open_store(config_path)
+    try:
+        full = _store_key(config, key)
+        if prefix:
+            for name, entry in sorted(store.get_prefix(full).items()):
+                click.echo(f"{name}\t{entry.value}")
+            return
+        entry = store.get(full)
+    finally:
+        store.close()
+    if entry is None:
+        fail(f"no key {full}")
+    click.echo(entry.value)
+
+
+@store_cmd.command("put")
+@config_option
+@click.argument("key")
+@click.argument("value")
+@friendly
+def store_put(config_path: str, key: str, value: str) -> None:
+    """Write VALUE at KEY."""
+    config, store = _open_store(config_path)
+    try:
+        full = _store_key(config, key)
+        store.put(full, value)
+    finally:
+        store.close()
+    console.print(f"{full} = {value}", highlight=False)
+
+
+@store_cmd.command("del")
+@config_option
+@prefix_option
+@click.argument("key")
+@friendly
+def store_del(config_path: str, prefix: bool, key: str) -> None:
+    """Delete KEY (with --prefix: every key under it)."""
+    config, store = _open_store(config_path)
+    try:
+        full = _store_key(config, key)
+        names = sorted(store.get_prefix(full)) if prefix else [full]
+        gone = [name for name in names if store.delete(name)]
+    finally:
+        store.close()
+    if not gone and not prefix:
+        fail(f"no key {full}")
+    for name in gone:
+        console.print(f"deleted {name}", highlight=False)
+    if prefix and not gone:
+        console.print(f"no keys under {full}", highlight=False)
+
+
+@store_cmd.command("watch")
+@config_option
+@prefix_option
+@click.argument("key")
+@friendly
+def store_watch(config_path: str, prefix: bool, key: str) -> None:
+    """Print each change of KEY (with --prefix: of every key under it) until Ctrl-C."""
+    import threading
+
+    config, store = _open_store(config_path)
+    full = _store_key(config, key)
+    stop = threading.Event()
+
+    def show(events) -> None:
+        for event in events:
+            if not prefix and event.key != full:
+                continue
+            if event.value is None:
+                click.echo(f"DELETE {event.key}")
+            else:
+                click.echo(f"PUT {event.key} {event.value}")
+            sys.stdout.flush()
+
+    watch = store.watch(full, show)
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        watch.cancel()
+        store.close()

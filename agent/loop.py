@@ -44,6 +44,7 @@ from agent.deploys import DeployError, DeployRunner, follow_yaml
 from agent.keys import Keys
 from agent.leader import Leadership
 from agent.metrics import Metrics
+from agent.orphans import Orphans
 from agent.ports import claims, slot_port_problem
 from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
 from agent.restarts import Restarts
@@ -68,12 +69,13 @@ class Settings:
     http: str | None = None
     dry_run: bool = False
     once: bool = False
+    orphans: str = "keep"  # issue 11: agent.orphans (agent/orphans.py)
 
     @classmethod
     def from_config(cls, agent: Any, *, dry_run: bool = False, once: bool = False) -> Settings:
         return cls(interval=agent.interval, grace=agent.grace, parallelism=agent.parallelism,
                    max_instances=agent.max_instances, http=agent.http, dry_run=dry_run,
-                   once=once)
+                   once=once, orphans=agent.orphans)
 
 
 class Waker:
@@ -153,6 +155,7 @@ class Loop:
         "slot -> (failed stops, when to try again): a stop that fails is retried ever later"
         self._poll_workers = DaemonWorkers(4, "poll")
         self.restarts = Restarts(clock=clock, settings=self._restart_settings)
+        self.orphans = Orphans()  # issue 11: orphans (agent/orphans.py)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
                                    parallelism=lambda: self.settings.parallelism,
                                    on_done=self._done, may_act=self._may_act)
@@ -354,6 +357,9 @@ class Loop:
         if not dry:
             stopping = {a.instance.name for a in taken if a.instance is not None}
             errors += self.reconciler.announce(views, stopping | self.actuation.stopping())
+            errors += self.orphans.handle(  # issue 11: orphans (agent/orphans.py)
+                self.reconciler.unowned, self.services, policy=self.settings.orphans,
+                stop_grace=self.settings.grace)
             if not self.settings.once:
                 errors += self._deploys(views)
         self._track_health(views)

@@ -22,6 +22,7 @@ from agent.kinds import Context, PluginType
 from agent.leader import FencedStore, Leadership
 from agent.loop import Loop, Settings
 from agent.metrics import Metrics, serve
+from agent.orphans import default_announcer
 from agent.plugins import PluginError, Plugins, load_plugins
 from agent.reconcile import ServiceRuntime
 from agent.store import Store, open_store
@@ -146,6 +147,8 @@ class Agent:
                          leadership=self.leadership, settings=self._settings(),
                          metrics=self.metrics, emit=self._emit, strategies=self._strategy,
                          reload=self.reload)
+        # issue 11: orphans are withdrawn through the default announcer too (agent/orphans.py)
+        self.loop.orphans.default = lambda: default_announcer(self.builder)
 
     def _settings(self) -> Settings:
         return Settings.from_config(self.config.agent, dry_run=self.dry_run, once=self.once)
