@@ -72,12 +72,24 @@ def _setup_logging(verbose: bool) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _open(config_path: str):
+def _open(config_path: str, *, lenient: bool = False):
+    """The config and plugins; ``lenient`` leaves broken plugins out, saying so (status,
+    plan, check), where ``run`` and the commands that change things refuse them."""
     from agent.runtime import open_config
 
     if not Path(config_path).is_file():
         fail(f"config file {config_path} not found (set -c or $SHIPMATE_CONFIG)")
-    return open_config(config_path)
+    if not lenient:
+        return open_config(config_path)
+    plugins = load_plugins(strict=False)
+    _report_broken(plugins)
+    return open_config(config_path, plugins=plugins)
+
+
+def _report_broken(plugins) -> None:
+    for message in plugins.broken.values():
+        err.print(f"[yellow]warning:[/yellow] left out: {message}", highlight=False,
+                  markup=True, soft_wrap=True)
 
 
 @click.group()
@@ -95,11 +107,24 @@ def main() -> None:
 @friendly
 def run(config_path: str, once: bool, dry_run: bool, verbose: bool) -> None:
     """Run the agent."""
+    from agent.pidlock import AgentRunning, acquire
     from agent.runtime import Agent
 
     _setup_logging(verbose)
-    _open(config_path)
-    sys.exit(Agent(config_path, once=once, dry_run=dry_run).run())
+    config, _ = _open(config_path)
+    lock = None
+    if not dry_run:  # a dry run changes nothing: it may look on beside the agent
+        try:
+            lock = acquire(config.resolve(config.agent.state_dir) / "agent.pid",
+                           config=str(Path(config_path).resolve()), http=config.agent.http)
+        except AgentRunning as exc:
+            fail(str(exc))
+    try:
+        code = Agent(config_path, once=once, dry_run=dry_run).run()
+    finally:
+        if lock is not None:
+            lock.release()
+    sys.exit(code)
 
 
 @main.command()
@@ -107,7 +132,12 @@ def run(config_path: str, once: bool, dry_run: bool, verbose: bool) -> None:
 @friendly
 def check(config_path: str) -> None:
     """Validate the config and the plugins; exit 1 listing every error."""
-    config, plugins = _open(config_path)
+    config, plugins = _open(config_path, lenient=True)
+    if plugins.broken:
+        n = len(plugins.broken)
+        fail(f"{config_path} is valid without {n} broken plugin{'s' if n != 1 else ''} "
+             f"({', '.join(plugins.broken)}), but `shipmate run` refuses to start until "
+             f"{'they are' if n != 1 else 'it is'} fixed or blocked (SHIPMATE_BLOCK_PLUGINS)")
     console.print(f"{config_path}: ok: cluster {config.agent.cluster}, "
                   f"{len(config.services)} services, {len(plugins.infos)} plugins",
                   highlight=False)
@@ -126,7 +156,7 @@ def _views(config_path: str, *, health: bool = True):
     # orphans are listed by the command itself, not warned about in passing
     logging.getLogger("shipmate.reconcile").setLevel(logging.ERROR)
 
-    config, plugins = _open(config_path)
+    config, plugins = _open(config_path, lenient=True)
     store = connect(config)
     context = Context(cluster=config.agent.cluster, store=store,
                       state_dir=config.resolve(config.agent.state_dir))
@@ -423,13 +453,14 @@ def scale(config_path: str, service: str, count: int | None, auto: bool, force: 
 @friendly
 def plugins_cmd(as_json: bool) -> None:
     """List every loaded plugin with its distribution, version, kinds and types."""
-    plugins = load_plugins()
+    plugins = load_plugins(strict=False)
     infos = list(plugins.infos.values())
     if as_json:
         click.echo(json.dumps([{"name": i.name, "distribution": i.distribution,
                                 "version": i.version, "module": i.module,
-                                "kinds": sorted(i.types), "types": i.types} for i in infos],
-                              indent=2))
+                                "kinds": sorted(i.types), "types": i.types} for i in infos]
+                              + [{"name": name, "broken": why}
+                                 for name, why in plugins.broken.items()], indent=2))
         return
     table = Table()
     for column in ("plugin", "distribution", "version", "types"):
@@ -441,6 +472,8 @@ def plugins_cmd(as_json: bool) -> None:
     blocked = [name for name, plugin in plugins.pm.list_name_plugin() if plugin is None]
     if blocked:
         console.print(f"blocked: {', '.join(blocked)}")
+    for name, why in plugins.broken.items():
+        console.print(f"[red]broken[/red]: {name}: {why}", highlight=False)
 
 
 @main.command()

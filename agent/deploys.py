@@ -137,7 +137,10 @@ def _entry(record: dict[str, Any], old: Release | None, new: Release,
     me = agent_id()
     keep = ("version", "image", "port", "command", "env", "secret_env", "shape", "spec",
             "when", "by")
-    return {**{k: record[k] for k in keep if k in record}, "changed": history.changes(old, new),
+    changed = history.changes(old, new)
+    if outcome.get("request") == "rollback":
+        changed = f"rollback: {changed}"
+    return {**{k: record[k] for k in keep if k in record}, "changed": changed,
             "agent": f"{me['host']}:{me['pid']}", "result": outcome.get("result"),
             "reason": outcome.get("reason", ""), "deploy": outcome.get("id")}
 
@@ -525,7 +528,7 @@ class DeployRunner:
         if not same:
             history.append(self.store, self.keys, deploy.service, "releases", _entry(
                 deploy.target.to_json(by=deploy.journal.get("by")), deploy.source,
-                deploy.target, outcome))
+                deploy.target, {**outcome, "request": deploy.journal.get("reason")}))
         if result == "finished":
             self.emit("shipmate_deploy_finished", service=deploy.service, deploy=deploy.journal)
         else:

@@ -11,6 +11,7 @@ loading with:
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Iterable
@@ -75,6 +76,8 @@ class Plugins:
         self.pm = pm
         self.hook = pm.hook
         self.infos = infos
+        self.broken: dict[str, str] = {}
+        "plugins left out because they failed to load (``strict=False``): name -> why"
         self.types: dict[str, dict[str, TypeEntry]] = {kind: {} for kind in KINDS}
         errors = []
         for kind, hook_name in KIND_HOOKS.items():
@@ -127,7 +130,7 @@ def _distribution(ep: EntryPoint) -> tuple[str, str]:
 
 
 def load_plugins(*, block: Iterable[str] = (), autoload: bool | None = None,
-                 extra: Iterable[tuple[str, object]] = ()) -> Plugins:
+                 extra: Iterable[tuple[str, object]] = (), strict: bool = True) -> Plugins:
     """Build the plugin manager from the ``shipmate`` entry points.
 
     :param block: plugin names never to load (added to ``SHIPMATE_BLOCK_PLUGINS``).
@@ -135,8 +138,12 @@ def load_plugins(*, block: Iterable[str] = (), autoload: bool | None = None,
         None reads ``SHIPMATE_DISABLE_PLUGIN_AUTOLOAD``.
     :param extra: ``(name, plugin)`` pairs registered after the entry points
         (tests and embedding programs).
-    :raises PluginError: naming the plugin that failed to import or validate.
+    :param strict: False leaves a plugin that fails to import or names an unknown hook
+        out (listed in :attr:`Plugins.broken`) instead of failing: ``status``,
+        ``plugins`` and ``check`` report it and carry on; ``run`` is strict.
+    :raises PluginError: naming each plugin that failed to import or validate.
     """
+    broken: dict[str, str] = {}
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     blocked = set(block) | set(_env_list("SHIPMATE_BLOCK_PLUGINS"))
@@ -156,10 +163,15 @@ def load_plugins(*, block: Iterable[str] = (), autoload: bool | None = None,
             continue  # the same distribution seen twice on sys.path
         try:
             plugin = ep.load()
+            _register(pm, plugin, ep.name)
         except Exception as exc:
-            raise PluginError(f"Error importing plugin {ep.name!r} ({dist} {version}, "
-                              f"{ep.value}): {type(exc).__name__}: {exc}") from exc
-        _register(pm, plugin, ep.name)
+            message = (str(exc) if isinstance(exc, PluginError) else
+                       f"Error importing plugin {ep.name!r} ({dist} {version}, {ep.value}): "
+                       f"{type(exc).__name__}: {exc}")
+            if strict:
+                raise PluginError(message) from exc
+            broken[ep.name] = message
+            continue
         infos[ep.name] = PluginInfo(ep.name, dist, version, ep.value)
     if not found_builtin:
         raise PluginError("the built-in plugins are not installed: run `pip install -e .` "
@@ -167,11 +179,37 @@ def load_plugins(*, block: Iterable[str] = (), autoload: bool | None = None,
     for name, plugin in extra:
         _register(pm, plugin, name)
         infos[name] = PluginInfo(name, "-", "-", getattr(plugin, "__name__", repr(plugin)))
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {pm.get_name(exc.plugin)!r}: {exc}") from exc
-    return Plugins(pm, infos)
+    unknown = _unknown_hooks(pm)
+    if unknown and strict:
+        raise PluginError("\n".join(unknown.values()))
+    for name, message in unknown.items():
+        pm.unregister(name=name)
+        infos.pop(name, None)
+        broken[name] = message
+    plugins = Plugins(pm, infos)
+    plugins.broken = broken
+    return plugins
+
+
+def _unknown_hooks(pm: pluggy.PluginManager) -> dict[str, str]:
+    """Plugins implementing a hook that no spec names (pluggy's ``check_pending``), each
+    with a "did you mean" where a spec's name is close."""
+    specs = [name for name in dir(hookspecs) if name.startswith(f"{hookspecs.PROJECT}_")]
+    out: dict[str, list[str]] = {}
+    for name in dir(pm.hook):
+        caller = getattr(pm.hook, name)
+        if name.startswith("_") or not isinstance(caller, pluggy.HookCaller):
+            continue
+        if caller.spec is not None:
+            continue
+        near = difflib.get_close_matches(name, specs, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        for impl in caller.get_hookimpls():
+            if impl.optionalhook:
+                continue
+            plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+            out.setdefault(plugin, []).append(f"unknown hook {name}{hint}")
+    return {plugin: f"plugin {plugin!r}: " + "; ".join(found) for plugin, found in out.items()}
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:

@@ -166,8 +166,10 @@ def yaml_differs(release: dict[str, Any] | None, wanted: Release) -> str | None:
         return None
     if release.get("held") == wanted.spec:
         outcome = release.get("deploy") or {}
-        why = outcome.get("reason") or outcome.get("result") or "rolled back"
-        return (f"the YAML differs from what runs ({recorded.version}): its deploy was rolled "
-                f"back ({why}); it is deployed again once the YAML changes again, or with "
-                "`shipmate deploy`")
+        if outcome.get("result") == "rolled-back":
+            why = f"its deploy rolled back ({outcome.get('reason') or 'failed'})"
+        else:
+            why = f"{release.get('by') or 'ops'} rolled back to this release"
+        return (f"the YAML differs from what runs ({recorded.version}): {why}; the YAML is "
+                "deployed again once it changes again")
     return "the YAML differs from what runs: a deploy of it is due"

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent import history
 from agent.durations import format_duration
 from agent.keys import Keys, parse_count
 from agent.kinds import Source, SourceError
@@ -171,6 +172,9 @@ class Scaler:
         log.info("%s: desired %s", name, decision.reason)
         self.emit("shipmate_desired_changed", service=name, old=current, new=decision.count,
                   reason=decision.reason)
+        history.append(self.store, self.keys, name, "scaling", {
+            "when": self.clock(), "from": current, "to": decision.count,
+            "reason": decision.reason})
 
 
 # ---------------------------------------------------------------- for status and plan

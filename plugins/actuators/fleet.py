@@ -267,10 +267,16 @@ class FleetConfig(TypeConfig):
                              f"{str(self.global_).lower()}: make them agree")
         if self.global_:
             for key in ("Conflicts", "X-Conflicts", "MachineOf", "X-ConditionMachineOf",
-                        "MachineID", "X-ConditionMachineID"):
+                        "MachineID", "X-ConditionMachineID", "Replaces"):
                 if _fleet_values(options, key):
                     raise ValueError(f"a global unit cannot use [X-Fleet] {key}= (fleet "
                                      "rejects it): it runs on every matching machine")
+        if _fleet_values(options, "Replaces"):  # fleetd's ValidateOptions answers 400 to these
+            for key, name in (("Conflicts", "Conflicts"), ("X-Conflicts", "Conflicts"),
+                              ("MachineID", "MachineID"), ("X-ConditionMachineID", "MachineID")):
+                if _fleet_values(options, key):
+                    raise ValueError(f"[X-Fleet] {key}= cannot be used with Replaces= (fleet "
+                                     f"answers 400 \"{name} cannot be used with Replaces\")")
         return self
 
 
