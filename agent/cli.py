@@ -344,7 +344,7 @@ def _deploy_word(deploy: dict[str, Any] | None) -> str:
     error = str(deploy.get("error") or "")
     if phase not in ("failed", "paused", "rolling-back") or not error:
         return phase
-    words = (("rollback failed", "rollback failed too"), ("not healthy", "unhealthy"),
+    words = (("rollback failed", "rollback failed"), ("not healthy", "unhealthy"),
              ("stopped passing", "unhealthy"), ("exited", "exited"), ("aborted", "aborted"),
              ("cannot run strategy", "bad strategy"), ("no release", "no such release"))
     word = next((short for needle, short in words if needle in error),
