@@ -192,3 +192,16 @@ def test_a_type_whose_client_library_is_missing_is_a_config_error(write_config):
     (error,) = caught.value.errors
     assert error.endswith(":4: services.web.source: the needy source needs the Python package "
                           "'no_such_module_for_shipmate': pip install 'shipmate-needy'")
+
+
+def test_health_none_means_running_is_healthy(load_test_config):
+    config = load_test_config("""
+        agent: {cluster: c}
+        services:
+          web:
+            command: [sleep, "60"]
+            health: none
+            source: {type: static, count: 1}
+            actuator: {type: process}
+    """)
+    assert config.services["web"].health is None  # agent.health.probe: running is healthy

@@ -98,8 +98,9 @@ def ops(tmp_path):
     agents: list[subprocess.Popen] = []
 
     def start() -> subprocess.Popen:
-        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
-                                 stderr=open(tmp_path / f"agent{len(agents)}.log", "w"))
+        with open(tmp_path / f"agent{len(agents)}.log", "w") as log:
+            agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
+                                     stderr=log)
         agents.append(agent)
         return agent
 

@@ -62,8 +62,17 @@ def test_replacing_a_builtin_by_blocking_it():
 
 
 def test_an_unknown_hook_is_rejected_at_start():
-    with pytest.raises(PluginError, match="'typo'.*shipmate_sorce_types"):
+    with pytest.raises(PluginError, match="'typo'.*shipmate_sorce_types; did you mean "
+                       "shipmate_source_types"):
         load_plugins(extra=[("typo", _plugin(shipmate_sorce_types=lambda: []))])
+
+
+def test_without_strict_a_broken_plugin_is_left_out_and_named():
+    plugins = load_plugins(strict=False,
+                           extra=[("typo", _plugin(shipmate_sorce_types=lambda: []))])
+    assert "did you mean shipmate_source_types?" in plugins.broken["typo"]
+    assert "typo" not in plugins.infos and plugins.pm.get_plugin("typo") is None
+    assert "static" in plugins.types["source"]  # the others carry on
 
 
 def test_a_type_that_is_not_of_its_kind_is_rejected():

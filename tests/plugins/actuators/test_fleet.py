@@ -368,6 +368,26 @@ def test_config_errors_name_the_file_line_and_key(load_test_config):
         assert "agent.yaml:" in line and "services.web.actuator" in line and message in line, line
 
 
+@pytest.mark.parametrize(("global_", "x_fleet", "message"), [
+    ("true", "Replaces=old.service", "a global unit cannot use \\[X-Fleet\\] Replaces="),
+    ("false", "Replaces=old.service\\nConflicts=web*",
+     "Conflicts= cannot be used with Replaces="),
+    ("false", "Replaces=old.service\\nMachineID=abc", "MachineID= cannot be used with Replaces="),
+])
+def test_replaces_is_checked_as_fleetd_does(load_test_config, global_, x_fleet, message):
+    with pytest.raises(ConfigError, match=message):
+        load_test_config(f"""
+            agent: {{cluster: fl}}
+            services:
+              web:
+                source: {{type: static, count: 1}}
+                actuator:
+                  type: fleet
+                  global: {global_}
+                  unit: "[Service]\\nExecStart=/bin/x\\n[X-Fleet]\\n{x_fleet}\\n"
+        """)
+
+
 def test_a_global_unit_cannot_have_conflicts(load_test_config):
     with pytest.raises(ConfigError, match="a global unit cannot use \\[X-Fleet\\] Conflicts="):
         load_test_config("""
