@@ -526,7 +526,8 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float,
     if outcome.get("id") != deploy_id:
         fail(f"the deploy of {service} ended but left no outcome; see `shipmate status`")
     if outcome.get("result") != expect:
-        fail(f"deploy of {service} {outcome.get('result')}: {outcome.get('reason')}")
+        result = "rolled back" if outcome.get("result") == "rolled-back" else outcome.get("result")
+        fail(f"deploy of {service} {result}: {outcome.get('reason')}")
     if expect == "rolled-back":
         console.print(f"{service}: deploy {deploy_id} rolled back to "
                       f"{release.get('image') or release.get('version')}", highlight=False)
