@@ -285,9 +285,10 @@ def test_status_of_one_service_shows_each_instance(ops):
     eventually(lambda: all(i["announced"] for i in status(path)["services"][0]["instances"])
                and status(path)["services"][0]["healthy"] == 2, timeout=30,
                what="web healthy and announced")
-    text = shipmate("status", "web", "-c", str(path)).stdout
+    text = eventually(lambda: (t := shipmate("status", "web", "-c", str(path)).stdout).count(
+        "/services/web/ops-web-") == 2 and t, timeout=20, what="both keys in status web")
     assert f"127.0.0.1:{web}" in text and f"127.0.0.1:{web + 1}" in text
-    assert "healthy" in text and "/services/web/" in text
+    assert text.count(" healthy ") >= 2
     unknown = shipmate("status", "nope", "-c", str(path))
     assert unknown.returncode == 1 and "unknown service 'nope'" in unknown.stderr
 

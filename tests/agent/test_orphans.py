@@ -9,7 +9,7 @@ import pytest
 
 from agent.keys import Keys
 from agent.kinds import Context
-from agent.orphans import Orphans, find_orphans
+from agent.orphans import Orphans, default_announcer, find_orphans
 from agent.reconcile import Reconciler
 from agent.runtime import Builder
 from tests.helpers import alive, eventually, kill_recorded, process_records
@@ -53,17 +53,18 @@ def world(tmp_path, load_test_config, shipmate_plugins, embedded_store):
 def test_withdrawn_at_once_kept_running_and_stopped_after_the_grace(world, embedded_store):
     reconciler, services, builder, key, instance = world
     now = [1000.0]
-    orphans = Orphans(clock=lambda: now[0], grace=60)
+    orphans = Orphans(default=lambda: default_announcer(builder), clock=lambda: now[0],
+                      grace=60)
     reconciler.observe(check_health=False)
     assert list(reconciler.unowned) == [instance.name]
-    assert orphans.handle(reconciler.unowned, services, builder, policy="stop") == []
+    assert orphans.handle(reconciler.unowned, services, policy="stop") == []
     assert embedded_store.get(key) is None
     pid = instance.ref["pid"]
     assert alive(pid)  # within the grace it keeps running
 
     now[0] += 61
     reconciler.observe(check_health=False)
-    assert orphans.handle(reconciler.unowned, services, builder, policy="stop") == []
+    assert orphans.handle(reconciler.unowned, services, policy="stop") == []
     eventually(lambda: not alive(pid), timeout=15, what="the orphan stopped")
     assert not [r for r in process_records(builder.context.state_dir)
                 if r["service"] == "api"]
@@ -71,15 +72,15 @@ def test_withdrawn_at_once_kept_running_and_stopped_after_the_grace(world, embed
 
 def test_keep_leaves_it_running_and_removes_a_dead_record(world, embedded_store):
     reconciler, services, builder, key, instance = world
-    orphans = Orphans(grace=0)
+    orphans = Orphans(default=lambda: default_announcer(builder), grace=0)
     reconciler.observe(check_health=False)
-    orphans.handle(reconciler.unowned, services, builder, policy="keep")
+    orphans.handle(reconciler.unowned, services, policy="keep")
     assert embedded_store.get(key) is None and alive(instance.ref["pid"])
     os.killpg(instance.ref["pid"], signal.SIGKILL)
     eventually(lambda: not alive(instance.ref["pid"]), timeout=10)
     reconciler.observe(check_health=False)
     assert not next(iter(reconciler.unowned.values())).running
-    orphans.handle(reconciler.unowned, services, builder, policy="keep")
+    orphans.handle(reconciler.unowned, services, policy="keep")
     assert find_orphans([services["web"].actuator], services) == []
 
 
