@@ -253,6 +253,8 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             text = describe_problem(record, now) if isinstance(record, dict) else str(record)
             if text not in problems:
                 problems.append(text)
+        loops = {r.get("slot"): r for r in reported.get("problems") or []
+                 if isinstance(r, dict) and r.get("kind") == "crash-loop"}
         differs = yaml_differs(view.release, reconciler.services[name].yaml_release)
         if differs:
             problems.append(differs)
@@ -268,7 +270,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
                            "unhealthy_for": _since(unhealthy.get(i.name), now)
                            if i not in view.healthy and i.running else None,
                            "kept": not i.running and i.version in view.kept,
-                           "announced": announced.get(i.name)}
+                           "announced": announced.get(i.name),
+                           "restarts": (loops.get(i.slot) or {}).get("restarts", 0),
+                           "last_exit": (loops.get(i.slot) or {}).get("last_exit")}
                           for i in view.instances],
             "problems": problems,
             "source": reconciler.services[name].source.type_name,
@@ -377,13 +381,17 @@ def _status_one(row: dict[str, Any], source_line: str) -> None:
         if deploy.get("error"):
             console.print(f"  deploy error: {deploy['error']}", highlight=False)
     table = Table()
-    for column in ("slot", "version", "address", "health", "announced", "instance"):
+    for column in ("slot", "version", "address", "health", "announced", "restarts",
+                   "last exit", "instance"):
         table.add_column(column)
     for i in sorted(row["instances"], key=lambda i: (i["slot"], i["version"])):
         health = ("healthy" if i["healthy"] else "unhealthy") if i["running"] else (
             "kept (stopped)" if i["kept"] else "exited")
+        if i.get("unhealthy_for") is not None:
+            health += f" for {format_duration(i['unhealthy_for'])}"
         table.add_row(str(i["slot"]), i["version"], f"{i['host']}:{_n(i['port'])}", health,
-                      i["announced"] or "-", i["name"])
+                      i["announced"] or "-", str(i.get("restarts") or 0),
+                      i.get("last_exit") or "-", i["name"])
     console.print(table)
     for problem in row["problems"]:
         console.print(f"[yellow]! {problem}[/yellow]", highlight=False)
