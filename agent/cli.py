@@ -153,9 +153,6 @@ def _views(config_path: str, *, health: bool = True):
     from agent.reconcile import Reconciler
     from agent.runtime import Builder, connect
 
-    # orphans are listed by the command itself, not warned about in passing
-    logging.getLogger("shipmate.reconcile").setLevel(logging.ERROR)
-
     config, plugins = _open(config_path, lenient=True)
     store = connect(config)
     context = Context(cluster=config.agent.cluster, store=store,
@@ -164,7 +161,14 @@ def _views(config_path: str, *, health: bool = True):
     services = builder.services(config)
     keys = Keys(config.key_prefix)
     reconciler = Reconciler(services=services, store=store, keys=keys)
-    views = reconciler.observe(check_health=health)
+    # orphans are listed by the command itself, not warned about in passing
+    quiet = logging.getLogger("shipmate.reconcile")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        views = reconciler.observe(check_health=health)
+    finally:
+        quiet.setLevel(level)
     return config, store, keys, builder, reconciler, views
 
 
