@@ -279,6 +279,10 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
                            "last_exit": (loops.get(i.slot) or {}).get("last_exit")}
                           for i in view.instances],
             "problems": problems,
+            "backing_off": [{"slot": slot, "restarts": r.get("restarts", 0),
+                             "last_exit": r.get("last_exit")} for slot, r in sorted(
+                                 loops.items(), key=lambda item: str(item[0]))
+                            if slot not in {i.slot for i in view.instances}],
             "source": reconciler.services[name].source.type_name,
             "policy": summary(states[name], now, expiry(reconciler.services[name].source)),
         })
@@ -396,6 +400,9 @@ def _status_one(row: dict[str, Any], source_line: str) -> None:
         table.add_row(str(i["slot"]), i["version"], f"{i['host']}:{_n(i['port'])}", health,
                       i["announced"] or "-", str(i.get("restarts") or 0),
                       i.get("last_exit") or "-", i["name"])
+    for slot in row.get("backing_off", []):  # a crash-looping slot waiting for its next start
+        table.add_row(str(slot["slot"]), "-", "-", "backing off", "-", str(slot["restarts"]),
+                      slot["last_exit"] or "-", "-")
     console.print(table)
     for problem in row["problems"]:
         console.print(f"[yellow]! {problem}[/yellow]", highlight=False)

@@ -385,3 +385,29 @@ def test_a_broken_plugin_stops_run_but_not_status_plugins_or_check(ops, broken_p
     refused = shipmate("run", "--once", "-c", str(path), env=broken_plugin)
     assert refused.returncode == 1 and "did you mean shipmate_source_types?" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_status_of_one_service_shows_a_crash_loop_with_restarts_and_last_exit(tmp_path):
+    path = tmp_path / "agent.yaml"
+    path.write_text(textwrap.dedent("""
+        agent: {cluster: loop, interval: 2s}
+        services:
+          crash:
+            command: [sh, -c, "exit 3"]
+            source: {type: static, count: 1}
+            actuator: {type: process}
+        """).lstrip())
+    with open(tmp_path / "agent.log", "w") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(path)],
+                                 stderr=log)
+    try:
+        row = eventually(lambda: next((line for line in shipmate(
+            "status", "crash", "-c", str(path)).stdout.splitlines()
+            if "exit code 3" in line and "│" in line), None), timeout=30,
+            what="slot 0 in the instance table with its last exit")
+        cells = [cell.strip() for cell in row.split("│")]
+        assert cells[1] == "0" and int(cells[6]) >= 1, row
+    finally:
+        agent.terminate()
+        agent.wait(20)
+        kill_recorded(tmp_path)

@@ -82,3 +82,15 @@ def test_a_rolled_back_yaml_is_not_deployed_again_until_it_changes(load_test_con
                             "spec": old.spec})
     assert legacy.command is None and config_deploy(
         {"version": old.version, "spec": old.spec}, old, running) is None
+
+
+def test_default_docker_settings_leave_the_version_as_before(load_test_config, monkeypatch):
+    from agent.instances import release_version
+
+    config = web(load_test_config, monkeypatch, actuator="{type: docker}")
+    release = make_release(config)
+    assert release.shape == {}  # only settings that differ from the defaults count
+    assert release.version == release_version(None, config.command, dict(config.env), 8080)
+    bridged = make_release(web(load_test_config, monkeypatch,
+                               actuator="{type: docker, network: bridge}"))
+    assert bridged.shape == {"network": "bridge"} and bridged.version != release.version
