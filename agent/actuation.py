@@ -96,7 +96,8 @@ class Actuation:
         key = (action.service, action.slot)
         actuator = runtime.actuator
         with self._lock:
-            if self._closed or key in busy or key in self._busy:
+            # busy, or its action ended after this pass looked (what runs may not show it)
+            if self._closed or key in busy or key in self._busy or key in self._finished:
                 return False
             if self._running.get(actuator, 0) >= self._width(actuator):
                 return False
