@@ -216,7 +216,15 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
     from agent.orphans import announced_keys, candidate_announcers, default_announcer
     from agent.releases import yaml_differs
     from agent.restarts import describe as describe_problem
-    from agent.scaling import describe, expiry, read_state, summary
+    from agent.scaling import (
+        SourceGroup,
+        describe,
+        describe_sources,
+        expiry,
+        read_state,
+        sources_summary,
+        summary,
+    )
 
     config, store, keys, builder, reconciler, views = _views(config_path)
     if service is not None:
@@ -286,6 +294,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             "source": reconciler.services[name].source.type_name,
             "policy": summary(states[name], now, expiry(reconciler.services[name].source)),
         })
+        group = reconciler.services[name].source
+        if isinstance(group, SourceGroup):  # each source's reading, and which one decided
+            rows[-1]["sources"] = sources_summary(group, states[name], now)
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
                                "leader": holder if leader else None,
@@ -322,6 +333,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
     for name, runtime in reconciler.services.items():
         line = describe(runtime.source.type_name, states[name], now, expiry(runtime.source))
         console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
+        if isinstance(runtime.source, SourceGroup):
+            for one in describe_sources(runtime.source, states[name], now):
+                console.print(f"  {one}", highlight=False, soft_wrap=True)
     for row in rows:
         for problem in row["problems"]:
             console.print(f"[yellow]{row['service']}: {problem}[/yellow]", highlight=False)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.durations import Duration
 
@@ -40,6 +40,8 @@ class TypeConfig(BaseModel):
 class SourceConfig(TypeConfig):
     """Keys every source has."""
 
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    "names the source among a service's ``sources`` (combine, status); default: its type"
     interval: Duration = 30.0
     "how often the source is read, on its own schedule"
     expiry: Duration | None = None
