@@ -100,6 +100,20 @@ class Source(PluginType, ABC):
         reading; never return 0 for "unknown". None and NaN are errors too.
         """
 
+    def from_raw(self, value: float) -> float:
+        """Instances for one raw value of the source's metric (a replayed reading):
+        the conversion :meth:`read` applies, such as ``value / target``. Default: as is."""
+        return value
+
+    def history(self, start: float, end: float, step: float) -> list[tuple[float, float]]:
+        """Raw values ``(time, value)`` from ``start`` to ``end``, about every ``step``
+        seconds, for ``shipmate simulate --since`` (converted by :meth:`from_raw`).
+
+        Optional: the default raises :class:`SourceError` (no history).
+        """
+        raise SourceError(f"the {self.type_name} source keeps no history: give the readings "
+                          "in a CSV file (--readings)")
+
 
 class Actuator(PluginType, ABC):
     """Lists, starts, stops and health-checks instances.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -40,10 +41,8 @@ class Metrics:
         if count is not None:
             self.shadow_desired.labels(service).set(count)
         else:
-            try:
+            with contextlib.suppress(KeyError):  # never had one
                 self.shadow_desired.remove(service)
-            except KeyError:
-                pass
 
 
 class _Quiet(WSGIRequestHandler):
