@@ -62,6 +62,9 @@ class Combine:
         except SyntaxError as exc:
             where = f" at column {exc.offset}" if exc.offset else ""
             raise CombineError(f"invalid expression {spec!r}: {exc.msg}{where}") from None
+        if any(isinstance(n, ast.Attribute | ast.Subscript | ast.Lambda) for n in ast.walk(tree)):
+            raise CombineError(f"{spec!r}: use only numbers, source names, operators, "
+                               "if/else and max, min, ceil, floor, abs, round")
         unknown = sorted(_names_used(tree) - set(names) - set(FUNCTIONS) - {"True", "False"})
         if unknown:
             raise CombineError(f"unknown name{'s' if len(unknown) > 1 else ''} "
