@@ -73,7 +73,7 @@ class SourceGroup(Source):
     called); :meth:`due` says which are to be read at a given time.
     """
 
-    type_name = "sources"
+    type_name = "combined"
 
     def __init__(self, members: dict[str, Source], combine: Combine) -> None:
         first = next(iter(members.values()))
