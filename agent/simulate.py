@@ -129,28 +129,26 @@ def read_csv(path: str | Path, names: list[str]) -> dict[str, Points]:
         if not row or not any(row) or row[0].startswith("#"):
             continue
         where = f"{path}:{number}"
+        if len(row) not in (2, 3):
+            raise SimulateError(f"{where}: expected time,value or time,name,value, "
+                                f"got {len(row)} columns")
+        try:
+            at = parse_time(row[0])
+        except ValueError:
+            if number == 1:
+                continue  # a header
+            raise SimulateError(f"{where}: {row[0]!r} is not a time (seconds since the epoch "
+                                "or ISO 8601, like 2026-12-01T08:00:00Z)") from None
         if len(row) == 2:
             if len(names) != 1:
                 raise SimulateError(f"{where}: the service has several sources "
                                     f"({', '.join(names)}): give time,name,value")
-            (when, value), name = row, names[0]
-        elif len(row) == 3:
-            when, name, value = row
+            (_, value), name = row, names[0]
+        else:
+            _, name, value = row
             if name not in names:
-                if number == 1:
-                    continue
                 raise SimulateError(f"{where}: unknown source {name!r}; the service's "
                                     f"sources are {', '.join(names)}")
-        else:
-            raise SimulateError(f"{where}: expected time,value or time,name,value, "
-                                f"got {len(row)} columns")
-        try:
-            at = parse_time(when)
-        except ValueError:
-            if number == 1:
-                continue  # a header
-            raise SimulateError(f"{where}: {when!r} is not a time (seconds since the epoch "
-                                "or ISO 8601, like 2026-12-01T08:00:00Z)") from None
         try:
             number_value = float(value) if value else None
         except ValueError:
