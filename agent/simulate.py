@@ -317,7 +317,8 @@ def chart(result: Replay, width: int = 72, height: int = 10) -> str:
             if w > floor and w <= top * level / height and w > c:
                 cell = "·"
             line += cell
-        label = f"{top * level / height:>6.1f} |" if level in (height, 1) else "       |"
+        label = (f"{top:>6g} |" if level == height else "     0 |" if level == 1
+                 else "       |")
         rows.append(label + line)
     rows.append("       +" + "-" * columns)
     rows.append(f"        {_iso(result.times[0])}  ...  {_iso(result.end)}"
@@ -338,14 +339,22 @@ def plot(results: dict[str, Replay], path: str | Path) -> None:
     except ImportError:
         raise SimulateError("--plot needs matplotlib: pip install 'shipmate[plot]'") from None
     first = next(iter(results.values()))
-    figure, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(9, 5), dpi=80)
-    for name, points in first.readings.items():
-        good = [(t, v) for t, v in points if v is not None] or [(first.end, math.nan)]
-        good.append((max(first.end, good[-1][0]), good[-1][1]))  # the last holds to the end
-        top.step([_dt(t) for t, _ in good], [v for _, v in good], where="post", label=name)
-    top.set_ylabel("reading (raw)")
-    top.legend(loc="upper left", fontsize="small")
-    top.set_title("shipmate simulate")
+    rows = len(first.readings) + 1  # one panel per source (raw values), then the counts
+    figure, axes = plt.subplots(rows, 1, sharex=True, figsize=(9, 2 + 1.6 * rows), dpi=80,
+                                gridspec_kw={"height_ratios": [1] * (rows - 1) + [2]})
+    *tops, bottom = axes
+    for top, (name, points) in zip(tops, first.readings.items(), strict=True):
+        shown = [(t, math.nan if v is None else v) for t, v in points]  # failures: gaps
+        shown.append((max(first.end, shown[-1][0]), shown[-1][1]))  # the last holds to the end
+        top.step([_dt(t) for t, _ in shown], [v for _, v in shown], where="post", label=name)
+        failed = [t for t, v in points if v is None]
+        if failed:
+            low = min((v for _, v in points if v is not None), default=0.0)
+            top.plot([_dt(t) for t in failed], [low] * len(failed), "x", color="red",
+                     label="failed reading")
+            top.legend(loc="upper right", fontsize="small")
+        top.set_ylabel(name)
+    tops[0].set_title("shipmate simulate: the readings (raw), and the count")
     for label, result in results.items():
         xs = [_dt(t) for t in result.times] + [_dt(result.end)]
         counts = [c if c is not None else math.nan for c in result.counts]
@@ -360,6 +369,7 @@ def plot(results: dict[str, Replay], path: str | Path) -> None:
     bottom.step([_dt(t) for t in first.times], wanted, where="post", linestyle=":",
                 color="grey", label="wanted")
     bottom.set_ylabel("instances")
+    bottom.set_xlabel("UTC")
     bottom.legend(loc="upper left", fontsize="small")
     figure.autofmt_xdate()
     figure.tight_layout()
