@@ -238,3 +238,29 @@ services:
         server.shutdown()
         server.server_close()
         thread.join(5)
+
+
+def test_the_readmes_business_hours_example():
+    """docs/examples/web.yaml over a day: at least 10 from 08:00 to 20:00 Berlin time, and
+    the numbers the README shows."""
+    from datetime import UTC, datetime
+    from pathlib import Path
+
+    from agent.simulate import run
+
+    docs = Path(__file__).parents[2] / "docs" / "examples"
+    results = run(docs / "web.yaml", "web", readings=docs / "rps.csv",
+                  compare=docs / "web-eager.yaml")
+    day = results["web.yaml"]
+    # 08:00-20:00 in Berlin, in UTC; at 08:00 max_step 5 and cooldown_up 2m climb 2 -> 7 -> 10
+    counts = dict(zip(day.times, day.counts, strict=True))
+    first = datetime(2026, 12, 7, 7, 0, tzinfo=UTC).timestamp()
+    assert [counts[first + 60 * i] for i in range(4)] == [7, 7, 10, 10]
+    business = [c for t, c in counts.items() if first + 120 <= t < first + 12 * 3600]
+    assert business and min(business) >= 10
+    night = [c for t, c in counts.items() if first - 7 * 3600 <= t < first - 2 * 3600]
+    assert min(night) == 2
+    mine, eager = (r.summary() for r in results.values())
+    assert (mine["actions_up"], mine["actions_down"], mine["max"]) == (20, 21, 17)
+    assert (eager["actions_up"], eager["actions_down"]) == (30, 29)
+    assert mine["instance_hours"] == pytest.approx(177.4, abs=0.01)
