@@ -216,7 +216,15 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
     from agent.orphans import announced_keys, candidate_announcers, default_announcer
     from agent.releases import yaml_differs
     from agent.restarts import describe as describe_problem
-    from agent.scaling import describe, expiry, read_state, summary
+    from agent.scaling import (
+        SourceGroup,
+        describe,
+        describe_sources,
+        expiry,
+        read_state,
+        sources_summary,
+        summary,
+    )
 
     config, store, keys, builder, reconciler, views = _views(config_path)
     if service is not None:
@@ -286,6 +294,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             "source": reconciler.services[name].source.type_name,
             "policy": summary(states[name], now, expiry(reconciler.services[name].source)),
         })
+        group = reconciler.services[name].source
+        if isinstance(group, SourceGroup):  # each source's reading, and which one decided
+            rows[-1]["sources"] = sources_summary(group, states[name], now)
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
                                "leader": holder if leader else None,
@@ -322,6 +333,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
     for name, runtime in reconciler.services.items():
         line = describe(runtime.source.type_name, states[name], now, expiry(runtime.source))
         console.print(f"{name}: {line}", highlight=False, soft_wrap=True)
+        if isinstance(runtime.source, SourceGroup):
+            for one in describe_sources(runtime.source, states[name], now):
+                console.print(f"  {one}", highlight=False, soft_wrap=True)
     for row in rows:
         for problem in row["problems"]:
             console.print(f"[yellow]{row['service']}: {problem}[/yellow]", highlight=False)
@@ -953,3 +967,72 @@ def store_watch(config_path: str, prefix: bool, key: str) -> None:
     finally:
         watch.cancel()
         store.close()
+
+
+def _duration(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    from agent.durations import parse_duration
+
+    try:
+        return None if value is None else parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@main.command()
+@config_option
+@click.argument("service")
+@click.option("--readings", type=click.Path(dir_okay=False),
+              help="CSV of time,value (or time,name,value for several sources)")
+@click.option("--since", callback=_duration, help="replay the sources' own history (7d)")
+@click.option("--step", callback=_duration, help="time between decisions (default: the "
+                                                 "source's interval)")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="try a change, like policy.max_step=2 (repeatable)")
+@click.option("--compare", type=click.Path(dir_okay=False), help="another config: its "
+                                                                  "policy side by side")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="write a PNG of the readings and the count (needs shipmate[plot])")
+@friendly
+def simulate(config_path: str, service: str, readings: str | None, since: float | None,
+             step: float | None, settings: tuple[str, ...], compare: str | None,
+             as_json: bool, plot_path: str | None) -> None:
+    """Replay SERVICE's policy over past readings and summarise what it would have done."""
+    from agent import simulate as sim
+
+    if not Path(config_path).is_file():
+        fail(f"config file {config_path} not found (set -c or $SHIPMATE_CONFIG)")
+    try:
+        results = sim.run(config_path, service, readings=readings, since=since, step=step,
+                          settings=settings, compare=compare)
+        if plot_path:
+            sim.plot(results, plot_path)
+    except sim.SimulateError as exc:
+        fail(str(exc))
+    summaries = {label: result.summary() for label, result in results.items()}
+    first = next(iter(summaries))
+    if as_json:
+        others = {k: v for k, v in summaries.items() if k != first}
+        click.echo(json.dumps({**summaries[first], "config": first,
+                               **({"compared": others} if others else {})}, indent=2))
+        return
+    table = Table(title=f"{service}: replay of {summaries[first]['decisions']} decisions")
+    table.add_column("")
+    for label in summaries:
+        table.add_column(label)
+    for key, what in (("actions_up", "scale-ups"), ("actions_down", "scale-downs"),
+                      ("largest_step", "largest step"), ("min", "min count"),
+                      ("max", "max count"), ("mean", "mean count"),
+                      ("instance_hours", "instance-hours"),
+                      ("under_provisioned_minutes", "minutes under-provisioned")):
+        table.add_row(what, *(_num(s[key]) for s in summaries.values()))
+    console.print(table)
+    console.print(sim.chart(results[first]), highlight=False, markup=False)
+    if plot_path:
+        console.print(f"plot written to {plot_path}", highlight=False)
+
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:g}" if isinstance(value, int) else f"{value:.2f}".rstrip("0").rstrip(".")

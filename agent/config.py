@@ -29,11 +29,13 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     create_model,
     field_validator,
     model_validator,
 )
 
+from agent.combine import Combine, CombineError
 from agent.durations import Duration
 from agent.plugins import Plugins
 
@@ -141,6 +143,8 @@ class PolicyConfig(Model):
     "with on_error fallback: the count to rise to (never lowers the current count)"
     fallback_after: int = Field(3, ge=1)
     "consecutive failed readings before the fallback applies"
+    shadow: bool = False
+    "decide and record (store, status, metrics) what the policy would set, but never write it"
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicyConfig:
@@ -217,6 +221,51 @@ def _union(plugins: Plugins, kind: str) -> Any:
     return Annotated[Union[tuple(models)], Field(discriminator=key)]  # noqa: UP007
 
 
+class _SourcesRules(ServiceBase):
+    """``source`` or ``sources`` (exactly one), and ``combine`` over the sources' names."""
+
+    @field_validator("sources", check_fields=False)
+    @classmethod
+    def _named_once(cls, sources: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if sources is None:
+            return None
+        if info.data.get("source") is not None:
+            raise ValueError("give either source: (one) or sources: (several), not both")
+        seen: dict[str, int] = {}
+        for i, cfg in enumerate(sources):
+            name = source_name(cfg)
+            if name in seen:
+                raise ValueError(f"sources [{seen[name]}] and [{i}] are both named {name!r}: "
+                                 "give each its own name: (a letter, then letters, digits, _)")
+            seen[name] = i
+        return sources
+
+    @field_validator("combine", check_fields=False)
+    @classmethod
+    def _combinable(cls, combine: str, info: ValidationInfo) -> str:
+        sources = info.data.get("sources")
+        if sources is None:
+            if "sources" in info.data:  # sources itself is valid: it is just not there
+                raise ValueError("only with sources: (several sources to combine)")
+            return combine
+        try:
+            Combine.parse(combine, [source_name(cfg) for cfg in sources])
+        except CombineError as exc:
+            raise ValueError(str(exc)) from None
+        return combine
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Any:
+        if getattr(self, "source", None) is None and getattr(self, "sources", None) is None:
+            raise ValueError("a service needs a source: (or several in sources:)")
+        return self
+
+
+def source_name(cfg: Any) -> str:
+    """A source block's name: its ``name``, else its type."""
+    return getattr(cfg, "name", None) or cfg.type
+
+
 def service_model(plugins: Plugins) -> type[BaseModel]:
     """The service model with each plugin block typed by the registered types."""
     fields: dict[str, Any] = {}
@@ -224,11 +273,17 @@ def service_model(plugins: Plugins) -> type[BaseModel]:
         union = _union(plugins, kind)
         if union is None:
             fields[block] = (None, None)
-        elif block in ("source", "actuator"):
+        elif block == "actuator":
             fields[block] = (union, ...)
         else:
             fields[block] = (union | None, None)
-    return create_model("ServiceConfig", __base__=ServiceBase, **fields)
+    source = _union(plugins, "source")
+    # after `source` (the validators read it), then `combine` (it reads both)
+    fields["sources"] = ((Annotated[list[source], Field(min_length=1)] | None, None)
+                         if source is not None else (None, None))
+    fields["combine"] = (str, Field("max", description="max | min | sum | an expression "
+                                                       "over the sources' names"))
+    return create_model("ServiceConfig", __base__=_SourcesRules, **fields)
 
 
 def file_model(plugins: Plugins, service: type[BaseModel] | None = None) -> type[BaseModel]:
@@ -326,6 +381,18 @@ def merge(default: Any, override: Any) -> Any:
     return out
 
 
+def _for_service(defaults: dict[str, Any], service: Any) -> dict[str, Any]:
+    """The defaults that apply to ``service``: its own ``source`` or ``sources`` replaces
+    the other spelling in the defaults (and ``combine`` goes with ``sources``)."""
+    if not isinstance(service, dict):
+        return defaults
+    if "sources" in service:
+        return {k: v for k, v in defaults.items() if k != "source"}
+    if "source" in service:
+        return {k: v for k, v in defaults.items() if k not in ("sources", "combine")}
+    return defaults
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -348,6 +415,9 @@ def _locate(loc: Path_, service_types: set[str]) -> Path_:
         if (i > 0 and loc[i - 1] in PLUGIN_BLOCKS and isinstance(part, str)
                 and part in service_types and len(loc) > i + 1):
             continue
+        if (i > 1 and loc[i - 2] == "sources" and isinstance(loc[i - 1], int)
+                and isinstance(part, str) and part in service_types and len(loc) > i + 1):
+            continue  # sources[0].static.count
         out.append(part)
     return tuple(out)
 
@@ -369,8 +439,11 @@ def _allowed_keys(service: Any, loc: Path_, plugins: Plugins, data: Any) -> list
         if loc[0] == "services" and i == 1:
             model = service
             continue
-        if loc[0] == "services" and i == 2 and part in PLUGIN_BLOCKS:
-            kind = PLUGIN_BLOCKS[part]
+        if loc[0] == "services" and i == 2 and part == "sources":
+            continue
+        if loc[0] == "services" and (i == 2 and part in PLUGIN_BLOCKS or (
+                i == 3 and loc[2] == "sources" and isinstance(part, int))):
+            kind = PLUGIN_BLOCKS[part] if i == 2 else "source"
             tag = node.get("strategy" if kind == "strategy" else "type") if isinstance(
                 node, dict) else None
             entry = plugins.types[kind].get(tag)
@@ -398,7 +471,9 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
                 else f" (allowed: {', '.join(allowed)})" if allowed else "")
         elif err["type"] == "union_tag_invalid":
             ctx = err.get("ctx", {})
-            plugin_block = len(loc) == 3 and loc[0] == "services" and loc[2] in PLUGIN_BLOCKS
+            plugin_block = loc[:1] == ("services",) and (
+                len(loc) == 3 and loc[2] in PLUGIN_BLOCKS
+                or len(loc) == 4 and loc[2] == "sources")
             msg = f"unknown type {ctx.get('tag')!r}; " + (
                 f"installed: {ctx.get('expected_tags')} (`shipmate plugins` lists them)"
                 if plugin_block else f"expected one of {ctx.get('expected_tags')}")
@@ -426,13 +501,16 @@ def _missing_packages(parsed: Any, plugins: Plugins,
     wanted.append((("agent", "store", "backend"), f"the {backend} store",
                    STORE_REQUIRES.get(backend, {})))
     for name, svc in parsed.services.items():
-        for block, kind in PLUGIN_BLOCKS.items():
-            cfg = getattr(svc, block, None)
+        blocks: list[tuple[Path_, str, Any]] = [
+            (("services", name, block), kind, getattr(svc, block, None))
+            for block, kind in PLUGIN_BLOCKS.items()]
+        blocks += [(("services", name, "sources", i), "source", cfg)
+                   for i, cfg in enumerate(getattr(svc, "sources", None) or [])]
+        for path, kind, cfg in blocks:
             if cfg is not None:
                 tag = cfg.strategy if kind == "strategy" else cfg.type
                 entry = plugins.types[kind][tag]
-                wanted.append((("services", name, block), f"the {tag} {kind}",
-                               entry.cls.requirements(cfg)))
+                wanted.append((path, f"the {tag} {kind}", entry.cls.requirements(cfg)))
     out = []
     for path, what, requires in wanted:
         for module, package in requires.items():
@@ -482,7 +560,7 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     defaults = data.get("defaults") or {}
     services = data.get("services") or {}
     if isinstance(services, dict) and isinstance(defaults, dict):
-        data = {**data, "services": {name: merge(defaults, svc or {})
+        data = {**data, "services": {name: merge(_for_service(defaults, svc or {}), svc or {})
                                      for name, svc in services.items()}}
     service = service_model(plugins)
     try:

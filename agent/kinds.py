@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.durations import Duration
 
@@ -40,6 +40,8 @@ class TypeConfig(BaseModel):
 class SourceConfig(TypeConfig):
     """Keys every source has."""
 
+    name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    "names the source among a service's ``sources`` (combine, status); default: its type"
     interval: Duration = 30.0
     "how often the source is read, on its own schedule"
     expiry: Duration | None = None
@@ -97,6 +99,20 @@ class Source(PluginType, ABC):
         Raise :class:`SourceError` (or any exception) when there is no good
         reading; never return 0 for "unknown". None and NaN are errors too.
         """
+
+    def from_raw(self, value: float) -> float:
+        """Instances for one raw value of the source's metric (a replayed reading):
+        the conversion :meth:`read` applies, such as ``value / target``. Default: as is."""
+        return value
+
+    def history(self, start: float, end: float, step: float) -> list[tuple[float, float]]:
+        """Raw values ``(time, value)`` from ``start`` to ``end``, about every ``step``
+        seconds, for ``shipmate simulate --since`` (converted by :meth:`from_raw`).
+
+        Optional: the default raises :class:`SourceError` (no history).
+        """
+        raise SourceError(f"the {self.type_name} source keeps no history: give the readings "
+                          "in a CSV file (--readings)")
 
 
 class Actuator(PluginType, ABC):

@@ -237,7 +237,8 @@ class Loop:
 
     def poll_now(self, name: str) -> None:
         try:
-            self.scaler.poll(name)
+            reading = self.scaler.poll(name)
+            self.metrics.shadow(name, reading.decision.state.shadow)
         except StoreError as exc:
             self.metrics.errors.labels("store").inc()
             log.warning("%s: store unreachable, desired count unchanged: %s", name, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -30,7 +31,18 @@ class Metrics:
                                   registry=self.registry)
         self.leader = Gauge("shipmate_leader", "1 if this agent acts for the cluster",
                             registry=self.registry)
+        self.shadow_desired = Gauge("shipmate_shadow_desired_instances",
+                                    "the count a policy in shadow mode would set", labels,
+                                    registry=self.registry)
         self.last_pass = 0.0
+
+    def shadow(self, service: str, count: int | None) -> None:
+        """Show a shadow policy's count (None: the service has no shadow policy)."""
+        if count is not None:
+            self.shadow_desired.labels(service).set(count)
+        else:
+            with contextlib.suppress(KeyError):  # never had one
+                self.shadow_desired.remove(service)
 
 
 class _Quiet(WSGIRequestHandler):

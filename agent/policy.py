@@ -22,6 +22,15 @@ count to write (if any), why, and the state to remember. The rules, in order:
 5. No decision moves the count by more than ``max_step``.
 6. With no count in the store yet, a good reading sets it directly.
 
+With several sources (:func:`decide_sources`), each source's last reading is
+kept on its own (:class:`SourceState`); the good and fresh ones are combined
+(:mod:`agent.combine`) into one reading that goes through the rules above, and
+**while any source has no good reading the count may rise but never fall**.
+None of them good is a failure (rule 1).
+
+In shadow mode the scaler calls the same functions with the shadow's own count
+(:attr:`PolicyState.shadow`) as the current one, and never writes ``desired``.
+
 :class:`PolicyState` is what the policy remembers; the scaler keeps it as JSON
 in the store (``<prefix>/<cluster>/services/<service>/policy``) so that a
 restarted agent keeps honouring cooldowns and the stabilization window.
@@ -35,10 +44,25 @@ from dataclasses import asdict, dataclass, field, replace
 from numbers import Real
 from typing import Any
 
+from agent.combine import Combine, CombineError
 from agent.config import PolicyConfig
 from agent.durations import format_duration
 
 MAX_ERROR = 300  # characters of an error message kept in the state
+
+
+@dataclass
+class SourceState:
+    """The last reading of one of a service's several sources."""
+
+    reading: float | None = None
+    "the last good reading, in instances"
+    reading_at: float | None = None
+    error: str | None = None
+    "why its last poll had no good reading (None once a good one arrives)"
+    error_at: float | None = None
+    failures: int = 0
+    "failed readings in a row"
 
 
 @dataclass
@@ -62,6 +86,12 @@ class PolicyState:
     decision: str = ""
     "the last decision, in words"
     decided_at: float | None = None
+    sources: dict[str, SourceState] = field(default_factory=dict)
+    "with several sources: each one's last reading, by name"
+    decided_by: str | None = None
+    "with several sources: the one whose reading the combination took (None: none alone)"
+    shadow: int | None = None
+    "in shadow mode: the count the policy would have set (``desired`` is left alone)"
 
     @property
     def last_change(self) -> float | None:
@@ -83,6 +113,12 @@ class PolicyState:
         state = cls(**{k: v for k, v in data.items() if k in names})
         state.recommendations = [(float(t), int(n)) for t, n in state.recommendations]
         state.failures = int(state.failures)
+        known = set(SourceState.__dataclass_fields__)
+        state.sources = {str(name): SourceState(**{k: v for k, v in one.items() if k in known})
+                         for name, one in dict(state.sources or {}).items()
+                         if isinstance(one, dict)}
+        if state.shadow is not None:
+            state.shadow = int(state.shadow)
         return state
 
 
@@ -133,7 +169,8 @@ def observe(state: PolicyState, now: float, value: Any, error: str | None = None
 
 
 def decide(policy: PolicyConfig, state: PolicyState, current: int | None, now: float,
-           value: float | None, error: str | None = None, *, source: str = "source") -> Decision:
+           value: float | None, error: str | None = None, *, source: str = "source",
+           detail: str = "", hold_down: str | None = None) -> Decision:
     """Turn one reading (or failure) into a decision.
 
     :param policy: the service's ``policy`` block.
@@ -143,6 +180,9 @@ def decide(policy: PolicyConfig, state: PolicyState, current: int | None, now: f
     :param value: the source's reading in instances (fractions round up), or None.
     :param error: why there is no reading; set, it makes ``value`` ignored.
     :param source: the source's name, for the reason text.
+    :param detail: words that follow the reading in the reason text.
+    :param hold_down: why the count must not fall now (a source without a good
+        reading); the count may still rise.
     :returns: the decision; its ``count`` is None or differs from ``current``.
     """
     state, error = observe(state, now, value, error, source=source)
@@ -150,8 +190,97 @@ def decide(policy: PolicyConfig, state: PolicyState, current: int | None, now: f
         decision = _on_error(policy, state, current, now, error)
     else:
         assert state.reading is not None
-        decision = _on_reading(policy, state, current, now, state.reading, source)
+        decision = _on_reading(policy, state, current, now, state.reading,
+                               f"{source} reads {state.reading:g}{detail}", hold_down)
     state.decision = decision.reason
+    return decision
+
+
+def record_sources(state: PolicyState, now: float,
+                   polled: dict[str, tuple[float | None, str | None]]) -> PolicyState:
+    """A copy of ``state`` with the readings (or failures) of the sources polled now.
+
+    :param polled: ``{name: (value, error)}`` of the sources read at ``now``
+        (those not due keep their last reading).
+    """
+    state = replace(state, recommendations=list(state.recommendations),
+                    sources={n: replace(s) for n, s in state.sources.items()})
+    for name, (value, error) in polled.items():
+        one = state.sources.setdefault(name, SourceState())
+        if error is None:
+            bad = reading_error(value)
+            error = f"{name} gave {bad}" if bad is not None else None
+        if error is not None:
+            one.failures += 1
+            one.error, one.error_at = error[:MAX_ERROR], now
+        else:
+            assert value is not None
+            one.failures, one.error, one.error_at = 0, None, None
+            one.reading, one.reading_at = float(value), now
+    return state
+
+
+def source_problem(one: SourceState | None, now: float, expiry: float) -> str | None:
+    """Why a source has no good reading at ``now`` (None if it has one)."""
+    if one is None or (one.reading is None and one.error is None):
+        return "no reading yet"
+    if one.error is not None:
+        return one.error
+    assert one.reading_at is not None
+    age = now - one.reading_at
+    if age > expiry:
+        return (f"its reading is {format_duration(age)} old (expiry "
+                f"{format_duration(expiry)})")
+    return None
+
+
+def decide_sources(policy: PolicyConfig, combine: Combine, state: PolicyState,
+                   current: int | None, now: float,
+                   polled: dict[str, tuple[float | None, str | None]],
+                   expiry: dict[str, float]) -> Decision:
+    """Turn the readings of several sources into one decision.
+
+    :param combine: how the good readings become one (:class:`agent.combine.Combine`).
+    :param polled: ``{name: (value, error)}`` of the sources read at ``now``.
+    :param expiry: every configured source's name (in order) and its expiry in
+        seconds: an older reading is no good reading.
+    :returns: the decision, as :func:`decide`; its state has every source's reading and
+        ``decided_by``.
+    """
+    state = record_sources(state, now, polled)
+    state.sources = {n: s for n, s in state.sources.items() if n in expiry}
+    fresh: dict[str, float] = {}
+    missing: dict[str, str] = {}
+    for name, limit in expiry.items():
+        one = state.sources.get(name)
+        problem = source_problem(one, now, limit)
+        if problem is None:
+            assert one is not None and one.reading is not None
+            fresh[name] = one.reading
+        else:
+            missing[name] = problem
+    last = {n: s.reading for n, s in state.sources.items() if s.reading is not None}
+    value: float | None = None
+    error: str | None = None
+    by: str | None = None
+    without = "; ".join(f"{n}: {p}" for n, p in missing.items())
+    if not fresh:
+        error = f"no source has a good reading ({without})"
+    else:
+        try:
+            value, by = combine(fresh, last)
+        except CombineError as exc:
+            error = f"combine: {exc}"
+    parts = ", ".join(f"{n} {v:g}" for n, v in fresh.items())
+    how = f"{combine.spec!r} with" if combine.is_expression else f"{combine.spec} of"
+    detail = f" ({how} {parts}" + (f"; without {without})" if missing else ")")
+    hold = None
+    if missing:
+        hold = f"{', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no good reading"
+    label = by or ("the expression" if combine.is_expression else combine.spec)
+    decision = decide(policy, state, current, now, value, error, source=label, detail=detail,
+                      hold_down=hold)
+    decision.state.decided_by = by if error is None else None
     return decision
 
 
@@ -191,11 +320,16 @@ def _on_error(policy: PolicyConfig, state: PolicyState, current: int | None, now
 
 
 def _on_reading(policy: PolicyConfig, state: PolicyState, current: int | None, now: float,
-                value: float, source: str) -> Decision:
+                value: float, said: str, hold_down: str | None = None) -> Decision:
     # round first: 0.7 / 0.1 is 6.999..., and 3.0000000000000004 must not become 4
     raw = math.ceil(round(value, 9))
     wanted = _clamp(policy, raw)
-    said = f"{source} reads {value:g}" + _clamped(policy, raw, wanted)
+    said += _clamped(policy, raw, wanted)
+    if hold_down and current is not None and wanted < current:
+        # like a failure: the window starts afresh, a scale-down needs a whole good window
+        _remember(state, now, current, policy.stabilization)
+        return Decision(None, f"held at {current}: {said}, wants {wanted}; no scale-down "
+                              f"while {hold_down}", state)
     _remember(state, now, wanted, policy.stabilization)
     if current is None:
         _changed(state, now, up=True)

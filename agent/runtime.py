@@ -25,6 +25,7 @@ from agent.metrics import Metrics, serve
 from agent.orphans import default_announcer
 from agent.plugins import PluginError, Plugins, load_plugins
 from agent.reconcile import ServiceRuntime
+from agent.scaling import service_source
 from agent.store import Store, open_store
 
 log = logging.getLogger("shipmate")
@@ -103,7 +104,7 @@ class Builder:
             used |= {id(actuator), id(announcer)}
             out[name] = ServiceRuntime(
                 name=name, config=svc, cluster=config.agent.cluster,
-                source=self.make("source", svc.source, share=False),
+                source=service_source(svc, lambda cfg: self.make("source", cfg, share=False)),
                 actuator=actuator, announcer=announcer, strategy=self.strategy(svc.deploy))
         for key, obj in list(self.shared.items()):
             if id(obj) not in used:

@@ -63,6 +63,9 @@ class AsgSource(Source):
                         if i.get("LifecycleState") == "InService")
         return count * c.per_instance
 
+    def from_raw(self, value: float) -> float:
+        return value * self.config.per_instance
+
     def close(self) -> None:
         self._autoscaling.close()
 

@@ -144,6 +144,24 @@ class DatadogSource(Source):
         return value / c.target
 
 
+    def from_raw(self, value: float) -> float:
+        return value / self.config.target
+
+    def history(self, start: float, end: float, step: float) -> list[tuple[float, float]]:
+        """The query's points from ``start`` to ``end`` (one query, Datadog's own rollup)."""
+        answer = self._query(int(start), int(math.ceil(end)))
+        if not isinstance(answer, dict) or answer.get("errors"):
+            raise SourceError(f"datadog refused the query: "
+                              f"{_errors(answer) if isinstance(answer, dict) else answer}")
+        series = answer.get("series") or []
+        if len(series) != 1:
+            raise SourceError(f"datadog returned {len(series)} series for "
+                              f"{self.config.query!r}; a history needs one")
+        return sorted((float(t) / 1000.0, float(v)) for t, v in series[0].get("pointlist") or []
+                      if isinstance(t, int | float) and isinstance(v, int | float)
+                      and math.isfinite(v))
+
+
 def _errors(body: Any) -> str:
     errors = body.get("errors") if isinstance(body, dict) else body
     if isinstance(errors, list):

@@ -41,10 +41,11 @@ class PrometheusSource(Source):
     type_name = "prometheus"
     Config = PrometheusConfig
 
-    def _get(self) -> tuple[int, Any]:
+    def _get(self, path: str = "query", **extra: str) -> tuple[int, Any]:
         c = self.config
-        params = urllib.parse.urlencode({"query": c.query, "timeout": f"{c.timeout:g}s"})
-        url = f"{c.url.rstrip('/')}/api/v1/query?{params}"
+        params = urllib.parse.urlencode({"query": c.query, "timeout": f"{c.timeout:g}s",
+                                         **extra})
+        url = f"{c.url.rstrip('/')}/api/v1/{path}?{params}"
         try:
             with urllib.request.urlopen(url, timeout=c.timeout) as resp:  # noqa: S310 - http(s) only
                 status, body = resp.status, resp.read()
@@ -94,6 +95,33 @@ class PrometheusSource(Source):
         if not math.isfinite(value):
             raise SourceError(f"prometheus returned {sample[1]} for {c.query!r}")
         return value / c.target
+
+
+    def from_raw(self, value: float) -> float:
+        return value / self.config.target
+
+    def history(self, start: float, end: float, step: float) -> list[tuple[float, float]]:
+        """The query over ``start`` to ``end`` at ``step`` (``/api/v1/query_range``)."""
+        c = self.config
+        status, doc = self._get("query_range", start=f"{start:.3f}", end=f"{end:.3f}",
+                                step=f"{max(step, 1.0):g}s")
+        if not isinstance(doc, dict) or doc.get("status") != "success":
+            doc = doc if isinstance(doc, dict) else {}
+            raise SourceError(f"prometheus answered {status} ({doc.get('errorType') or 'error'})"
+                              f": {doc.get('error') or 'no reason given'}")
+        result = (doc.get("data") or {}).get("result") or []
+        if len(result) != 1:
+            raise SourceError(f"prometheus returned {len(result)} series for {c.query!r}; a "
+                              "history needs one (wrap the query in sum(...) or max(...))")
+        out = []
+        for t, v in result[0].get("values") or []:
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(value):
+                out.append((float(t), value))
+        return out
 
 
 @hookimpl

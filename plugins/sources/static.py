@@ -21,6 +21,9 @@ class StaticSource(Source):
     def read(self) -> float:
         return self.config.count
 
+    def history(self, start: float, end: float, step: float) -> list[tuple[float, float]]:
+        return [(start, float(self.config.count))]
+
 
 @hookimpl
 def shipmate_source_types() -> list[type[Source]]:

@@ -205,3 +205,86 @@ def test_health_none_means_running_is_healthy(load_test_config):
             actuator: {type: process}
     """)
     assert config.services["web"].health is None  # agent.health.probe: running is healthy
+
+
+# ---------------------------------------------------------------- several sources
+
+
+def test_sources_with_names_and_a_combine_expression(load_test_config):
+    config = load_test_config("""
+        agent: {cluster: demo}
+        defaults:
+          actuator: {type: process}
+          source: {type: static, count: 1}
+        services:
+          web:
+            sources:
+              - {name: rps, type: datadog, query: "avg:web.rps{*}", target: 100}
+              - {name: business_hours, type: schedule, default: 0,
+                 windows: [{cron: "0 8 * * 1-5", duration: 12h, count: 1}]}
+              - {type: static, count: 2}
+            combine: "max(rps, static) if business_hours else 2"
+            policy: {shadow: true}
+          api: {}
+        """)
+    web, api = config.services["web"], config.services["api"]
+    assert [s.name for s in web.sources] == ["rps", "business_hours", None]
+    assert web.source is None  # the service's sources replace the default source
+    assert web.policy.shadow is True and web.combine.startswith("max(rps")
+    assert api.source.count == 1 and api.sources is None and api.policy.shadow is False
+
+
+def test_mistakes_in_sources_and_combine_name_their_line(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: demo}
+            defaults: {actuator: {type: process}}
+            services:
+              web:
+                sources:
+                  - {type: static, count: 2}
+                  - {name: rps, type: datadog, query: q, target: 0}
+                combine: "max(rps, statc)"
+              api:
+                source: {type: static, count: 1}
+                sources: [{type: static, count: 2}]
+              worker:
+                sources:
+                  - {type: static, count: 2}
+                  - {type: static, count: 3}
+              lone:
+                source: {type: static, count: 1}
+                combine: sum
+              none:
+                command: [sleep, "1"]
+              bad:
+                sources: [{name: 2bad, type: static, count: 1}]
+            """)
+    errors = caught.value.errors
+    assert ":7: services.web.sources[1].target: Input should be greater than 0" in errors[0]
+    assert any(":11: services.api.sources: give either source: (one) or sources: (several)"
+               in e for e in errors), errors
+    assert any(":13: services.worker.sources: sources [0] and [1] are both named 'static'"
+               in e for e in errors), errors
+    assert any(":18: services.lone.combine: only with sources:" in e for e in errors), errors
+    assert any(":19: services.none: a service needs a source: (or several in sources:)"
+               in e for e in errors), errors
+    assert any(":22: services.bad.sources[0].name: String should match pattern" in e
+               for e in errors), errors
+
+
+def test_a_bad_combine_expression_is_reported_at_its_line(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config("""
+            agent: {cluster: demo}
+            services:
+              web:
+                actuator: {type: process}
+                sources:
+                  - {name: a, type: static, count: 2}
+                  - {name: b, type: static, count: 3}
+                combine: "max(a, b"
+            """)
+    assert caught.value.errors == [
+        f"{caught.value.errors[0].split(':')[0]}:8: services.web.combine: invalid expression "
+        "'max(a, b': '(' was never closed at column 4"]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.combine import Combine
 from agent.config import ConfigError, PolicyConfig
-from agent.policy import Decision, PolicyState, decide
+from agent.policy import Decision, PolicyState, decide, decide_sources
 
 
 def policy(**keys) -> PolicyConfig:
@@ -318,3 +320,120 @@ def test_errors_alone_never_lower_the_count(cfg, start, bad):
         if d.count is not None:
             current = d.count
         assert current >= start
+
+
+# ---------------------------------------------------------------- several sources
+
+
+
+class Sources:
+    """Feeds several sources' readings through ``decide_sources``, like the scaler does."""
+
+    def __init__(self, cfg: PolicyConfig, combine: str, expiry: dict[str, float],
+                 current: int | None = None) -> None:
+        self.cfg, self.current, self.state = cfg, current, PolicyState()
+        self.combine = Combine.parse(combine, list(expiry))
+        self.expiry = expiry
+
+    def at(self, seconds: float, **polled) -> Decision:
+        """``at(5, rps=4.5, hours=("", "schedule failed"))``: a value or a (None, error)."""
+        readings = {n: (None, v[1]) if isinstance(v, tuple) else (v, None)
+                    for n, v in polled.items()}
+        d = decide_sources(self.cfg, self.combine, self.state, self.current, 1000.0 + seconds,
+                           readings, self.expiry)
+        self.state = d.state
+        if d.count is not None:
+            self.current = d.count
+        return d
+
+
+def test_max_of_several_sources_and_which_one_decided():
+    run = Sources(policy(), "max", {"static": 90, "rps": 90})
+    d = run.at(0, static=2, rps=4.5)
+    assert d.count == 5
+    assert d.reason == "set to 5: rps reads 4.5 (max of static 2, rps 4.5) (no count before)"
+    assert run.state.decided_by == "rps"
+    assert run.state.sources["rps"].reading == 4.5 and run.state.sources["static"].reading == 2
+    d = run.at(10, static=2, rps=0.5)
+    assert d.count == 2 and run.state.decided_by == "static"
+
+
+def test_min_sum_and_an_expression():
+    assert Sources(policy(), "min", {"a": 9, "b": 9}).at(0, a=3, b=7).count == 3
+    assert Sources(policy(), "sum", {"a": 9, "b": 9}).at(0, a=3, b=7).count == 10
+    expr = "max(rps, queue) if business_hours else 2"
+    names = {"rps": 9, "queue": 9, "business_hours": 9}
+    assert Sources(policy(), expr, names).at(0, rps=3, queue=6, business_hours=1).count == 6
+    run = Sources(policy(), expr, names)
+    d = run.at(0, rps=3, queue=6, business_hours=0)
+    assert d.count == 2 and run.state.decided_by is None
+    assert "the expression reads 2 ('max(rps, queue) if business_hours else 2' with" in d.reason
+
+
+def test_a_source_without_a_good_reading_lets_the_count_rise_but_never_fall():
+    run = Sources(policy(), "max", {"static": 90, "rps": 90})
+    run.at(0, static=2, rps=4.5)
+    assert run.current == 5
+    d = run.at(10, static=2, rps=(None, "datadog answered 500"))
+    assert d.count is None and run.current == 5
+    assert d.reason == ("held at 5: static reads 2 (max of static 2; without rps: datadog "
+                        "answered 500), wants 2; no scale-down while rps has no good reading")
+    d = run.at(20, static=8, rps=(None, "datadog answered 500"))
+    assert d.count == 8  # a rise needs no complete data
+    assert run.state.sources["rps"].failures == 2
+    assert run.state.sources["rps"].reading == 4.5  # the last good one is kept for status
+    d = run.at(30, static=2, rps=1)
+    assert d.count == 2  # all good again: down at once (no stabilization here)
+
+
+def test_a_reading_older_than_its_expiry_is_no_good_reading():
+    run = Sources(policy(), "max", {"static": 1000, "rps": 30})
+    run.at(0, static=1, rps=6)
+    d = run.at(20, static=1)  # rps not polled now: its reading is 20s old, within 30s
+    assert d.count == 6 or d.count is None
+    assert run.current == 6 and "without" not in d.reason
+    d = run.at(40, static=1)
+    assert d.count is None and run.current == 6
+    assert "without rps: its reading is 40s old (expiry 30s)" in d.reason
+
+
+def test_no_good_source_at_all_is_a_failure_never_zero():
+    run = Sources(policy(on_error="fallback", fallback=3, fallback_after=2), "sum",
+                  {"a": 90, "b": 90})
+    d = run.at(0, a=(None, "a failed"), b=(None, "b failed"))
+    assert d.count is None and d.reason.startswith("no count yet: no source has a good "
+                                                   "reading (a: a failed; b: b failed)")
+    d = run.at(1, a=(None, "a failed"), b=(None, "b failed"))
+    assert d.count == 3  # the fallback, as with one source
+
+
+def test_an_expression_uses_a_missing_sources_last_reading_and_may_only_rise():
+    run = Sources(policy(), "rps * 2 + queue", {"rps": 90, "queue": 90})
+    assert run.at(0, rps=2, queue=1).count == 5
+    d = run.at(10, rps=(None, "down"), queue=0)  # 2 * 2 + 0 = 4 < 5: held
+    assert d.count is None and "no scale-down while rps has no good reading" in d.reason
+    d = run.at(20, rps=(None, "down"), queue=3)  # 2 * 2 + 3 = 7: up
+    assert d.count == 7
+    never = Sources(policy(), "rps + queue", {"rps": 90, "queue": 90})
+    d = never.at(0, queue=3)
+    assert d.count is None and "combine: rps never gave a reading" in d.reason
+
+
+def test_a_stabilization_window_restarts_after_a_source_failed():
+    run = Sources(policy(stabilization=30), "max", {"a": 900, "b": 900})
+    run.at(0, a=5, b=1)
+    run.at(40, a=(None, "down"), b=1)
+    assert run.at(60, a=1, b=1).count is None  # 20s of good readings since the failure
+    assert run.at(71, a=1, b=1).count == 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("max(a,", "invalid expression 'max(a,': '(' was never closed at column 4"),
+    ("a + c", "unknown name c in 'a + c'; the sources are named a, b"),
+    ("a > b", "'a > b' gives False, not a count"),
+    ("a.real", "'a.real': use only numbers, source names, operators"),
+    ("__import__('os')", "unknown name __import__"),
+])
+def test_bad_expressions_are_refused_with_the_reason(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Combine.parse(spec, ["a", "b"])

@@ -42,6 +42,7 @@ class ScriptedSource(Source):
     value: object = 1.0
 
     def read(self) -> float:
+        self.reads = getattr(self, "reads", 0) + 1
         if isinstance(self.value, Exception):
             raise self.value
         return self.value  # type: ignore[return-value]
@@ -272,6 +273,120 @@ def test_dry_run_writes_nothing(scaling):
     assert world.events == []
 
 
+# ---------------------------------------------------------------- several sources, shadow
+
+
+@pytest.fixture
+def multi(write_config, embedded_store, tmp_path):
+    """``multi(policy_yaml, combine)`` -> a scaler over two scripted sources: ``fast``
+    (every 10s) and ``slow`` (every 30s, expiry 45s)."""
+
+    class World:
+        store = embedded_store
+        clock = Clock()
+
+        def __init__(self, policy: str, combine: str = "max") -> None:
+            plugins = load_plugins(extra=[("scripted", ScriptedPlugin())])
+            path = write_config(f"""
+                agent: {{cluster: sc}}
+                services:
+                  web:
+                    command: [sleep, "300"]
+                    sources:
+                      - {{name: fast, type: scripted, interval: 10s}}
+                      - {{name: slow, type: scripted, interval: 30s, expiry: 45s}}
+                    combine: "{combine}"
+                    actuator: {{type: process}}
+                    policy: {policy}
+                """)
+            services = Builder(plugins, Context(cluster="sc", store=self.store,
+                                                state_dir=tmp_path)).services(load_config(
+                                                    path, plugins))
+            self.group = services["web"].source
+            self.fast, self.slow = self.group.members["fast"], self.group.members["slow"]
+            self.scaler = Scaler(services=services, store=self.store, keys=KEYS,
+                                 clock=self.clock)
+
+        def poll(self, at: float, fast: object = None, slow: object = None):
+            self.clock.now = 1_000_000.0 + at
+            if fast is not None:
+                self.fast.value = fast
+            if slow is not None:
+                self.slow.value = slow
+            return self.scaler.poll("web")
+
+        def desired(self) -> str | None:
+            entry = self.store.get(KEYS.service("web", "desired"))
+            return entry.value if entry else None
+
+        def policy(self) -> dict:
+            return json.loads(self.store.get(KEYS.service("web", "policy")).value)
+
+    return World
+
+
+def test_each_source_is_read_on_its_own_interval(multi):
+    world = multi("{}")
+    assert world.group.config.interval == 10  # the scaler is called at the shortest
+    world.poll(0, fast=1, slow=4)
+    assert world.desired() == "4"
+    for t in (10, 20):
+        world.poll(t, fast=2, slow=1)
+    assert (world.fast.reads, world.slow.reads) == (3, 1)
+    assert world.desired() == "4"  # slow still says 4 (read at 0, within its expiry)
+    state = world.policy()
+    assert state["sources"]["slow"]["reading"] == 4 and state["decided_by"] == "slow"
+    world.poll(30)
+    assert (world.fast.reads, world.slow.reads) == (4, 2)
+    assert world.desired() == "2"
+    assert world.policy()["decided_by"] == "fast"
+
+
+def test_a_failing_source_holds_the_count_while_the_other_may_raise_it(multi):
+    world = multi("{}")
+    world.poll(0, fast=2, slow=5)
+    world.poll(30, fast=1, slow=SourceError("slow answered 503"))
+    assert world.desired() == "5"
+    state = world.policy()
+    assert state["sources"]["slow"]["error"] == "slow answered 503"
+    assert state["decision"].endswith("no scale-down while slow has no good reading")
+    world.poll(40, fast=7)
+    assert world.desired() == "7"
+    world.poll(60, fast=1, slow=1)  # both good again
+    assert world.desired() == "1"
+
+
+def test_shadow_mode_records_the_decision_and_never_writes_desired(scaling):
+    world = scaling("{shadow: true, cooldown: 60s}")
+    world.store.put(KEYS.service("web", "desired"), "3")  # what runs now
+    world.poll(8, at=0)
+    assert world.desired() == "3"
+    state = world.policy()
+    assert state["shadow"] == 8 and state["decision"] == "shadow: up 3 -> 8: scripted reads 8"
+    assert state["last_up"] == 1_000_000.0  # the cooldown runs as if it acted
+    world.poll(2, at=30)
+    assert world.policy()["shadow"] == 8
+    assert "waits for cooldown_down (30s of 1m since the last change)" in (
+        world.policy()["decision"])
+    world.poll(8, at=40)  # no action (8 is the shadow's count): no new cooldown
+    assert world.policy()["last_up"] == 1_000_000.0 and world.policy()["last_down"] is None
+    world.poll(2, at=61)
+    assert world.policy()["shadow"] == 2 and world.desired() == "3"
+    assert world.events == []  # no desired-changed event: nothing changed
+    assert world.scaler.readings["web"].decision.count is None  # plan/dry-run act on nothing
+
+
+def test_turning_shadow_off_acts_on_the_live_count(scaling, write_config):
+    world = scaling("{shadow: true}")
+    world.store.put(KEYS.service("web", "desired"), "3")
+    world.poll(8, at=0)
+    assert world.policy()["shadow"] == 8
+    world.path.write_text(world.path.read_text().replace("shadow: true", "shadow: false"))
+    world.scaler = world.new_scaler()
+    world.poll(8, at=1)
+    assert world.desired() == "8" and world.policy()["shadow"] is None
+
+
 # ---------------------------------------------------------------- end to end
 
 
@@ -403,5 +518,94 @@ def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_pat
         assert changed - last_empty >= 3.0
         eventually(lambda: running(tmp_path) == 1, timeout=10, what="1 running instance")
         assert API_KEY not in caplog.text and APP_KEY not in caplog.text
+    finally:
+        dd.close()
+
+
+def test_a_static_and_a_datadog_source_combined_by_max_and_a_shadow_policy(
+        run_agent, tmp_path, monkeypatch):
+    import urllib.request
+
+    from tests.services import free_port
+
+    monkeypatch.setenv("DD_API_KEY", API_KEY)
+    monkeypatch.setenv("DD_APP_KEY", APP_KEY)
+    dd = DatadogStandIn()
+    port = free_port()
+    try:
+        dd.answer("value", value=450)
+        sources = f"""
+                sources:
+                  - {{name: floor, type: static, count: 2, interval: 200ms}}
+                  - {{name: rps, type: datadog, query: "sum:web.rps{{*}}", target: 100,
+                      window: 1m, api_host: "{dd.url}", interval: 200ms, timeout: 1s}}
+                combine: max"""
+        agent = run_agent(f"""
+            agent: {{cluster: multi, interval: 1s, http: "127.0.0.1:{port}"}}
+            services:
+              web:
+                command: [sleep, "300"]
+                {sources.strip()}
+                policy: {{min: 1, max: 10, stabilization: 3s}}
+                actuator: {{type: process}}
+              shadowed:
+                command: [sleep, "300"]
+                {sources.strip()}
+                policy: {{min: 1, max: 10, stabilization: 3s, shadow: true}}
+                actuator: {{type: process}}
+            """)
+        keys = Keys("/shipmate/multi")
+        agent.store.put(keys.service("shadowed", "override"), "1")
+
+        def desired(service: str = "web") -> str | None:
+            return stored(agent, keys.service(service, "desired"))
+
+        def status() -> dict:
+            shown = CliRunner().invoke(main, ["status", "-c", str(agent.config_path), "--json"])
+            assert shown.exit_code == 0, shown.output
+            return {row["service"]: row for row in json.loads(shown.output)["services"]}
+
+        eventually(lambda: desired() == "5", timeout=10, what="max(2, 450 / 100) -> 5")
+        eventually(lambda: running(tmp_path) == 6, timeout=15, what="5 + 1 running instances")
+        row = status()["web"]
+        assert row["sources"]["rps"]["reading"] == 4.5 and row["sources"]["rps"]["decided"]
+        assert row["sources"]["floor"]["reading"] == 2 and not row["sources"]["floor"]["decided"]
+        assert row["sources"]["rps"]["reading_age"] < 10
+        shadow = status()["shadowed"]
+        assert shadow["policy"]["shadow"] == 5 and shadow["desired"] is None
+        assert shadow["effective"] == 1 and shadow["running"] == 1  # the override rules
+        assert shadow["policy"]["decision"] in (
+            "shadow: set to 5: rps reads 4.5 (max of floor 2, rps 4.5) (no count before)",
+            "shadow: steady at 5: rps reads 4.5 (max of floor 2, rps 4.5)")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert b'shipmate_shadow_desired_instances{service="shadowed"} 5.0' in metrics
+        assert b'shipmate_shadow_desired_instances{service="web"}' not in metrics
+
+        errors_from = time.time()
+        dd.answer("error", status=500)
+        eventually(lambda: dd.count("error-500", errors_from) >= 10, timeout=10,
+                   what="ten polls answered 500")
+        assert desired() == "5" and running(tmp_path) == 6
+        text = CliRunner().invoke(main, ["status", "-c", str(agent.config_path)]).output
+        assert re.search(r"^  rps \(datadog\): 4.5, \d+s ago; failing: datadog answered 500$",
+                         text, re.MULTILINE), text
+        assert re.search(r"^  floor \(static\): 2, \d+m?s ago <- decided$", text,
+                         re.MULTILINE), text
+        assert "no scale-down while rps has no good reading" in status()["web"]["policy"][
+            "decision"]
+
+        dd.answer("value", value=50)
+        first = eventually(lambda: dd.first("value-50"), timeout=5, what="the first 50")
+        changed = eventually(lambda: desired() == "2" and time.time(), timeout=15,
+                             what="max(2, 0.5) -> 2")
+        # a whole stabilization window of good readings after the last failed one
+        last_error = max(t for t, kind in list(dd.served) if kind == "error-500" and t < first)
+        assert changed - last_error >= 3.0
+        eventually(lambda: running(tmp_path) == 3, timeout=10, what="2 + 1 running instances")
+        row = status()["web"]
+        assert row["sources"]["floor"]["decided"] and row["policy"]["decided_by"] == "floor"
+        eventually(lambda: status()["shadowed"]["policy"]["shadow"] == 2, timeout=10,
+                   what="the shadow follows to 2")
+        assert status()["shadowed"]["running"] == 1
     finally:
         dd.close()

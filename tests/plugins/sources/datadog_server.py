@@ -144,6 +144,8 @@ class DatadogStandIn:
 
     def _send(self, req: BaseHTTPRequestHandler, status: int, body: Any, label: str) -> None:
         data = json.dumps(body).encode()
+        with self.lock:  # recorded before the answer leaves: a client never sees it first
+            self.served.append((time.time(), label))
         try:
             req.send_response(status)
             req.send_header("Content-Type", "application/json")
@@ -152,5 +154,3 @@ class DatadogStandIn:
             req.wfile.write(data)
         except OSError:
             pass  # the client gave up (a hang past its timeout)
-        with self.lock:
-            self.served.append((time.time(), label))
