@@ -53,6 +53,7 @@ from agent.instances import (
 from agent.kinds import (
     Actuator,
     Announcer,
+    AnnouncerConfig,
     Context,
     PluginType,
     Source,
@@ -69,9 +70,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "LABEL_CLUSTER", "LABEL_SERVICE", "LABEL_SLOT", "LABEL_VERSION", "PROJECT",
-    "Actuator", "Announcer", "Context", "DeployError", "Duration", "Entry", "Instance",
-    "InstanceSpec", "Interrupted", "Lease", "LockLost", "NotLeading", "PluginType", "Source",
-    "SourceConfig", "SourceError", "Store", "StoreError", "Strategy", "StrategyConfig",
-    "TypeConfig", "Watch", "WatchEvent", "fill", "format_duration", "hookimpl",
-    "parse_duration", "probe",
+    "Actuator", "Announcer", "AnnouncerConfig", "Context", "DeployError", "Duration", "Entry",
+    "Instance", "InstanceSpec", "Interrupted", "Lease", "LockLost", "NotLeading", "PluginType",
+    "Source", "SourceConfig", "SourceError", "Store", "StoreError", "Strategy",
+    "StrategyConfig", "TypeConfig", "Watch", "WatchEvent", "fill", "format_duration",
+    "hookimpl", "parse_duration", "probe",
 ]

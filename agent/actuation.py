@@ -11,6 +11,11 @@ workers all busy is not taken, and the next pass (woken when a worker
 finishes) plans it again from what runs then. So stopping the agent drops
 every start that was not begun, and a huge count never piles up work.
 
+A stop withdraws the instance from discovery, waits the announcer's
+``drain`` (on its worker: the loop and other actions go on; an instance that
+no longer runs has nothing to drain), then stops it, and tells the announcer
+how the stop ended (:meth:`agent.kinds.Announcer.stopped`).
+
 Actions are keyed by slot: while a start or stop of ``web`` slot 3 is under
 way (or finished after the pass that is planning looked at what runs), no
 other action on that slot is taken.
@@ -22,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +123,8 @@ class Actuation:
                 error = "dropped: this agent no longer acts for the cluster"
             elif action.verb == "stop":
                 assert action.instance is not None
-                if runtime.announcer is not None:
-                    runtime.announcer.withdraw(action.instance)
-                runtime.actuator.stop(action.instance, self.grace())
+                withdraw_then_stop(runtime, [action.instance], self.grace(),
+                                   before_stop=lambda: self._still_acting(term))
                 self.emit("shipmate_instance_stopped", instance=action.instance,
                           reason=action.reason)
             else:
@@ -137,6 +142,10 @@ class Actuation:
                 self._finished[key] = self._tick
         self.on_done(Outcome(action, error, instance))
 
+    def _still_acting(self, term: int) -> None:
+        if not self.may_act(term):  # leadership was lost during the drain
+            raise RuntimeError("not stopped: this agent no longer acts for the cluster")
+
     def close(self, timeout: float = 1.0) -> None:
         """Take nothing more; wait up to ``timeout`` for what runs (an agent that stops
         leaves its instances as they are, and a slow start to finish on its own)."""
@@ -145,3 +154,63 @@ class Actuation:
         deadline = time.monotonic() + timeout
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.02)
+
+
+def withdraw_then_stop(runtime: ServiceRuntime, instances: list[Any], grace: float,
+                       *, stop: Callable[[Any], None] | None = None,
+                       before_stop: Callable[[], None] = lambda: None,
+                       parallel: int = 1) -> None:
+    """Withdraw ``instances`` from discovery, wait the announcer's drain once (if any of them
+    still runs), then stop each (``stop(instance)``, default the actuator's stop with
+    ``grace``), ``parallel`` at a time; the announcer hears how each stop ended. The first
+    failure is raised after every stop was tried; an instance that could not be withdrawn
+    is not stopped."""
+    announcer = runtime.announcer
+    stop = stop or (lambda instance: runtime.actuator.stop(instance, grace))
+    withdrawn = []
+    first: BaseException | None = None
+    for instance in instances:
+        try:
+            if announcer is not None:
+                announcer.withdraw(instance)
+            withdrawn.append(instance)
+        except Exception as exc:  # noqa: BLE001 - the store is away: leave it running
+            first = first or exc
+            _stopped(announcer, instance, gone=False)
+    drain = announcer.drain if announcer is not None else 0.0
+    if drain > 0 and any(i.running for i in withdrawn):
+        time.sleep(drain)  # consumers stop sending to it before it hears SIGTERM
+    if withdrawn:
+        try:
+            before_stop()  # e.g. still leading after the drain?
+        except BaseException:
+            for instance in withdrawn:
+                _stopped(announcer, instance, gone=False)
+            raise
+
+    def one(instance: Any) -> BaseException | None:
+        try:
+            stop(instance)
+        except Exception as exc:  # noqa: BLE001
+            _stopped(announcer, instance, gone=False)
+            return exc
+        _stopped(announcer, instance, gone=True)
+        return None
+
+    if parallel > 1 and len(withdrawn) > 1:
+        with ThreadPoolExecutor(min(parallel, len(withdrawn))) as pool:
+            results = list(pool.map(one, withdrawn))
+    else:
+        results = [one(instance) for instance in withdrawn]
+    first = first or next((r for r in results if r is not None), None)
+    if first is not None:
+        raise first
+
+
+def _stopped(announcer: Any, instance: Any, gone: bool) -> None:
+    if announcer is None:
+        return
+    try:
+        announcer.stopped(instance, gone)
+    except Exception:  # noqa: BLE001 - a third-party announcer's bookkeeping, not the stop
+        log.exception("announcer %s: stopped(%s)", announcer.type_name, instance.name)

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agent import history
+from agent.actuation import withdraw_then_stop
 from agent.instances import Instance
 from agent.keys import Keys, parse_object
 from agent.kinds import Strategy
@@ -256,20 +257,51 @@ class Deployment:
         return instance
 
     def stop(self, instance: Instance, reason: str = "deploy") -> None:
-        """Withdraw ``instance`` from discovery, then stop it."""
-        self.check()
-        if self.runtime.announcer is not None:
-            self.runtime.announcer.withdraw(instance)
-        self.runtime.actuator.stop(instance, self.grace)
-        self.emit("shipmate_instance_stopped", instance=instance, reason=reason)
+        """Withdraw ``instance`` from discovery, wait the drain, then stop it."""
+        self.retire([(instance, reason)])
+
+    def stop_all(self, instances: list[Instance], reason: str = "deploy") -> None:
+        """Withdraw ``instances``, wait the drain once, then stop each: a batch drains together."""
+        self.retire([(instance, reason) for instance in instances])
 
     def park(self, instance: Instance) -> None:
-        """Withdraw ``instance`` from discovery, then stop it but keep it (actuator.can_park)."""
+        """Withdraw ``instance`` from discovery, wait the drain, then stop it but keep it
+        (actuator.can_park)."""
+        self.retire([(instance, None)])
+
+    def retire(self, jobs: list[tuple[Instance, str | None]], parallel: int = 1) -> None:
+        """Withdraw every instance of ``jobs`` from discovery, wait the announcer's drain once
+        (if any of them runs), then stop each with its reason, or park it where the reason
+        is None; ``parallel`` at a time. The first failure is raised once all were tried."""
         self.check()
-        if self.runtime.announcer is not None:
-            self.runtime.announcer.withdraw(instance)
-        self.runtime.actuator.park(instance, self.grace)
-        self.emit("shipmate_instance_stopped", instance=instance, reason="kept")
+        reasons = {instance.name: reason for instance, reason in jobs}
+
+        def stop(instance: Instance) -> None:
+            reason = reasons[instance.name]
+            if reason is None:
+                self.runtime.actuator.park(instance, self.grace)
+            else:
+                self.runtime.actuator.stop(instance, self.grace)
+            self.emit("shipmate_instance_stopped", instance=instance, reason=reason or "kept")
+
+        withdraw_then_stop(self.runtime, [instance for instance, _ in jobs], self.grace,
+                           stop=stop, before_stop=self.check, parallel=parallel)
+
+    def announce(self, *instances: Instance) -> None:
+        """Announce ``instances`` now (they passed their health check), unless the journal's
+        ``announce`` holds their version back (blue/green before its switch). A failure is
+        logged, not raised: the loop's next pass announces them too."""
+        announcer, shown = self.runtime.announcer, self.journal.get("announce")
+        if announcer is None:
+            return
+        for instance in instances:
+            if shown is not None and instance.version not in shown:
+                continue
+            try:
+                announcer.announce(instance)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: cannot announce %s now (the next pass will): %s",
+                            self.service, instance.name, exc)
 
     def unpark(self, instance: Instance) -> Instance:
         """Start a parked instance again."""
@@ -285,7 +317,8 @@ class Deployment:
         return {v for v in found if isinstance(v, str)}
 
     def wait_healthy(self, instances: list[Instance], timeout: float) -> None:
-        """Wait until every one of ``instances`` passes its health check.
+        """Wait until every one of ``instances`` passes its health check; announce each as
+        soon as it passes (:meth:`announce`), before the caller withdraws anything old.
 
         :raises DeployError: naming the instances that did not, and the check.
         """
@@ -299,7 +332,9 @@ class Deployment:
             if exited or gone:
                 raise DeployError(f"{', '.join(sorted(exited + gone))} exited before passing "
                                   f"its health check ({self.check_text()})")
-            waiting = {name for name in waiting if not self.healthy(now[name])}
+            passed = [now[name] for name in waiting if self.healthy(now[name])]
+            self.announce(*passed)
+            waiting -= {i.name for i in passed}
             if waiting and time.monotonic() > deadline:
                 raise DeployError(f"{', '.join(sorted(waiting))} not healthy after "
                                   f"{timeout:g}s ({self.check_text()})")

@@ -171,13 +171,40 @@ class Actuator(PluginType, ABC):
         return probe(instance, check)
 
 
+class AnnouncerConfig(TypeConfig):
+    """Keys every announcer has."""
+
+    drain: Duration = Field(2.0, ge=0)
+    "how long an instance keeps running after its withdrawal, before its stop (0: no wait)"
+
+
 class Announcer(PluginType, ABC):
     """Publishes healthy instances for service discovery.
 
-    One object serves every service with the same announce config.
+    One object serves every service with the same announce config. The agent
+    keeps these promises to the announcer's consumers (a load balancer fed by
+    confd, say): a new instance is announced (:meth:`announce`) as soon as it
+    passes its health check and before anything it replaces is withdrawn; an
+    instance is withdrawn (:meth:`withdraw`) ``drain`` seconds before its stop
+    begins; a withdrawn instance is not announced again until it is gone.
     """
 
     kind = "announcer"
+    Config: ClassVar[type[TypeConfig]] = AnnouncerConfig
+
+    @property
+    def drain(self) -> float:
+        """Seconds between an instance's withdrawal and its stop (``drain`` in the config)."""
+        return float(getattr(self.config, "drain", 0.0) or 0.0)
+
+    def announce(self, instance: Instance) -> None:  # noqa: B027 - optional
+        """Announce one instance now: it has just passed its health check.
+
+        Called by the code that saw it pass (a deploy step, before anything
+        old is withdrawn), so that discovery never waits for the next pass.
+        It ends a withdrawal of the same name (an instance started again).
+        The default does nothing: the next :meth:`sync` announces it.
+        """
 
     @abstractmethod
     def sync(self, healthy: dict[str, list[Instance]]) -> None:
@@ -190,11 +217,21 @@ class Announcer(PluginType, ABC):
 
     @abstractmethod
     def withdraw(self, instance: Instance) -> None:
-        """Remove one instance's announcement; called before it is stopped.
+        """Remove one instance's announcement; called ``drain`` seconds before it is stopped.
 
-        A :meth:`sync` that follows may still list the instance (a pass that
-        looked before the withdrawal): it must not announce it again until a
-        sync no longer lists it.
+        The withdrawal holds, however long the stop takes: a :meth:`sync`
+        that follows may still list the instance (a pass that looked before
+        the withdrawal, or while the instance was being stopped), and must not
+        announce it again until :meth:`stopped` said its stop ended and a sync
+        no longer lists it (or :meth:`announce` names it).
+        """
+
+    def stopped(self, instance: Instance, gone: bool) -> None:  # noqa: B027 - optional
+        """The stop that followed :meth:`withdraw` ended: ``gone`` if it succeeded.
+
+        After a failed stop (``gone`` False) the instance may still run and
+        serve: its withdrawal ends, and a later :meth:`sync` may announce it
+        again. The default does nothing.
         """
 
 

@@ -341,8 +341,11 @@ class Loop:
                 if reading.decision.count is not None and name in views:
                     views[name].desired = reading.decision.count
         self._count_exits(views)
+        errors: list[str] = []
+        if not dry and self.leadership.valid(term):
+            # announce what passed its check before any stop below withdraws anything
+            errors += self.reconciler.announce(views, self.actuation.stopping())
         busy = self.actuation.busy_slots(mark)
-        taken: list[Action] = []
         for action in self.reconciler.plan(views):
             if self._hold(action, views[action.service], busy):
                 continue
@@ -352,12 +355,8 @@ class Loop:
             if not self.leadership.valid(term):
                 log.warning("leadership lost during the pass: its plan is dropped")
                 return
-            if self.actuation.submit(self.services[action.service], action, busy, term):
-                taken.append(action)
-        errors: list[str] = []
+            self.actuation.submit(self.services[action.service], action, busy, term)
         if not dry:
-            stopping = {a.instance.name for a in taken if a.instance is not None}
-            errors += self.reconciler.announce(views, stopping | self.actuation.stopping())
             errors += self.orphans.handle(  # issue 11: orphans (agent/orphans.py)
                 self.reconciler.unowned, self.services, policy=self.settings.orphans,
                 stop_grace=self.settings.grace)

@@ -17,6 +17,7 @@ from tests.services import (
     Dockerd,
     Etcd,
     EtcdCluster,
+    Haproxy,
     MissingDependency,
     Moto,
     Prometheus,
@@ -106,6 +107,22 @@ def prometheus_server() -> Iterator[Callable[[Iterable[str]], Prometheus]]:
 
     def start(targets: Iterable[str]) -> Prometheus:
         service = _started(lambda: Prometheus(targets))
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        service.close()
+
+
+@pytest.fixture
+def haproxy_server() -> Iterator[Callable[..., Haproxy]]:
+    """Factory: ``haproxy_server(redispatch=False)`` starts a haproxy on loopback (``.url``,
+    ``.set_servers([...])`` renders its backends and reloads it), stopped after the test."""
+    started: list[Haproxy] = []
+
+    def start(redispatch: bool = False) -> Haproxy:
+        service = _started(lambda: Haproxy(redispatch=redispatch))
         started.append(service)
         return service
 

@@ -1,4 +1,4 @@
-"""Real services for the test suite: etcd, dockerd, moto_server, prometheus.
+"""Real services for the test suite: etcd, dockerd, moto_server, prometheus, haproxy.
 
 Each service runs from its own binary on free loopback ports, in its own
 temporary directory, and is started only when a test asks for it.  ``start()``
@@ -41,7 +41,7 @@ POLL = 0.05  # seconds between readiness probes
 # Loopback only: never let an http_proxy from the environment see these requests.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
-APT_PACKAGES = "etcd-server etcd-client docker.io busybox-static prometheus"
+APT_PACKAGES = "etcd-server etcd-client docker.io busybox-static prometheus haproxy"
 
 
 class MissingDependency(RuntimeError):
@@ -617,3 +617,95 @@ class Prometheus(Service):
             return want <= up
 
         wait_until(all_up, timeout, f"prometheus up == 1 for {sorted(want)}")
+
+
+class Haproxy(Service):
+    """HAProxy 2.x in master-worker mode: one HTTP frontend on loopback (``.url``) in front of
+    one backend whose servers :meth:`set_servers` sets, reloading as confd's ``reload_cmd``
+    would (SIGUSR2 to the master: a new worker takes the listening socket over, the old one
+    finishes its requests). With no server the backend answers 503, as for "no server
+    available".
+
+    ``redispatch``: a connection refused by a server is retried on another one (``retries
+    2`` + ``option redispatch``); off by default, so that every request sent to a server
+    that is gone fails, as it does through a plain haproxy.
+    """
+
+    def __init__(self, redispatch: bool = False) -> None:
+        self.binary = _find_binary("haproxy", _apt("haproxy"))
+        super().__init__("shipmate-svc-haproxy-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.config_path = self.dir / "haproxy.cfg"
+        self.redispatch = redispatch
+        self.servers: list[str] = []
+        self.reloads = 0
+        self._write()
+
+    def render(self, servers: Iterable[str]) -> str:
+        """The config file for backends ``servers`` (``host:port`` each)."""
+        retry = "    retries 2\n    option redispatch\n" if self.redispatch else "    retries 0\n"
+        lines = [f"    server s{n} {server}" for n, server in enumerate(servers)]
+        return (
+            "global\n"
+            "    maxconn 512\n"
+            f"    pidfile {self.dir / 'haproxy.pid'}\n"
+            "defaults\n"
+            "    mode http\n"
+            "    timeout connect 2s\n"
+            "    timeout client 10s\n"
+            "    timeout server 10s\n"
+            f"{retry}"
+            "frontend web\n"
+            f"    bind 127.0.0.1:{self.port}\n"
+            "    default_backend web\n"
+            "backend web\n"
+            "    balance roundrobin\n"
+            + "".join(line + "\n" for line in lines)
+        )
+
+    def _write(self) -> None:
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(self.render(self.servers))
+        tmp.replace(self.config_path)
+
+    def command(self) -> list[str]:
+        """The haproxy argv: master-worker, in the foreground."""
+        return [self.binary, "-W", "-db", "-f", str(self.config_path)]
+
+    def ready(self) -> bool:
+        """True once the master has its worker and the frontend answers (503 with no server)."""
+        return ("Loading success" in self.log_path.read_text(errors="replace")
+                and http_get(self.url, timeout=1.0)[0] in (200, 503))
+
+    def set_servers(self, servers: Iterable[str]) -> bool:
+        """Render the backend list and reload, if it changed; True if it did."""
+        servers = sorted(servers)
+        if servers == self.servers:
+            return False
+        self.servers = servers
+        self._write()
+        if self.pid is not None:
+            self._reload()
+        return True
+
+    def _reload(self) -> None:
+        """SIGUSR2 to the master, and wait until the new worker runs and the former one
+        has finished (as ``systemctl reload`` waits): the master ignores a reload asked for
+        before that."""
+        def done() -> tuple[int, int]:
+            text = self.log_path.read_text(errors="replace")
+            return text.count("Loading success"), text.count("Former worker")
+
+        before = done()
+        for _ in range(3):
+            assert self.pid is not None
+            os.kill(self.pid, signal.SIGUSR2)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                now = done()
+                if now[0] > before[0] and now[1] > before[1]:
+                    self.reloads += 1
+                    return
+                time.sleep(0.005)
+        raise ServiceError(f"{self!r} did not reload:\n{self.log_tail()}")

@@ -11,7 +11,21 @@ instances that no longer run or are unhealthy are removed. Only keys that name
 an instance of this cluster and of a service this announcer serves
 (``<cluster>-<service>-<slot>-<version>``) are ever removed: another cluster
 announcing under the same prefix, or a key an operator wrote by hand, is left
-alone. A key is removed before its instance is stopped (:meth:`withdraw`).
+alone.
+
+What a consumer (confd, consul-template, a sidekick rendering a load
+balancer's backends) can rely on:
+
+- a new instance is announced as soon as the code that waited for its health
+  check saw it pass (:meth:`announce`), before anything it replaces is
+  withdrawn, and a pass that looked before that never removes it again;
+  within a pass, new keys are written before stale ones are deleted;
+- a key is deleted ``drain`` seconds (default 2 s) before its instance's stop
+  begins (:meth:`withdraw`), and stays deleted until the instance is gone,
+  however long the stop takes: no pass puts it back meanwhile;
+- an instance that dies on its own is de-announced by the next pass (the
+  docker actuator wakes the agent on the engine's events);
+- if the agent dies, its keys live out their ``ttl`` and then vanish.
 
 If the store is away longer than ``ttl`` the lease is given up; as soon as the
 store answers again a new one is granted and every key written again (by the
@@ -32,24 +46,25 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
 from agent import (
     Announcer,
+    AnnouncerConfig,
     Duration,
     Instance,
     Lease,
     NotLeading,
     StoreError,
-    TypeConfig,
     fill,
     hookimpl,
 )
 
 
-class EtcdAnnounceConfig(TypeConfig):
+class EtcdAnnounceConfig(AnnouncerConfig):
     key: str = "/services/{service}/{instance}"
     "key template; {service} and {instance} are filled in"
     ttl: Duration = Field(30.0, ge=2)
@@ -81,7 +96,11 @@ class EtcdAnnouncer(Announcer):
         self._refreshed = 0.0  # monotonic time the lease was last known alive
         self._wanted: dict[str, str] = {}  # key -> value as last synced
         self._owned: set[str] = set()  # keys written on the current lease
-        self._withdrawn: dict[str, float] = {}  # instance name -> when it was withdrawn
+        # instance name -> (service, its stop still under way): never announced meanwhile
+        self._withdrawn: dict[str, tuple[str, bool]] = {}
+        # instance name -> (service, when, key, value): announced by announce(), kept even by a
+        # sync that does not list it (its pass looked earlier) until a sync lists it or a ttl
+        self._held: dict[str, tuple[str, float, str, str]] = {}
         self._pattern = _key_pattern(config.key)
         self._instance = re.compile(
             rf"{re.escape(context.cluster)}-(?P<service>.+)-[0-9]+-[0-9a-z]+")
@@ -143,6 +162,7 @@ class EtcdAnnouncer(Announcer):
                     self._lease = None
                     self._wanted.clear()
                     self._owned.clear()
+                    self._held.clear()
                 except StoreError as exc:
                     self.context.log.warning("announcements: %s", exc)
                     self._check_lease(exc)
@@ -173,14 +193,19 @@ class EtcdAnnouncer(Announcer):
         """Make the announced set of each service in ``healthy`` equal its healthy instances."""
         prefixes = {service: self.service_prefix(service) for service in healthy}
         with self._lock:
-            # A pass works from what it saw before a deploy withdrew an instance: an instance
-            # withdrawn lately stays withdrawn until a pass no longer sees it (or a ttl passed).
+            # A pass works from what it saw when it looked, perhaps before a deploy withdrew or
+            # announced an instance: a withdrawal holds until the stop ended and a pass no
+            # longer sees the instance; an announcement until a pass sees it (or a ttl passed).
             seen = {i.name for items in healthy.values() for i in items}
             now = time.monotonic()
-            self._withdrawn = {name: at for name, at in self._withdrawn.items()
-                               if name in seen and now - at < self.config.ttl}
+            self._withdrawn = {name: (service, stopping)
+                               for name, (service, stopping) in self._withdrawn.items()
+                               if stopping or name in seen or service not in healthy}
+            self._held = {name: held for name, held in self._held.items()
+                          if name not in seen and now - held[1] < self.config.ttl}
             wanted = {self.key(i): self.value(i) for items in healthy.values() for i in items
                       if i.name not in self._withdrawn}
+            wanted.update({key: value for _, _, key, value in self._held.values()})
             common = os.path.commonprefix(list(prefixes.values()))
             if len(common.rstrip("/")) > 0:
                 existing = {k: e.value for k, e in self.store.get_prefix(common).items()}
@@ -188,27 +213,57 @@ class EtcdAnnouncer(Announcer):
                 existing = {}
                 for prefix in prefixes.values():
                     existing.update({k: e.value for k, e in self.store.get_prefix(prefix).items()})
+            self._wanted = wanted
+            # the new first, then the stale: the announced set never dips on the way
+            self._retrying(lambda: self._write_missing(existing))
             for key in existing:
                 if key not in wanted and self._ours(key, healthy):
                     self.store.delete(key)
                     self._owned.discard(key)
-            self._wanted = wanted
-            try:
-                self._write_missing(existing)
-            except StoreError as exc:
-                self._check_lease(exc)
-                if self._lease is not None:
-                    raise
-                self._write_missing(existing)  # the lease had expired: once more on a new one
+
+    def _retrying(self, write: Callable[[], None]) -> None:
+        """``write()``, once more on a new lease if the lease had expired."""
+        try:
+            write()
+        except StoreError as exc:
+            self._check_lease(exc)
+            if self._lease is not None:
+                raise
+            write()
+
+    def announce(self, instance: Instance) -> None:
+        """Write ``instance``'s key now (it just passed its health check); it ends a
+        withdrawal of that name, and no sync of a pass that looked earlier removes it."""
+        key, value = self.key(instance), self.value(instance)
+        with self._lock:
+            self._withdrawn.pop(instance.name, None)
+            self._held[instance.name] = (instance.service, time.monotonic(), key, value)
+            self._wanted[key] = value
+
+            def write() -> None:
+                self.store.put(key, value, lease=self._current_lease())
+                self._owned.add(key)
+
+            self._retrying(write)
 
     def withdraw(self, instance: Instance) -> None:
         """Remove ``instance``'s key (before it is stopped); StoreError if the store is away."""
         key = self.key(instance)
         with self._lock:
-            self._withdrawn[instance.name] = time.monotonic()
+            self._withdrawn[instance.name] = (instance.service, True)
+            self._held.pop(instance.name, None)
             self._wanted.pop(key, None)
             self._owned.discard(key)
             self.store.delete(key)
+
+    def stopped(self, instance: Instance, gone: bool) -> None:
+        """The stop after :meth:`withdraw` ended: the withdrawal lasts until a pass no longer
+        sees the instance; after a failed stop (``gone`` False) it ends now."""
+        with self._lock:
+            if not gone:
+                self._withdrawn.pop(instance.name, None)
+            elif instance.name in self._withdrawn:
+                self._withdrawn[instance.name] = (instance.service, False)
 
     def close(self) -> None:
         """Stop the keep-alive; the keys live out their ttl (a restarted agent takes them over)."""

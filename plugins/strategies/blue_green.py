@@ -19,8 +19,9 @@ each recorded in the journal as ``step``:
    targets of the new color's group (``target_groups: [BLUE_ARN, GREEN_ARN]``),
    with their ports, and the listener's default action forwards to that group.
 3. ``baking``: the new color must stay healthy for ``bake``.
-4. ``draining``: the new color is announced and the old one de-announced, then
-   the old color is stopped. With ``keep_old`` it is *parked* where the
+4. ``draining``: the new color is health-checked again and announced (each
+   instance as it passes), only then is the old one withdrawn, drained
+   (``announce: {drain}``, all at once) and stopped. With ``keep_old`` it is *parked* where the
    actuator can (docker: the containers are stopped, not removed), so that a
    rollback (``shipmate rollback``) starts the very same instances at once;
    ``release`` names their version as ``kept`` and the loop leaves them alone.
@@ -41,7 +42,6 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
@@ -476,33 +476,29 @@ class BlueGreenStrategy(Strategy):
         source, target, count = deploy.source, deploy.target, deploy.desired
         park = self._parks(deploy)
         old = self.color(source.port)
+        # discovery: the new color in (each as its check passes) before anything old goes out
+        deploy.wait_healthy(self._color(deploy, target, count), self.config.health_timeout)
         deploy.progress(count, count, f"stopping {old}" + (" (kept)" if park else ""))
-        todo = []
+        todo: list[tuple[Instance, str | None]] = []
         for instance in deploy.instances():
             if instance.version == target.version:
                 if instance.slot >= count:
-                    todo.append((deploy.stop, instance, "deploy: above the count"))
+                    todo.append((instance, "deploy: above the count"))
             elif park and instance.version == source.version:
                 if instance.running:
-                    todo.append((deploy.park, instance, None))
+                    todo.append((instance, None))
             else:  # the old color when not kept, exited leftovers, an older kept release
-                todo.append((deploy.stop, instance, "deploy: old color"))
+                todo.append((instance, "deploy: old color"))
         self._parallel(deploy, todo)
         deploy.progress(count, count, f"{self.color(target.port)} serves; {old} "
                         + ("kept stopped" if park else "removed"))
 
     @staticmethod
-    def _parallel(deploy: Any, todo: list[tuple[Any, Instance, str | None]]) -> None:
-        def one(job: tuple[Any, Instance, str | None]) -> None:
-            step, instance, reason = job
-            step(instance) if reason is None else step(instance, reason)
-
-        if not todo:
-            return
-        workers = max(1, min(8, deploy.runtime.actuator.parallelism, len(todo)))
-        with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(one, todo):  # re-raises the first failure
-                pass
+    def _parallel(deploy: Any, todo: list[tuple[Instance, str | None]]) -> None:
+        """Withdraw all of ``todo``, drain once, then stop (reason) or park (None) them, a
+        few at a time."""
+        if todo:
+            deploy.retire(todo, parallel=max(1, min(8, deploy.runtime.actuator.parallelism)))
 
     # ------------------------------------------------------------ backward
     def rollback(self, deploy: Any, reason: str) -> None:
@@ -517,6 +513,8 @@ class BlueGreenStrategy(Strategy):
                 deploy.progress(count, count, f"rolling back: switching {lb.where} back")
                 lb.restore(before)
         deploy.save(announce=[source.version])
+        # the old color back in discovery (each seen passing now) before the new goes out
+        deploy.announce(*[i for i in self._color(deploy, source, count) if deploy.healthy(i)])
         # the new release was kept by an earlier deploy: keep it again rather than lose it
         park = target.version in deploy.kept() - {deploy.journal.get("kept")} and (
             deploy.runtime.actuator.can_park)
@@ -525,9 +523,9 @@ class BlueGreenStrategy(Strategy):
             if instance.version != target.version:
                 continue
             if not (park and instance.slot < count):
-                todo.append((deploy.stop, instance, "deploy: rolled back"))
+                todo.append((instance, "deploy: rolled back"))
             elif instance.running:  # (a parked one stays parked)
-                todo.append((deploy.park, instance, None))
+                todo.append((instance, None))
         deploy.progress(count, count, f"rolling back: removing {self.color(target.port)}")
         self._parallel(deploy, todo)
 

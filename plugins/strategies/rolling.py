@@ -4,7 +4,10 @@
 replacements on the same slots and waits for them to pass the health check:
 never fewer than ``count - batch`` healthy instances serve. ``start-first``
 starts the replacements on free slots first and stops the old ones only once
-the new ones are healthy: never fewer than ``count``. Each step is worked out
+the new ones are healthy: never fewer than ``count``. A new instance is
+announced the moment its health check passes, before any old one is
+withdrawn; old ones are withdrawn a batch at once, drained (``announce:
+{drain}``) together, then stopped. Each step is worked out
 from what runs, so a resumed deploy carries on where the last one stopped, and
 a rollback is the same walk back to the old release. A deploy first fills the
 slots a dead agent emptied and lets instances still starting pass (with their
@@ -80,11 +83,13 @@ class RollingStrategy(Strategy):
             # unhealthy instances of the target first (they serve nobody), then highest slots
             old = sorted((i for i in running if i not in new),
                          key=lambda i: (i.version != target.version, -i.slot))
+            deploy.announce(*new)  # seen passing just now (a resumed deploy's too)
             deploy.progress(min(len(new), count), count, f"{len(new)} of {count} on "
                             f"{target.label}")
             if not old and len(new) >= count:
-                for extra in sorted(new, key=lambda i: -i.slot)[:len(new) - count]:
-                    deploy.stop(extra, "deploy: above the count")
+                extra = sorted(new, key=lambda i: -i.slot)[:len(new) - count]
+                if extra:
+                    deploy.stop_all(extra, "deploy: above the count")
                 return
             step = old[:batch]
             flapping = [i.name for i in step if i.version == target.version]
@@ -133,8 +138,8 @@ class RollingStrategy(Strategy):
 
     def _stop_first(self, deploy, step, running, count, batch) -> None:
         slots = [i.slot for i in step]
-        for instance in step:
-            deploy.stop(instance)
+        if step:
+            deploy.stop_all(step)
         taken = {i.slot for i in running}
         missing = count - len(running)  # fewer run than the count (one crashed): fill up too
         free = (s for s in itertools.count() if s not in taken)
@@ -148,11 +153,10 @@ class RollingStrategy(Strategy):
         try:
             deploy.wait_healthy(started, self.config.health_timeout)
         except Exception:
-            for instance in started:  # never leave a failed surge instance behind
-                deploy.stop(instance, "deploy: failed health check")
+            # never leave a failed surge instance behind
+            deploy.stop_all(started, "deploy: failed health check")
             raise
-        for instance in step:
-            deploy.stop(instance)
+        deploy.stop_all(step)  # the new ones were announced as they passed
 
 
 @hookimpl

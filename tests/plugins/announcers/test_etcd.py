@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from agent import Context, Instance
-from agent.config import StoreConfig
+from agent.config import ConfigError, StoreConfig
 from agent.store import Store, open_store
 from plugins.announcers.etcd import EtcdAnnounceConfig, EtcdAnnouncer
 from tests.helpers import eventually, port_block
@@ -379,22 +379,114 @@ def test_etcd_outage_stops_nothing_and_everything_is_announced_again(
     eventually(lambda: len(running(dockerd, cluster)) == 2, timeout=8, what="scale to 2")
 
 
-def test_a_pass_that_looked_before_a_withdrawal_does_not_announce_again(embedded_store,
-                                                                        tmp_path):
-    from agent import Context, Instance
-    from plugins.announcers.etcd import EtcdAnnounceConfig, EtcdAnnouncer
+@pytest.fixture
+def lone(embedded_store, tmp_path) -> Iterator[EtcdAnnouncer]:
+    """An etcd announcer (ttl 2 s) on the embedded store, for the bookkeeping alone."""
+    announcer = EtcdAnnouncer(EtcdAnnounceConfig(ttl="2s"),
+                              Context("t", embedded_store, tmp_path))
+    yield announcer
+    announcer.close()
 
-    announcer = EtcdAnnouncer(EtcdAnnounceConfig(), Context("t", embedded_store, tmp_path))
+
+def web_instance(slot: int = 0, version: str = "abc") -> Instance:
+    return Instance(name=f"t-web-{slot}-{version}", service="web", slot=slot, version=version,
+                    host="10.0.0.5", port=8080 + slot, cluster="t")
+
+
+def test_a_pass_that_looked_before_a_withdrawal_does_not_announce_again(embedded_store, lone):
+    web = web_instance()
+    key = "/services/web/t-web-0-abc"
+    lone.sync({"web": [web]})
+    assert embedded_store.get(key) is not None
+    lone.withdraw(web)  # a deploy withdraws it, then stops it...
+    lone.sync({"web": [web]})  # ...while a pass that saw it healthy syncs
+    assert embedded_store.get(key) is None
+    lone.stopped(web, gone=True)
+    lone.sync({"web": [web]})  # a pass that looked before the stop ended
+    assert embedded_store.get(key) is None
+    lone.sync({"web": []})  # it is gone: a later instance of that name may come back
+    lone.sync({"web": [web]})
+    assert embedded_store.get(key) is not None
+
+
+def test_a_withdrawal_holds_however_long_the_stop_takes(embedded_store, lone):
+    web = web_instance()
+    key = "/services/web/t-web-0-abc"
+    lone.sync({"web": [web]})
+    lone.withdraw(web)
+    deadline = time.monotonic() + 5  # more than two ttls (2 s) of a stop still under way
+    while time.monotonic() < deadline:
+        lone.sync({"web": [web]})  # still running and healthy while it stops
+        lone.sync({"web": []})  # a pass in which its health check happened to fail
+        assert embedded_store.get(key) is None, "announced again while it was being stopped"
+        time.sleep(0.2)
+    lone.stopped(web, gone=True)
+    lone.sync({"web": []})
+    lone.sync({"web": [web]})  # a new instance of that name
+    assert embedded_store.get(key) is not None
+
+
+def test_a_failed_stop_ends_the_withdrawal(embedded_store, lone):
+    web = web_instance()
+    lone.sync({"web": [web]})
+    lone.withdraw(web)
+    lone.stopped(web, gone=False)  # it still runs and serves: announced by the next pass
+    lone.sync({"web": [web]})
+    assert embedded_store.get("/services/web/t-web-0-abc") is not None
+
+
+def test_announce_now_outlives_a_pass_that_looked_earlier(embedded_store, lone):
+    old, new = web_instance(0, "abc"), web_instance(1, "def")
+    lone.sync({"web": [old]})
+    lone.announce(new)  # a deploy saw it pass its check
+    assert embedded_store.get("/services/web/t-web-1-def").value == json.dumps(
+        {"host": "10.0.0.5", "port": 8081, "service": "web", "instance": new.name,
+         "version": "def"})
+    lone.sync({"web": [old]})  # a pass that looked before it passed
+    assert embedded_store.get("/services/web/t-web-1-def") is not None
+    lone.sync({"web": [old, new]})  # a pass saw it: from now on the passes decide
+    lone.sync({"web": [old]})
+    assert embedded_store.get("/services/web/t-web-1-def") is None
+    lone.withdraw(old)
+    lone.announce(old)  # started again and passed: the withdrawal ends
+    assert embedded_store.get("/services/web/t-web-0-abc") is not None
+
+
+def test_announced_but_never_seen_by_a_pass_goes_after_a_ttl(embedded_store, lone):
+    new = web_instance(1, "def")
+    lone.announce(new)  # then it died before any pass saw it healthy
+    lone.sync({"web": []})
+    assert embedded_store.get("/services/web/t-web-1-def") is not None
+    time.sleep(2.1)
+    lone.sync({"web": []})
+    assert embedded_store.get("/services/web/t-web-1-def") is None
+
+
+def test_a_pass_writes_the_new_keys_before_it_deletes_the_stale(embedded_store, lone):
+    old, new = web_instance(0, "abc"), web_instance(1, "def")
+    lone.sync({"web": [old]})
+    events: list[tuple[str, bool]] = []
+    watch = embedded_store.watch("/services/web/", lambda got: events.extend(
+        (e.key.rsplit("/", 1)[-1], e.value is not None) for e in got))
     try:
-        web = Instance(name="t-web-0-abc", service="web", slot=0, version="abc",
-                       host="10.0.0.5", port=8080, cluster="t")
-        announcer.sync({"web": [web]})
-        assert embedded_store.get("/services/web/t-web-0-abc") is not None
-        announcer.withdraw(web)  # a deploy withdraws it, then stops it...
-        announcer.sync({"web": [web]})  # ...while a pass that saw it healthy syncs
-        assert embedded_store.get("/services/web/t-web-0-abc") is None
-        announcer.sync({"web": []})  # it is gone: a later instance of that name may come back
-        announcer.sync({"web": [web]})
-        assert embedded_store.get("/services/web/t-web-0-abc") is not None
+        lone.sync({"web": [new]})
+        eventually(lambda: len(events) == 2, timeout=10, what="two changes")
     finally:
-        announcer.close()
+        watch.cancel()
+    assert events == [(new.name, True), (old.name, False)]  # never an empty set between
+
+
+def test_drain_is_an_announce_key_with_a_2s_default(load_test_config):
+    base = """
+        agent: {cluster: t}
+        services:
+          web:
+            command: [sleep, "100"]
+            source: {type: static, count: 1}
+            actuator: {type: process}
+            announce: %s
+    """
+    assert load_test_config(base % "{type: etcd}").services["web"].announce.drain == 2.0
+    assert load_test_config(base % "{type: etcd, drain: 0}").services["web"].announce.drain == 0
+    with pytest.raises(ConfigError, match="drain"):
+        load_test_config(base % "{type: etcd, drain: -1s}")
