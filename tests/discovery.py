@@ -57,7 +57,9 @@ services:
 class Consumer(threading.Thread):
     """confd for one haproxy: on every change under ``prefix``, read it, render, reload.
 
-    ``timeline`` holds (monotonic time, sorted servers) each time the rendered list changed.
+    ``timeline`` holds (monotonic time, sorted servers) each time haproxy was reloaded with a
+    changed list (``servers``: the list it runs with now); ``names`` the announced instance
+    names each time they changed.
     """
 
     def __init__(self, store: Etcd3Store, prefix: str, haproxy: Haproxy) -> None:
@@ -66,8 +68,8 @@ class Consumer(threading.Thread):
         self.changed = threading.Event()
         self.done = threading.Event()
         self.servers: list[str] = []
-        self.names: dict[str, str] = {}  # instance name -> host:port, as announced now
         self.timeline: list[tuple[float, list[str]]] = []
+        self.names: list[tuple[float, frozenset[str]]] = []
         self._watch = store.watch(prefix, lambda events: self.changed.set())
 
     def run(self) -> None:
@@ -78,8 +80,10 @@ class Consumer(threading.Thread):
                 entries = self.store.get_prefix(self.prefix)
             except Exception:  # noqa: BLE001 - etcd away: keep the last rendering, as confd does
                 continue
-            self.names = {key.rsplit("/", 1)[-1]: e.value for key, e in entries.items()}
-            servers = sorted(set(self.names.values()))
+            names = frozenset(key.rsplit("/", 1)[-1] for key in entries)
+            if not self.names or self.names[-1][1] != names:
+                self.names.append((time.monotonic(), names))
+            servers = sorted({entry.value for entry in entries.values()})
             if self.haproxy.set_servers(servers) or not self.timeline:
                 self.servers = servers
                 self.timeline.append((time.monotonic(), servers))
@@ -276,8 +280,8 @@ class Service:
             return False
         running = self.running()
         return (len(running) == count and {v for _, v in running} == {release["version"]}
-                and len(self.announced()) == count and len(self.haproxy.servers) == count
-                and all(_answers(s) for s in self.haproxy.servers))
+                and len(self.announced()) == count and len(self.consumer.servers) == count
+                and all(_answers(s) for s in self.consumer.servers))
 
     def wait_settled(self, count: int | None = None, image: str | None = None,
                      timeout: float = 60, what: str = "the service to settle") -> None:
@@ -306,6 +310,7 @@ class Service:
         traffic = Traffic("127.0.0.1", self.haproxy.port)
         meter = GapMeter(self.consumer)
         timeline_from = len(self.consumer.timeline)
+        names_from = len(self.consumer.names)
         traffic.start()
         meter.start()
         started = time.monotonic()
@@ -318,7 +323,8 @@ class Service:
             traffic.stop()
             meter.stop()
         return Measured(traffic=traffic, gap=meter.gap, seconds=time.monotonic() - started,
-                        timeline=self.consumer.timeline[max(0, timeline_from - 1):])
+                        timeline=self.consumer.timeline[max(0, timeline_from - 1):],
+                        names=self.consumer.names[max(0, names_from - 1):])
 
 
 @dataclass
@@ -327,6 +333,7 @@ class Measured:
     gap: float
     seconds: float
     timeline: list[tuple[float, list[str]]]
+    names: list[tuple[float, frozenset[str]]]
 
     @property
     def failed(self) -> int:

@@ -136,7 +136,10 @@ def test_a_stop_longer_than_the_ttl_is_not_announced_again(web, how):
     measured = service.measure(act, settle)
     assert measured.failed == 0, str(measured)
     assert not measured.went_empty, str(measured)
-    for name, address in before.items():  # each old one: out once, and never back
-        present = [address in servers for _, servers in measured.timeline]
+    withdrawn = 0
+    for name in before:  # each old one: withdrawn once, and never back
+        present = [name in names for _, names in measured.names]
         if False in present:
-            assert True not in present[present.index(False):], (name, str(measured))
+            withdrawn += 1
+            assert True not in present[present.index(False):], (name, measured.names)
+    assert withdrawn == (1 if how == "scale-down" else 2), measured.names
