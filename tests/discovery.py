@@ -222,11 +222,11 @@ class Service:
         self.log = self.tmp / f"{self.name}-agent.log"
 
     # ------------------------------------------------------------ the agent
-    def start_agent(self) -> None:
+    def start_agent(self, env: dict[str, str] | None = None) -> None:
         with open(self.log, "ab") as out:
             self.agent = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
