@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -222,11 +223,14 @@ class Service:
         self.log = self.tmp / f"{self.name}-agent.log"
 
     # ------------------------------------------------------------ the agent
-    def start_agent(self, env: dict[str, str] | None = None) -> None:
+    def start_agent(self, code: Path | None = None) -> None:
+        """``python -m agent run``; with ``code``, the agent of that source tree instead."""
+        env = None if code is None else {**os.environ, "PYTHONPATH": str(code)}
         with open(self.log, "ab") as out:
             self.agent = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run", "-c", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                cwd=code)  # -m looks in the working directory first
 
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])

@@ -16,7 +16,6 @@ the git revision ``REF`` (``git archive``; e.g. ``main`` before this change) and
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tarfile
@@ -54,10 +53,7 @@ def run_kind(kind: str, etcd: Etcd, dockerd: Dockerd, tmp: Path, code: Path | No
     haproxy.start()
     service = Service(etcd=etcd, dockerd=dockerd, haproxy=haproxy, tmp=tmp, count=count,
                       port=port, deploy=deploy, drain=drain)
-    env = None
-    if code is not None:  # the baseline's agent: its own tree first on the path
-        env = {**os.environ, "PYTHONPATH": str(code)}
-    service.start_agent(env)
+    service.start_agent(code)
     try:
         service.wait_settled(timeout=90, what=f"{kind}: {count} instances in haproxy")
         if act == "scale":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -311,3 +312,41 @@ def test_a_deploy_runs_no_more_than_max_instances(make_loop, embedded_store):
     loop.run_pass()
     (begun,) = eventually(lambda: started, 30, "the deploy to begin")
     assert begun["deploy"]["desired"] == 3
+
+
+DRAINING = """
+agent: {cluster: loop}
+services:
+  web:
+    command: [sleep, "300"]
+    source: {type: static, count: 2}
+    actuator: {type: process}
+    announce: {type: etcd, ttl: 30s, drain: 3s}
+  other:
+    command: [sleep, "300"]
+    source: {type: static, count: 0}
+    actuator: {type: process}
+"""
+
+
+def test_stops_withdraw_then_drain_together_while_other_work_goes_on(make_loop, embedded_store,
+                                                                      tmp_path):
+    loop = make_loop(DRAINING)
+    settle(loop)
+    web = live(tmp_path, "web")
+    assert len(web) == 2
+    eventually(lambda: len(embedded_store.get_prefix("/services/web/")) == 2, 10,
+               "both announced")
+    keys = Keys("/shipmate/loop")
+    embedded_store.put(keys.service("web", "override"), "0")
+    embedded_store.put(keys.service("other", "override"), "1")
+    asked = time.monotonic()
+    loop.pass_wanted = True  # as the store watch would
+    loop.turn()
+    # withdrawn at once, still running through the drain; the other service's start goes on
+    eventually(lambda: not embedded_store.get_prefix("/services/web/"), 2, "both withdrawn")
+    eventually(lambda: len(live(tmp_path, "other")) == 1, 2.5, "the other service started")
+    assert all(alive(r["pid"]) for r in web), "stopped before the drain was over"
+    eventually(lambda: not any(alive(r["pid"]) for r in web), 20, "both stopped")
+    took = time.monotonic() - asked
+    assert 2.9 <= took < 5.9, f"two 3 s drains took {took:.1f}s: not side by side"
