@@ -109,7 +109,8 @@ def test_an_instance_killed_behind_the_agents_back_leaves_discovery_at_once(web)
         eventually(lambda: victim not in service.announced(), timeout=10,
                    what="the dead instance de-announced"),
         service.wait_settled(what="3 instances again")))
-    assert measured.failed == 0, str(measured)
+    # nothing fails but, at most, the one request in flight when SIGKILL landed
+    assert measured.failed <= 1, str(measured)
     assert not measured.went_empty, str(measured)
     # gone from haproxy's list within a few seconds of the kill (the engine's event wakes a pass)
     killed_at = measured.traffic.results[0].at + 0.5
