@@ -64,6 +64,7 @@ class Actuation:
         self._busy: dict[SlotKey, Action] = {}
         self._finished: dict[SlotKey, int] = {}  # slot -> the tick its action ended at
         self._tick = 0
+        self._pending = 0
         self._closed = False
 
     # ---------------------------------------------------------------- state
@@ -79,6 +80,12 @@ class Actuation:
         with self._lock:
             self._finished = {k: t for k, t in self._finished.items() if t >= since}
             return set(self._busy) | set(self._finished)
+
+    @property
+    def pending(self) -> int:
+        """Actions taken whose end has not been reported yet (``on_done`` not returned)."""
+        with self._lock:
+            return self._pending
 
     @property
     def in_flight(self) -> int:
@@ -109,6 +116,7 @@ class Actuation:
                 return False
             self._running[actuator] = self._running.get(actuator, 0) + 1
             self._busy[key] = action
+            self._pending += 1
         # a daemon thread per action, not a pool: an agent told to stop exits at once,
         # leaving a slow start to finish (or die) on its own
         threading.Thread(target=self._do, args=(runtime, action, term), daemon=True,
@@ -140,7 +148,11 @@ class Actuation:
                 self._busy.pop(key, None)
                 self._running[runtime.actuator] -= 1
                 self._finished[key] = self._tick
-        self.on_done(Outcome(action, error, instance))
+        try:
+            self.on_done(Outcome(action, error, instance))
+        finally:
+            with self._lock:
+                self._pending -= 1
 
     def _still_acting(self, term: int) -> None:
         if not self.may_act(term):  # leadership was lost during the drain

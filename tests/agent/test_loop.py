@@ -66,7 +66,7 @@ def settle(loop: Loop) -> None:
     running loop does, with the fake clock standing still)."""
     loop.turn()
     while True:
-        eventually(lambda: loop.actuation.in_flight == 0, 30, "the actions to end")
+        eventually(lambda: loop.actuation.pending == 0, 30, "the actions to end")
         if not loop.pass_wanted:
             return
         loop.turn()
