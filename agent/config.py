@@ -21,6 +21,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
@@ -28,6 +29,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     create_model,
@@ -58,13 +60,69 @@ class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TLSConfig(Model):
+    """TLS to etcd (or fleet) over ``https://``; paths are relative to the config file's folder."""
+
+    ca: Path | None = None
+    "a PEM bundle of the CAs to trust instead of the system's (a private CA)"
+    cert: Path | None = None
+    "a client certificate (PEM), for a server that requires one"
+    key: Path | None = None
+    "the client certificate's private key (PEM), if not in the cert file"
+    verify: bool = True
+    "false: accept any server certificate (a test setup only; never a fallback)"
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if self.key is not None and self.cert is None:
+            raise ValueError("a key needs its cert")
+        return self
+
+    def resolved(self, base: Path) -> TLSConfig:
+        """The same settings with relative paths made relative to ``base``."""
+        def fix(path: Path | None) -> Path | None:
+            return None if path is None or path.is_absolute() else base / path
+        return self.model_copy(update={
+            name: fix(getattr(self, name)) or getattr(self, name) for name in ("ca", "cert", "key")
+        })
+
+
 class StoreConfig(Model):
     backend: Literal["embedded", "etcd", "etcd2"] = "embedded"
     path: Path = Path(".shipmate/state.db")
     "embedded only; relative to the config file's folder"
     endpoints: list[str] = ["http://127.0.0.1:2379"]
     prefix: str = Field("/shipmate", pattern=r"^/")
-    timeout: Duration = 5.0
+    timeout: Duration = Field(5.0, gt=0)
+    tls: TLSConfig = TLSConfig()
+    "for https:// endpoints: ca, cert, key, verify"
+    username: str | None = None
+    "etcd authentication (v3: a token from /v3/auth/authenticate; v2: basic auth)"
+    password: SecretStr | None = None
+    "write it as ${ETCD_PASSWORD}: taken from the environment, never echoed"
+    allow_insecure: bool = False
+    "allow a password over plain http:// (it is then readable on the wire)"
+
+    @model_validator(mode="after")
+    def _credentials(self) -> StoreConfig:
+        if self.backend == "embedded":
+            return self
+        in_url = [u for u in self.endpoints if _url_password(u)]
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        plain = [u for u in self.endpoints if not u.lower().startswith("https://")]
+        if (self.password is not None or in_url) and plain and not self.allow_insecure:
+            raise ValueError(
+                "a password over http:// is sent in the clear: use https:// endpoints "
+                "(with tls:), or set allow_insecure: true")
+        return self
+
+
+def _url_password(url: str) -> bool:
+    try:
+        return bool(urlsplit(url if "://" in url else f"http://{url}").password)
+    except ValueError:
+        return False
 
 
 class PluginsConfig(Model):

@@ -46,10 +46,10 @@ def open_config(path: str | Path, *, plugins: Plugins | None = None) -> tuple[Co
 
 
 def connect(config: Config) -> Store:
-    """Open the configured store (the embedded path relative to the config file)."""
+    """Open the configured store (its paths relative to the config file)."""
     settings = config.agent.store
-    if settings.backend == "embedded":
-        settings = settings.model_copy(update={"path": config.resolve(settings.path)})
+    settings = settings.model_copy(update={"path": config.resolve(settings.path),
+                                           "tls": settings.tls.resolved(config.base_dir)})
     return open_store(settings)
 
 

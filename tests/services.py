@@ -284,19 +284,117 @@ class Service:
         return f"<{type(self).__name__} pid={self.pid} dir={self.dir}>"
 
 
+class Pki:
+    """A private CA and the certificates TLS tests need, as PEM files in ``directory``.
+
+    ``ca``: the CA; ``server``: 127.0.0.1/localhost signed by it; ``client``: a client
+    certificate signed by it; ``expired_server`` and ``expired_client``: the same, expired
+    yesterday; ``other_ca`` with ``other_client`` and ``other_server``: a CA nobody trusts.
+    Each name has ``<name>.pem`` and (except the CAs) ``<name>.key`` (``path(name, "key")``).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        now = datetime.datetime.now(datetime.UTC)
+
+        def write(name: str, cert: Any, key: Any) -> None:
+            (self.dir / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            (self.dir / f"{name}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+
+        def ca(name: str) -> tuple[Any, Any]:
+            key = ec.generate_private_key(ec.SECP256R1())
+            subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"shipmate test {name}")])
+            cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(now - datetime.timedelta(days=2))
+                    .not_valid_after(now + datetime.timedelta(days=30))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                    .add_extension(x509.KeyUsage(
+                        digital_signature=True, key_cert_sign=True, crl_sign=True,
+                        content_commitment=False, key_encipherment=False,
+                        data_encipherment=False, key_agreement=False, encipher_only=False,
+                        decipher_only=False), True)
+                    .sign(key, hashes.SHA256()))
+            write(name, cert, key)
+            return cert, key
+
+        def leaf(name: str, issuer: tuple[Any, Any], usage: list[Any],
+                 expired: bool = False) -> None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            end = now - datetime.timedelta(days=1) if expired else now + datetime.timedelta(days=30)
+            builder = (x509.CertificateBuilder()
+                       .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                       .issuer_name(issuer[0].subject).public_key(key.public_key())
+                       .serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(days=2)).not_valid_after(end)
+                       .add_extension(x509.ExtendedKeyUsage(usage), False)
+                       .add_extension(x509.SubjectAlternativeName([
+                           x509.DNSName("localhost"),
+                           x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False))
+            write(name, builder.sign(issuer[1], hashes.SHA256()), key)
+
+        main, other = ca("ca"), ca("other_ca")
+        # etcd's gateway dials its own gRPC port with the server certificate as a client one
+        server = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+        client = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        leaf("server", main, server)
+        leaf("client", main, client)
+        leaf("expired_server", main, server, expired=True)
+        leaf("expired_client", main, client, expired=True)
+        leaf("other_server", other, server)
+        leaf("other_client", other, client)
+
+    def path(self, name: str, kind: str = "pem") -> Path:
+        """The file of certificate ``name`` (``kind`` "pem") or of its private key ("key")."""
+        return self.dir / f"{name}.{kind}"
+
+
 class Etcd(Service):
     """etcd 3.4 on loopback with the v2 and v3 APIs enabled.
 
     ``stop()`` then ``start()`` brings it back on the same port and data dir.
+
+    With ``pki`` it serves https with the certificate ``server_cert`` (a name in the
+    :class:`Pki`; change it and restart to present another one), and with
+    ``client_cert_auth`` it requires a client certificate signed by the Pki's CA.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pki: Pki | None = None, *, client_cert_auth: bool = False,
+                 server_cert: str = "server") -> None:
         self.binary = _find_binary("etcd", _apt("etcd-server"))
         self.etcdctl_binary = _find_binary("etcdctl", _apt("etcd-client"))
         super().__init__("shipmate-svc-etcd-")
         self.port, self.peer_port = free_ports(2)
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.pki, self.client_cert_auth, self.server_cert = pki, client_cert_auth, server_cert
+        scheme = "https" if pki is not None else "http"
+        self.endpoint = f"{scheme}://127.0.0.1:{self.port}"
         self.data_dir = self.dir / "data"
+
+    def _tls_args(self) -> list[str]:
+        if self.pki is None:
+            return []
+        pki = self.pki
+        args = [f"--cert-file={pki.path(self.server_cert)}",
+                f"--key-file={pki.path(self.server_cert, 'key')}",
+                f"--trusted-ca-file={pki.path('ca')}"]
+        return args + (["--client-cert-auth"] if self.client_cert_auth else [])
+
+    def _etcdctl_tls(self) -> list[str]:
+        if self.pki is None:
+            return []
+        return [f"--cacert={self.pki.path('ca')}", f"--cert={self.pki.path('client')}",
+                f"--key={self.pki.path('client', 'key')}", "--insecure-skip-tls-verify"]
 
     def command(self) -> list[str]:
         """The etcd argv."""
@@ -316,18 +414,27 @@ class Etcd(Service):
             "--election-timeout=100",
             "--logger=zap",
             "--log-level=warn",
+            *self._tls_args(),
         ]
 
     def ready(self) -> bool:
         """True once /health says the member is healthy."""
+        if self.pki is not None:  # any answer over TLS will do; etcdctl checks the rest
+            self.etcdctl("endpoint", "health", timeout=5.0)
+            return True
         status, body = http_get(f"{self.endpoint}/health", timeout=1.0)
         return status == 200 and json.loads(body).get("health") == "true"
 
-    def etcdctl(self, *args: str, timeout: float = 30.0) -> str:
-        """Run ``etcdctl`` (v3 API) here; return stdout; raise RuntimeError with stderr."""
-        env = dict(os.environ, ETCDCTL_API="3")
+    def etcdctl(self, *args: str, timeout: float = 30.0, api: str = "3") -> str:
+        """Run ``etcdctl`` (v3 API, or ``api="2"``) here; return stdout; raise RuntimeError
+        with stderr."""
+        env = dict(os.environ, ETCDCTL_API=api)
+        tls = self._etcdctl_tls()
+        if api == "2":  # etcdctl's v2 flags have other names
+            tls = [t.replace("--cacert", "--ca-file").replace("--cert=", "--cert-file=")
+                   .replace("--key=", "--key-file=") for t in tls if "insecure" not in t]
         result = subprocess.run(
-            [self.etcdctl_binary, f"--endpoints={self.endpoint}", *args],
+            [self.etcdctl_binary, f"--endpoints={self.endpoint}", *tls, *args],
             env=env,
             capture_output=True,
             text=True,

@@ -12,6 +12,7 @@ from agent.store.base import (
     NotLeading,
     Store,
     StoreError,
+    StoreRefused,
     Watch,
     WatchEvent,
 )
@@ -19,8 +20,8 @@ from agent.store.base import (
 if TYPE_CHECKING:
     from agent.config import StoreConfig
 
-__all__ = ["Entry", "Fence", "Lease", "NotLeading", "Store", "StoreError", "Watch",
-           "WatchEvent", "open_store"]
+__all__ = ["Entry", "Fence", "Lease", "NotLeading", "Store", "StoreError", "StoreRefused",
+           "Watch", "WatchEvent", "open_store"]
 
 
 def open_store(config: StoreConfig) -> Store:
@@ -29,10 +30,13 @@ def open_store(config: StoreConfig) -> Store:
         from agent.store.embedded import EmbeddedStore
 
         return EmbeddedStore(config.path)
+    password = config.password.get_secret_value() if config.password is not None else None
+    options = {"timeout": config.timeout, "tls": config.tls, "username": config.username,
+               "password": password}
     if config.backend == "etcd":
         from agent.store.etcd3 import Etcd3Store
 
-        return Etcd3Store(config.endpoints, timeout=config.timeout)
+        return Etcd3Store(config.endpoints, **options)
     from agent.store.etcd2 import Etcd2Store
 
-    return Etcd2Store(config.endpoints, timeout=config.timeout)
+    return Etcd2Store(config.endpoints, **options)

@@ -41,6 +41,11 @@ class NotLeading(StoreError):
     caller's own deadline passed before it was sent). Nothing was written."""
 
 
+class StoreRefused(StoreError):
+    """The store answered, but will never accept us as configured: a TLS or authentication
+    problem. Retrying does not help; ``shipmate run`` exits 1 when it meets one at start."""
+
+
 @dataclass(frozen=True)
 class Entry:
     """One key as read from the store."""

@@ -36,13 +36,22 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import SplitResult, quote, unquote
+from urllib.parse import SplitResult, quote
 
 import etcd
 import urllib3
 
 from agent.store.base import Entry, Fence, Lease, Store, StoreError, Watch, WatchEvent
-from agent.store.endpoints import never_sent, parse_endpoint
+from agent.store.endpoints import (
+    StoreRefused,
+    TLSSettings,
+    never_sent,
+    parse_endpoint,
+    plaintext_mixup,
+    plaintext_to_tls,
+    tls_problem,
+    url_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,21 @@ def _transport(exc: BaseException) -> bool:
     """True if the endpoint did not answer (rather than answering with an error)."""
     return isinstance(exc, (etcd.EtcdConnectionFailed, etcd.EtcdLeaderElectionInProgress,
                             urllib3.exceptions.HTTPError, http.client.HTTPException, OSError))
+
+
+def _refusal(exc: BaseException, shown: str) -> str | None:
+    """The message for a failure that retrying will not cure (TLS, plaintext, credentials)."""
+    problem = tls_problem(exc, shown)
+    if problem is None and _transport(exc):
+        problem = plaintext_mixup(exc, shown)
+    if problem is None and isinstance(exc, etcd.EtcdException):
+        problem = plaintext_to_tls(" ".join(str(a) for a in exc.args), shown)
+        payload = exc.payload if isinstance(getattr(exc, "payload", None), dict) else {}
+        if problem is None and payload.get("errorCode") == 110:  # v2's "The request requires
+            problem = f"{shown}: etcd refused the credentials ({payload.get('message')})"
+    if problem is None and isinstance(exc, etcd.EtcdException) and "401" in str(exc.args[:1]):
+        problem = f"{shown}: etcd refused the credentials (401)"
+    return problem
 
 
 def _reason(exc: BaseException) -> str:
@@ -273,7 +297,9 @@ class Etcd2Watch(Watch):
             except _FAILURES as exc:
                 if self._stop.is_set():
                     return
-                errors.append(f"etcd2 {self._store._names[i]}: {_reason(exc)}")
+                shown = self._store._names[i]
+                refusal = _refusal(exc, shown)
+                errors.append(f"etcd2 {refusal}" if refusal else f"etcd2 {shown}: {_reason(exc)}")
                 continue
             self._store._current = i
             self._next = max(self._next, result.modifiedIndex + 1)
@@ -306,10 +332,13 @@ class Etcd2Store(Store):
 
     fences = False
 
-    def __init__(self, endpoints: list[str], timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: list[str], timeout: float = 5.0, *, tls: Any = None,
+                 username: str | None = None, password: str | None = None) -> None:
         if not endpoints:
             raise StoreError("etcd2: no endpoints configured")
         self.timeout = timeout
+        self._tls = TLSSettings(tls, "etcd2")
+        self._credentials = (username, password)
         self.round_trips = 0
         self._count_lock = threading.Lock()
         self._urls: list[SplitResult] = []
@@ -318,6 +347,8 @@ class Etcd2Store(Store):
             parts, shown = parse_endpoint(url, "etcd2")
             self._urls.append(parts)
             self._names.append(shown)
+            if username is None and parts.username:  # credentials written into the URL
+                self._credentials = url_credentials(parts)
         self._clients = self._make_clients()
         self._current = 0
         self._leases: dict[str, Etcd2Lease] = {}  # key -> the lease that last wrote it
@@ -327,18 +358,38 @@ class Etcd2Store(Store):
     # -- plumbing ---------------------------------------------------------
     def _make_clients(self) -> list[etcd.Client]:
         clients = []
+        username, password = self._credentials
         for parts in self._urls:
             host = parts.hostname or ""
             client = etcd.Client(  # python-etcd puts host in URLs as is: bracket IPv6
                 host=f"[{host}]" if ":" in host else host, port=parts.port or 2379,
                 protocol=parts.scheme,
                 read_timeout=self.timeout, allow_reconnect=False,
-                username=unquote(parts.username) if parts.username else None,
-                password=unquote(parts.password) if parts.password else None,
+                username=username, password=password,
             )
-            client.http = _Http(client.http, self)
+            client.http.clear()
+            client.http = _Http(self._pool(), self)
             clients.append(client)
         return clients
+
+    def _pool(self) -> urllib3.PoolManager:
+        """A urllib3 pool with this store's TLS settings (python-etcd's own cannot skip
+        verification or take a key without a cert; its default trusts the system's CAs)."""
+        tls = self._tls
+        options: dict[str, Any] = {"maxsize": 10}
+        if self.timeout > 0:
+            options["timeout"] = self.timeout
+        if not tls.verify_peer:
+            options.update(cert_reqs="CERT_NONE", assert_hostname=False)
+        else:
+            options["cert_reqs"] = "CERT_REQUIRED"
+            if tls.ca:
+                options["ca_certs"] = tls.ca
+        if tls.cert:
+            options["cert_file"] = tls.cert
+            if tls.key:
+                options["key_file"] = tls.key
+        return urllib3.PoolManager(num_pools=10, **options)
 
     def _order(self) -> list[int]:
         n = len(self._clients)
@@ -350,7 +401,7 @@ class Etcd2Store(Store):
         A missing key or a failed comparison raises :class:`_Gone`; every other
         library failure becomes StoreError naming the endpoint.
         """
-        errors = []
+        errors, refused = [], 0
         for index in self._order():
             try:
                 result = fn(self._clients[index])
@@ -359,6 +410,11 @@ class Etcd2Store(Store):
                 self._current = index
                 raise _Gone(exc) from None
             except _FAILURES as exc:
+                refusal = _refusal(exc, self._names[index])
+                if refusal is not None:
+                    errors.append(f"etcd2 {refusal}")
+                    refused += 1
+                    continue
                 error = f"etcd2 {self._names[index]}: {_reason(exc)}"
                 if not _transport(exc) or not (idempotent or never_sent(exc)):
                     raise StoreError(error) from None
@@ -366,7 +422,8 @@ class Etcd2Store(Store):
                 continue
             self._current = index
             return result
-        raise StoreError("; ".join(errors))
+        kind = StoreRefused if errors and refused == len(errors) else StoreError
+        raise kind("; ".join(errors))
 
     def _index(self, directory: str) -> int:
         """etcd's current index (X-Etcd-Index), read with one request on ``directory``."""

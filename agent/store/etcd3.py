@@ -46,7 +46,16 @@ from agent.store.base import (
     Watch,
     WatchEvent,
 )
-from agent.store.endpoints import never_sent, parse_endpoint
+from agent.store.endpoints import (
+    StoreRefused,
+    TLSSettings,
+    never_sent,
+    parse_endpoint,
+    plaintext_mixup,
+    plaintext_to_tls,
+    tls_problem,
+    url_credentials,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +94,18 @@ def range_end(prefix: str) -> bytes:
     return bytes(raw)
 
 
+def _refusal(exc: BaseException, shown: str) -> str | None:
+    """The message for a failure that retrying will not cure (TLS, plaintext mix-ups)."""
+    if isinstance(exc, StoreRefused):
+        return str(exc)
+    problem = tls_problem(exc, shown)
+    if problem is None and isinstance(exc, _TRANSPORT):
+        problem = plaintext_mixup(exc, shown)
+    if problem is None and isinstance(exc, Etcd3Exception):
+        problem = plaintext_to_tls(exc.detail_text, shown)
+    return problem
+
+
 def _reason(exc: BaseException) -> str:
     """A short, secret-free description of a failure."""
     if isinstance(exc, (ConnectionTimeoutError, requests.Timeout)):
@@ -111,20 +132,91 @@ def _etcd_message(text: str | None) -> str:
         return (text or "")[:200]
 
 
+_TOKEN_REJECTED = ("invalid auth token", "user name is empty", "auth token")
+
+
+class _Auth:
+    """etcd v3 authentication as its gateway expects it: ``POST /v3/auth/authenticate`` with
+    the name and password gives a token, sent as the ``Authorization`` header of every
+    request; a token etcd no longer accepts (it expires, 5 minutes by default) is renewed
+    once and the request sent again (a rejected request did nothing)."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self._password = username, password
+        self.token: str | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<etcd auth for {self.username}>"
+
+    def login(self, session: _CountingSession, url: str, stale: str | None = None) -> str:
+        with self._lock:
+            if self.token is not None and self.token != stale:
+                return self.token  # another thread renewed it meanwhile
+            base = url[: url.index(API_PATH) + len(API_PATH)] if API_PATH in url else url
+            reply = session.send_raw("POST", base + "auth/authenticate",
+                                     json={"name": self.username, "password": self._password})
+            if reply.status_code != 200:
+                shown = session.shown(url)
+                raise StoreRefused(f"etcd {shown}: authentication as {self.username!r} "
+                                   f"failed: {_etcd_message(reply.text) or reply.status_code}")
+            token = reply.json().get("token")
+            if not token:
+                raise StoreRefused(f"etcd {session.shown(url)}: authentication gave no token")
+            self.token = str(token)
+            return self.token
+
+
+def _token_rejected(response: requests.Response) -> bool:
+    if response.status_code in (200, 404):
+        return False
+    try:
+        text = response.text.lower()
+    except Exception:  # noqa: BLE001 - a broken body is the caller's error to report
+        return False
+    return any(marker in text for marker in _TOKEN_REJECTED)
+
+
 class _CountingSession(requests.Session):
-    """A requests session that counts every HTTP request it sends in its store's round_trips."""
+    """A requests session that counts every HTTP request it sends in its store's round_trips,
+    with the store's TLS settings and its authentication token."""
 
     def __init__(self, store: Etcd3Store) -> None:
         super().__init__()
         self.trust_env = False  # loopback etcd must never go through an http_proxy
         self._store = weakref.ref(store)
+        self.verify = store._tls.verify
+        self.cert = store._tls.client_cert
+        self._auth = store._auth
 
-    def request(self, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def shown(self, url: str) -> str:
+        try:
+            return parse_endpoint(url, "etcd")[1]
+        except StoreError:
+            return "etcd"
+
+    def send_raw(self, method: str, url: str, **kwargs: Any) -> requests.Response:
         store = self._store()
         if store is not None:
             with store._count_lock:
                 store.round_trips += 1
-        return super().request(*args, **kwargs)
+            kwargs.setdefault("timeout", store.timeout)
+        return super().request(method, url, **kwargs)
+
+    def request(self, method: str, url: str, *args: Any,  # type: ignore[override]
+                **kwargs: Any) -> requests.Response:
+        auth = self._auth
+        if auth is None:
+            return self.send_raw(method, url, *args, **kwargs)
+        headers = dict(kwargs.pop("headers", None) or {})
+        token = auth.token or auth.login(self, url)
+        headers["Authorization"] = token
+        response = self.send_raw(method, url, *args, headers=headers, **kwargs)
+        if _token_rejected(response):
+            response.close()
+            headers["Authorization"] = auth.login(self, url, stale=token)
+            response = self.send_raw(method, url, *args, headers=headers, **kwargs)
+        return response
 
 
 class Etcd3Lease(Lease):
@@ -219,8 +311,12 @@ class Etcd3Watch(Watch):
                 return
             except _ReadIdle:
                 return
+            except StoreRefused as exc:
+                errors.append(str(exc))
             except _FAILURES as exc:
-                errors.append(f"etcd {self._store._names[index]}: {_reason(exc)}")
+                shown = self._store._names[index]
+                refusal = _refusal(exc, shown)
+                errors.append(f"etcd {refusal}" if refusal else f"etcd {shown}: {_reason(exc)}")
         raise StoreError("; ".join(errors) or "cancelled")
 
     def _stream(self, index: int) -> None:
@@ -293,16 +389,22 @@ def _is_read_timeout(exc: BaseException) -> bool:
 class Etcd3Store(Store):
     """The ``etcd`` backend: etcd's v3 API over HTTP at ``endpoints`` (tried in turn)."""
 
-    def __init__(self, endpoints: list[str], timeout: float = 5.0) -> None:
+    def __init__(self, endpoints: list[str], timeout: float = 5.0, *, tls: Any = None,
+                 username: str | None = None, password: str | None = None) -> None:
         if not endpoints:
             raise StoreError("etcd: no endpoints configured")
         self.timeout = timeout
         self.round_trips = 0
         self._count_lock = threading.Lock()
+        self._tls = TLSSettings(tls, "etcd")
         self._names: list[str] = []
         self._clients: list[Etcd3Client] = []
-        for url in endpoints:
-            parts, shown = parse_endpoint(url, "etcd")
+        parsed = [parse_endpoint(url, "etcd") for url in endpoints]
+        if username is None:  # credentials written into an endpoint URL
+            username, password = next(
+                (url_credentials(p) for p, _ in parsed if p.username), (None, None))
+        self._auth = _Auth(username, password or "") if username else None
+        for parts, shown in parsed:
             self._names.append(shown)
             self._clients.append(Etcd3Client(
                 host=parts.hostname, port=parts.port or 2379, protocol=parts.scheme,
@@ -317,11 +419,20 @@ class Etcd3Store(Store):
 
     def _call(self, fn: Callable[[Etcd3Client], T], *, idempotent: bool) -> T:
         """Run ``fn`` against the endpoints in turn; every library failure becomes StoreError."""
-        errors = []
+        errors, refused = [], 0
         for index in self._order():
             try:
                 result = fn(self._clients[index])
+            except StoreRefused as exc:  # authentication failed: the next endpoint may differ
+                errors.append(str(exc))
+                refused += 1
+                continue
             except _FAILURES as exc:
+                refusal = _refusal(exc, self._names[index])
+                if refusal is not None:  # TLS: no request reached etcd
+                    errors.append(f"etcd {refusal}")
+                    refused += 1
+                    continue
                 error = f"etcd {self._names[index]}: {_reason(exc)}"
                 if not isinstance(exc, _TRANSPORT) or not (idempotent or never_sent(exc)):
                     raise StoreError(error) from None
@@ -329,7 +440,8 @@ class Etcd3Store(Store):
                 continue
             self._current = index
             return result
-        raise StoreError("; ".join(errors))
+        kind = StoreRefused if refused == len(errors) else StoreError
+        raise kind("; ".join(errors))
 
     def _post(self, path: str, payload: dict[str, Any], *, idempotent: bool) -> dict[str, Any]:
         return self._call(lambda c: c.post(c.get_url(path), json=payload), idempotent=idempotent)
