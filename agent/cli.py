@@ -20,7 +20,7 @@ from agent.config import ConfigError, file_model
 from agent.durations import format_duration
 from agent.keys import Keys, parse_object
 from agent.plugins import PluginError, load_plugins
-from agent.store import StoreError
+from agent.store import StoreError, StoreRefused
 
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -54,6 +54,8 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
             fail(f"{n} error{'s' if n != 1 else ''} in the config")
         except PluginError as exc:
             fail(str(exc))
+        except StoreRefused as exc:
+            fail(f"the store refused us: {exc}")
         except StoreError as exc:
             fail(f"store unreachable: {exc}")
 
@@ -112,6 +114,7 @@ def run(config_path: str, once: bool, dry_run: bool, verbose: bool) -> None:
 
     _setup_logging(verbose)
     config, _ = _open(config_path)
+    _probe_store(config)
     lock = None
     if not dry_run:  # a dry run changes nothing: it may look on beside the agent
         try:
@@ -125,6 +128,22 @@ def run(config_path: str, once: bool, dry_run: bool, verbose: bool) -> None:
         if lock is not None:
             lock.release()
     sys.exit(code)
+
+
+def _probe_store(config: Any) -> None:
+    """Read one key before starting: a store that refuses us (TLS, credentials) is a setup
+    error, exit 1; a store that is down is waited for by the agent."""
+    from agent.runtime import connect
+
+    store = connect(config)
+    try:
+        store.get(Keys(config.key_prefix).leader)
+    except StoreRefused:
+        raise
+    except StoreError as exc:
+        logging.getLogger("agent.cli").warning("store unreachable, waiting for it: %s", exc)
+    finally:
+        store.close()
 
 
 @main.command()

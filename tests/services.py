@@ -371,7 +371,8 @@ class Etcd(Service):
     """
 
     def __init__(self, pki: Pki | None = None, *, client_cert_auth: bool = False,
-                 server_cert: str = "server") -> None:
+                 server_cert: str = "server", extra: tuple[str, ...] = ()) -> None:
+        self.extra = list(extra)  # more etcd flags, e.g. --auth-token-ttl=2
         self.binary = _find_binary("etcd", _apt("etcd-server"))
         self.etcdctl_binary = _find_binary("etcdctl", _apt("etcd-client"))
         super().__init__("shipmate-svc-etcd-")
@@ -415,6 +416,7 @@ class Etcd(Service):
             "--logger=zap",
             "--log-level=warn",
             *self._tls_args(),
+            *self.extra,
         ]
 
     def ready(self) -> bool:

@@ -121,6 +121,8 @@ def tls_problem(exc: BaseException, shown: str, timeout: float = 2.0) -> str | N
             return (f"TLS handshake with {shown}: the server closed the connection: it "
                     "requires a client certificate signed by a CA it trusts (tls.cert, "
                     "tls.key), or refused ours (expired, or from another CA)")
+        if "key values mismatch" in text:
+            return f"TLS with {shown}: tls.cert and tls.key do not match (key values mismatch)"
         if isinstance(err, ssl.SSLError):
             return f"TLS handshake with {shown}: {_clean(text)}"
     return None
@@ -167,16 +169,19 @@ def _speaks_tls(shown: str, timeout: float) -> bool:
 
 
 def plaintext_mixup(exc: BaseException, shown: str, timeout: float = 2.0) -> str | None:
-    """For an ``http://`` endpoint whose connection was dropped: the message if it really
-    is a TLS endpoint, else None."""
-    if not shown.startswith("http://") or never_sent(exc):
+    """For an endpoint whose connection was dropped: the message if an ``http://`` one
+    really speaks TLS, or an ``https://`` one plaintext; else None."""
+    if any(isinstance(err, ConnectionRefusedError) for err in _chain(exc)):
         return None
     dropped = any(isinstance(err, (ConnectionError, http.client.HTTPException))
-                  or (isinstance(err, str) and "connection aborted" in err.lower())
                   or "connection aborted" in str(err).lower()
                   for err in _chain(exc))
-    if dropped and _speaks_tls(shown, timeout):
+    if not dropped:
+        return None
+    if shown.startswith("http://") and _speaks_tls(shown, timeout):
         return f"{shown}: this endpoint speaks TLS: use https:// (and agent.store.tls)"
+    if shown.startswith("https://") and _answers_plaintext(shown, timeout):
+        return f"{shown}: https:// endpoint answered in plaintext (is it an http:// one?)"
     return None
 
 

@@ -103,6 +103,12 @@ def _refusal(exc: BaseException, shown: str) -> str | None:
         problem = plaintext_mixup(exc, shown)
     if problem is None and isinstance(exc, Etcd3Exception):
         problem = plaintext_to_tls(exc.detail_text, shown)
+        message = _etcd_message(exc.detail_text)
+        if "user name is empty" in message:
+            problem = (f"{shown}: etcd requires authentication: set agent.store.username "
+                       "and password")
+        elif "permission denied" in message:
+            problem = f"{shown}: etcd refused: {message} (the user's role lacks this key range)"
     return problem
 
 

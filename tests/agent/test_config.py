@@ -288,3 +288,41 @@ def test_a_bad_combine_expression_is_reported_at_its_line(load_test_config):
     assert caught.value.errors == [
         f"{caught.value.errors[0].split(':')[0]}:8: services.web.combine: invalid expression "
         "'max(a, b': '(' was never closed at column 4"]
+
+
+STORE = """
+agent:
+  cluster: demo
+  store:
+    backend: etcd
+    endpoints: [{endpoint}]
+{extra}
+services: {{}}
+"""
+
+
+def test_a_password_over_http_is_refused_unless_allowed(load_test_config, monkeypatch):
+    monkeypatch.setenv("ETCD_PASSWORD", "hunter2-etcd")
+    creds = "    username: root\n    password: ${ETCD_PASSWORD}"
+    with pytest.raises(ConfigError) as caught:
+        load_test_config(STORE.format(endpoint="http://10.0.0.1:2379", extra=creds))
+    message = str(caught.value)
+    assert "agent.store: " in message and "password over http:// is sent in the clear" in message
+    assert "hunter2-etcd" not in message
+    with pytest.raises(ConfigError, match="password over http://"):  # also one in the URL
+        load_test_config(STORE.format(endpoint="http://root:pw@10.0.0.1:2379", extra=""))
+    allowed = load_test_config(STORE.format(endpoint="http://10.0.0.1:2379",
+                                            extra=creds + "\n    allow_insecure: true"))
+    assert allowed.agent.store.password.get_secret_value() == "hunter2-etcd"
+    assert "hunter2-etcd" not in repr(allowed.agent.store)
+    tls = load_test_config(STORE.format(endpoint="https://10.0.0.1:2379", extra=creds + (
+        "\n    tls: {ca: certs/ca.pem, cert: certs/client.pem, key: certs/client.key}")))
+    assert tls.agent.store.tls.resolved(tls.base_dir).ca == tls.base_dir / "certs/ca.pem"
+
+
+def test_store_credentials_and_tls_keys_are_checked(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config(STORE.format(endpoint="https://10.0.0.1:2379", extra=(
+            "    username: root\n    tls: {key: client.key, verfy: false}")))
+    message = str(caught.value)
+    assert "verfy" in message
