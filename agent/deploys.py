@@ -42,7 +42,9 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent import history
 from agent.actuation import withdraw_then_stop
@@ -50,8 +52,10 @@ from agent.instances import Instance
 from agent.keys import Keys, parse_object
 from agent.kinds import Strategy
 from agent.releases import (
+    VERSION,
     Release,
     config_deploy,
+    image_problem,
     make_release,
     parse_release,
     restore_release,
@@ -61,6 +65,108 @@ from agent.store import Store, StoreError
 log = logging.getLogger("shipmate.deploy")
 ACTIVE = ("requested", "running", "rolling-back", "finished", "rolled-back")
 """Phases the runner picks up; the last two mean: the agent died while recording the end."""
+KNOWN = (*ACTIVE, "paused", "failed", "refused")
+
+
+REFUSED = "refused"
+"""The phase of a request or journal from the store that failed validation: nothing acts on
+it, the service runs on as before, and a new request may replace it."""
+MAX_JOURNAL = 64 * 1024  # bytes: a journal the agent writes is a few hundred
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+
+_ID = r"^[A-Za-z0-9_.-]{1,64}$"
+_NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+_Version = Field(pattern=VERSION.pattern)
+_When = Field(None, allow_inf_nan=False)
+
+
+class StoredRelease(_Strict):
+    """A release inside a journal (``from``, ``to``)."""
+
+    image: str | None = Field(None, max_length=300)
+    port: int | None = Field(None, ge=1, le=65535)
+    version: str = _Version
+    spec: str = Field("", max_length=64)
+    when: float | None = _When
+
+
+class Progress(_Strict):
+    done: int = Field(ge=0, le=1_000_000)
+    total: int = Field(ge=0, le=1_000_000)
+    note: str = Field("", max_length=500)
+    at: float | None = _When
+
+
+class DeployRequest(_Strict):
+    """A deploy request as ``shipmate deploy`` (or anyone with write access) writes it."""
+
+    id: str = Field(pattern=_ID)
+    phase: Literal["requested"]
+    strategy: str | None = Field(None, pattern=_NAME, max_length=63)
+    image: str | None = Field(None, max_length=300)
+    port: int | None = Field(None, ge=1, le=65535)
+    by: str | None = Field(None, max_length=200)
+    reason: str | None = Field(None, max_length=2000)
+    requested_at: float | None = _When
+
+
+class DeployJournal(DeployRequest):
+    """A deploy journal the acting agent wrote (and the next one resumes)."""
+
+    phase: Literal["running", "rolling-back", "finished", "rolled-back"]  # type: ignore[assignment]
+    started_at: float | None = _When
+    desired: int = Field(ge=0, le=100_000)
+    from_: StoredRelease = Field(alias="from")
+    to: StoredRelease
+    announce: list[str] | None = Field(None, max_length=4)
+    progress: Progress | None = None
+    step: str | None = Field(None, max_length=32)
+    kept: str | None = None
+    error: str | None = Field(None, max_length=20_000)
+    lb_before: Any = None  # blue/green: the load balancer's members before the switch
+    baking_since: float | None = _When
+
+
+def check_journal(text: str, runtime: Any, max_instances: int = 100_000) -> str | None:
+    """Why the deploy key's ``text`` may not be acted on for ``runtime``'s service, or None.
+
+    A request or journal is parsed by a strict model (no unknown fields, no strings for
+    numbers); its image must be one the service allows (:func:`agent.releases.image_problem`),
+    its count within the service's bounds, every version a version hash."""
+    if len(text) > MAX_JOURNAL:
+        return f"the deploy key holds {len(text)} bytes (at most {MAX_JOURNAL})"
+    phase = parse_object(text).get("phase")
+    model = DeployRequest if phase == "requested" else DeployJournal
+    try:
+        journal = model.model_validate_json(text)
+    except ValidationError as exc:
+        return "; ".join(_problem(e) for e in exc.errors()[:5])
+    config = runtime.config
+    problem = image_problem(config, journal.image)
+    if problem:
+        return problem
+    if isinstance(journal, DeployJournal):
+        problem = image_problem(config, journal.to.image)
+        if problem:
+            return f"to: {problem}"
+        for name in [*(journal.announce or []), *([journal.kept] if journal.kept else [])]:
+            if not VERSION.match(name):
+                return f"{name[:40]!r} is not a version hash"
+        policy = getattr(config, "policy", None)
+        ceiling = min(max_instances, policy.max if policy is not None and policy.max is not None
+                      else max_instances)
+        if journal.desired > ceiling:
+            return f"desired {journal.desired} is above the service's maximum ({ceiling})"
+    return None
+
+
+def _problem(error: Any) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ())) or "the value"
+    return f"{where}: {error.get('msg', 'invalid')}"[:300]
 
 
 class DeployError(Exception):
@@ -87,9 +193,13 @@ def request_deploy(store: Store, keys: Keys, service: str, *, image: str | None 
                "requested_at": time.time()}
     if restore is not None:
         journal["restore"] = restore
-    if not store.create(keys.service(service, "deploy"), json.dumps(journal)):
-        current = store.get(keys.service(service, "deploy"))
+    key = keys.service(service, "deploy")
+    if not store.create(key, json.dumps(journal)):
+        current = store.get(key)
         phase = parse_object(current.value).get("phase", "?") if current else "?"
+        if phase == REFUSED and current is not None and store.replace(
+                key, json.dumps(journal), current.revision):
+            return journal  # a refused request is only there to be read: replace it
         if phase in ("paused", "failed"):
             raise DeployError(f"the last deploy of {service} is {phase}: `shipmate rollback "
                               f"{service}` finishes it backwards, `shipmate abort {service}` "
@@ -381,8 +491,9 @@ class DeployRunner:
         broken = self.broken.get(name)
         if broken is not None and self.clock() < broken[2]:
             return broken[0]
-        if self.busy(name) or view.deploy.get("phase") not in ACTIVE:
-            return None
+        phase = view.deploy.get("phase")
+        if self.busy(name) or (phase in KNOWN and phase not in ACTIVE):
+            return None  # garbage (no known phase) is run too: to be marked refused
         thread = threading.Thread(target=self._run, args=(runtime, view), daemon=True,
                                   name=f"deploy-{name}")
         self.threads[name] = thread
@@ -427,7 +538,17 @@ class DeployRunner:
         if entry is None:
             return
         journal = parse_object(entry.value)
-        if journal.get("phase") not in ACTIVE or "id" not in journal:
+        phase = journal.get("phase")
+        if phase in KNOWN and phase not in ACTIVE:
+            return
+        if phase in ACTIVE:
+            problem = check_journal(entry.value, runtime, self.ceiling())
+        elif journal:
+            problem = f"phase {str(phase)[:40]!r} is not a deploy phase"
+        else:
+            problem = "the deploy key does not hold a JSON object"
+        if problem is not None:
+            self._refuse(runtime.name, key, entry, journal, problem)
             return
         try:
             strategy = self.strategies(runtime.name, journal.get("strategy"))
@@ -491,6 +612,15 @@ class DeployRunner:
                       "is removed", runtime.name, exc)
             return
         self._finish(deploy, "rolled-back", reason)
+
+    def _refuse(self, service: str, key: str, entry: Any, journal: dict[str, Any],
+                problem: str) -> None:
+        """Mark the deploy key refused (compare-and-set) with the reason; nothing else."""
+        marked = {"id": journal.get("id") if isinstance(journal.get("id"), str) else None,
+                  "phase": REFUSED, "error": f"refused: {problem}", "refused_at": time.time(),
+                  "was": str(journal.get("phase"))[:20]}
+        if self.store.replace(key, json.dumps(marked), entry.revision):
+            log.error("%s: deploy key refused, nothing done: %s", service, problem)
 
     def _begin(self, deploy: Deployment, view: Any) -> None:
         journal, runtime = deploy.journal, deploy.runtime

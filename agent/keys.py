@@ -47,10 +47,38 @@ def parse_count(raw: str | None) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def parse_object(text: str) -> dict[str, Any]:
-    """``text`` as a JSON object, or {} if it is not one (a hand-edited key, say)."""
+MAX_VALUE = 256 * 1024
+"""The largest store value read as JSON (bytes); the agent writes a few hundred."""
+MAX_DEPTH = 16
+"""The deepest nesting of a JSON value read from the store."""
+
+
+def load_json(text: str, max_bytes: int = MAX_VALUE, max_depth: int = MAX_DEPTH) -> Any:
+    """``text`` as JSON, size- and depth-limited; ValueError (with what is wrong) otherwise."""
+    if not isinstance(text, str):
+        raise ValueError("not text")
+    if len(text) > max_bytes:
+        raise ValueError(f"{len(text)} bytes, at most {max_bytes}")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested deeper than {max_depth}") from None
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (dict, list)):
+            if depth > max_depth:
+                raise ValueError(f"nested deeper than {max_depth}")
+            todo += [(child, depth + 1) for child in (
+                item.values() if isinstance(item, dict) else item)]
+    return value
+
+
+def parse_object(text: str) -> dict[str, Any]:
+    """``text`` as a JSON object, or {} if it is not one (a hand-edited key, say), or is too
+    big or too deeply nested (:func:`load_json`)."""
+    try:
+        value = load_json(text)
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}

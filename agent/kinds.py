@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -240,6 +240,8 @@ class StrategyConfig(TypeConfig):
 
     health_timeout: Duration = 60.0
     "how long a new instance may take to pass its health check"
+    images: list[Annotated[str, Field(min_length=1, max_length=300)]] = []
+    "patterns (registry/web:*) of the images a deploy may run; default: the YAML image's repository"
 
 
 class Strategy(PluginType, ABC):

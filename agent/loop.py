@@ -400,7 +400,7 @@ class Loop:
         """Each instance that exited on its own counts once towards its slot's backoff."""
         exited_now: set[str] = set()
         for name, view in views.items():
-            if view.deploy is not None:
+            if view.deploy is not None and view.deploy.get("phase") != "refused":
                 continue  # the deploy owns its instances and judges them
             actuator = self.services[name].actuator
             for instance in view.exited:
@@ -483,7 +483,7 @@ class Loop:
             runtime = self.services[name]
             if not view.listed:
                 continue
-            if view.deploy is not None:
+            if view.deploy is not None and view.deploy.get("phase") != "refused":
                 problem = self.deploys.launch(runtime, view)
                 if problem:
                     view.problems.append(problem)

@@ -23,7 +23,6 @@ freezes changes, it never stops what runs.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -42,9 +41,9 @@ from agent.instances import (
     fill,
     instance_name,
 )
-from agent.keys import Keys, parse_count
+from agent.keys import Keys, load_json, parse_count
 from agent.kinds import Actuator, Announcer, Source, Strategy
-from agent.releases import Release, make_release, parse_release
+from agent.releases import Release, make_release, parse_release, release_problem
 from agent.store import Entry, Store
 
 log = logging.getLogger("shipmate.reconcile")
@@ -125,6 +124,8 @@ class ServiceView:
     "an override key exists but holds no count: the count is unknown, not the desired one"
     reported: dict[str, Any] | None = None
     "what the acting agent recorded in the ``problems`` key (crash loops, unhealthy since)"
+    refused: str | None = None
+    "why the store's release may not run (the service is then left as it is)"
 
     @property
     def effective(self) -> int | None:
@@ -153,11 +154,12 @@ def _json(entry: Entry | None, what: str, problems: list[str]) -> dict[str, Any]
     if entry is None:
         return None
     try:
-        value = json.loads(entry.value)
+        value = load_json(entry.value)
         if isinstance(value, dict):
             return value
-    except ValueError:
-        pass
+    except ValueError as exc:
+        problems.append(f"{what} key {entry.key} is not usable JSON: {exc}")
+        return {"invalid": entry.value[:80]}
     problems.append(f"{what} key {entry.key} does not hold a JSON object")
     return {"invalid": entry.value[:80]}
 
@@ -216,6 +218,12 @@ class Reconciler:
                 deploy=_json(got.get("deploy"), "deploy", problems), problems=problems,
                 reported=_json(got.get("problems"), "problems", []),
                 override_invalid="override" in got and parse_count(got["override"].value) is None)
+            if views[name].release is not None:
+                refused = release_problem(self.services[name].config, views[name].release)
+                if refused is not None:
+                    views[name].refused = refused
+                    problems.append(f"release key refused, the service is left as it is: "
+                                    f"{refused}")
         unowned: dict[str, Instance] = {}
         for actuator, names in self._by_actuator().items():
             try:
@@ -275,8 +283,10 @@ class Reconciler:
 
     def _plan_service(self, runtime: ServiceRuntime, view: ServiceView) -> list[Action]:
         name = runtime.name
-        if view.deploy is not None:
+        if view.deploy is not None and view.deploy.get("phase") != "refused":
             return []  # the deploy owns this service's instances, exited ones included
+        if view.refused is not None:
+            return []  # a release that may not run: keep what runs, start nothing
         actions = [Action("stop", name, i.slot, "exited", i) for i in view.exited]
         target = runtime.release(view)
 

@@ -25,11 +25,62 @@ the YAML changes again.
 
 from __future__ import annotations
 
+import fnmatch
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from agent.instances import release_version
+
+VERSION = re.compile(r"^[0-9a-f]{10}$")
+"""A release version: the short hash :func:`agent.instances.release_version` makes."""
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*(?::[0-9]{1,5})?/)?"
+IMAGE = re.compile(rf"^{_DOMAIN}{_COMPONENT}(?:/{_COMPONENT})*"
+                   r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?$")
+"""An image reference as Docker reads one: [registry[:port]/]name[:tag][@sha256:digest]
+(never anything that could read as an option or hold a space or a path trick)."""
+
+
+def repository(image: str) -> str:
+    """``registry:5000/team/web`` of ``registry:5000/team/web:1.4`` (or of a digest)."""
+    name = image.split("@", 1)[0]
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    return name[:colon] if colon > slash else name
+
+
+def allowed_images(config: Any) -> list[str]:
+    """The patterns a deploy's image must match: the service's ``deploy.images``, else any
+    tag or digest of the YAML image's repository (the process actuator: the YAML's image
+    only, as its command uses it as a name; none for a service without an image)."""
+    deploy = getattr(config, "deploy", None)
+    patterns = list(getattr(deploy, "images", None) or [])
+    if patterns:
+        return patterns
+    if not config.image:
+        return []
+    if getattr(getattr(config, "actuator", None), "type", None) == "process":
+        return [config.image]  # its "image" is a name its command uses: the YAML's only
+    repo = repository(config.image)
+    return [f"{repo}:*", f"{repo}@sha256:*"]
+
+
+def image_problem(config: Any, image: str | None) -> str | None:
+    """Why ``image`` may not run as the service of ``config``, or None if it may (the YAML's
+    own image always may; any other must be an image reference matching
+    :func:`allowed_images`)."""
+    if image is None or image == config.image:
+        return None
+    if not isinstance(image, str) or not IMAGE.match(image):
+        return f"image {str(image)[:80]!r} is not an image reference"
+    patterns = allowed_images(config)
+    if not any(fnmatch.fnmatchcase(image, pattern) for pattern in patterns):
+        shown = ", ".join(patterns) or "none: the YAML has no image"
+        return f"image {image!r} is not among the service's deploy.images ({shown})"
+    return None
 
 
 @dataclass(frozen=True)
@@ -121,13 +172,20 @@ def restore_release(recorded: Release, config: Any, port: int | None) -> Release
                    shape=shape, secret_env=recorded.secret_env)
 
 
-def parse_release(data: dict[str, Any] | None) -> Release | None:
-    """The release recorded in the store, or None if absent or malformed."""
+def parse_release(data: Any) -> Release | None:
+    """The release recorded in the store, or None if absent or malformed: the version must
+    be a version hash, the image an image reference, the port a port."""
     if not isinstance(data, dict):
         return None
     image, port, version = data.get("image"), data.get("port"), data.get("version")
-    if (not isinstance(version, str) or not (image is None or isinstance(image, str))
-            or not (port is None or isinstance(port, int))):
+    spec = data.get("spec", "")
+    if not isinstance(version, str) or not VERSION.match(version):
+        return None
+    if not (image is None or (isinstance(image, str) and IMAGE.match(image))):
+        return None
+    if not (port is None or (type(port) is int and 1 <= port <= 65535)):
+        return None
+    if not isinstance(spec, str) or len(spec) > 64:
         return None
     command, env, shape = data.get("command"), data.get("env"), data.get("shape")
     if not (isinstance(command, list) and all(isinstance(p, str) for p in command)):
@@ -136,7 +194,7 @@ def parse_release(data: dict[str, Any] | None) -> Release | None:
         env = None
     secret = data.get("secret_env")
     secret = tuple(k for k in secret if isinstance(k, str)) if isinstance(secret, list) else ()
-    return Release(image, port, version, str(data.get("spec", "")), command=command, env=env,
+    return Release(image, port, version, spec, command=command, env=env,
                    shape=shape if isinstance(shape, dict) else None, secret_env=secret)
 
 
@@ -173,3 +231,12 @@ def yaml_differs(release: dict[str, Any] | None, wanted: Release) -> str | None:
         return (f"the YAML differs from what runs ({recorded.version}): {why}; the YAML is "
                 "deployed again once it changes again")
     return "the YAML differs from what runs: a deploy of it is due"
+
+
+def release_problem(config: Any, data: Any, what: str = "release") -> str | None:
+    """Why a release from the store may not run as the service of ``config``, or None."""
+    release = parse_release(data)
+    if release is None:
+        return (f"{what} is malformed (a version hash, an image reference and a port "
+                "are expected)")
+    return image_problem(config, release.image)

@@ -37,7 +37,7 @@ from agent import history
 from agent.combine import Combine
 from agent.config import source_name
 from agent.durations import format_duration
-from agent.keys import Keys, parse_count
+from agent.keys import Keys, parse_count, parse_object
 from agent.kinds import Source, SourceConfig, SourceError
 from agent.policy import (
     MAX_ERROR,
@@ -209,7 +209,8 @@ class Scaler:
             state.shadow = None
         # a shadow decides against its own count (the live one at first)
         acting = current if not policy.shadow or state.shadow is None else state.shadow
-        if self.keys.service(name, "deploy") in got:
+        journal = got.get(self.keys.service(name, "deploy"))
+        if journal is not None and parse_object(journal.value).get("phase") != "refused":
             if group is not None:
                 paused = record_sources(state, now, polled)
                 paused.decided_at = now

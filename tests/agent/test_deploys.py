@@ -17,10 +17,10 @@ import pytest
 
 from agent import hookimpl
 from agent.deploys import request_deploy
-from agent.keys import Keys
+from agent.keys import Keys, parse_object
 from agent.plugins import load_plugins
 from agent.runtime import Agent
-from tests.helpers import eventually, kill_recorded, port_block
+from tests.helpers import eventually, kill_recorded, port_block, process_records
 
 CONFIG = """
 agent: {{cluster: dep, interval: 5s}}
@@ -32,9 +32,10 @@ services:
     port: {port}
     health: {{http: /, timeout: 1s}}
     source: {{type: static, count: 4}}
+    policy: {{max: 5}}
     actuator: {{type: process}}
     announce: {{type: etcd, ttl: 10s}}
-    deploy: {{strategy: rolling, batch: 1, health_timeout: 5s}}
+    deploy: {{strategy: rolling, batch: 1, health_timeout: 5s, images: ["v[0-9]", broken]}}
 """
 
 
@@ -233,3 +234,103 @@ def test_a_changed_port_in_the_config_is_deployed(cluster):
                what="v1 on the new ports")
     eventually(lambda: release(agent)["port"] == port + 4, what="the release recorded")
     assert all(body(port + i) is None for i in range(4))
+
+
+VERSION = "0123456789"
+RELEASE = {"image": "v1", "port": 8080, "version": VERSION, "spec": VERSION}
+HAND_WRITTEN = {  # what someone with write access to etcd might put in the deploy key
+    "an image outside deploy.images": (
+        {"id": "h1", "phase": "requested", "image": "sec/web:v2"}, "not among"),
+    "an image that is an option": (
+        {"id": "h2", "phase": "requested", "image": "--privileged"}, "not an image reference"),
+    "a number for an image": ({"id": "h3", "phase": "requested", "image": 5}, "image"),
+    "a negative port": ({"id": "h4", "phase": "requested", "image": "v2", "port": -1}, "port"),
+    "a command": ({"id": "h5", "phase": "requested", "image": "v2", "command": ["sh"]},
+                  "command: Extra inputs are not permitted"),
+    "desired 6 above the max": (
+        {"id": "h6", "phase": "running", "desired": 6, "from": RELEASE,
+         "to": {**RELEASE, "image": "v2"}}, "desired 6 is above the service's maximum (5)"),
+    "a version that is a path": (
+        {"id": "h7", "phase": "running", "desired": 2, "from": RELEASE,
+         "to": {**RELEASE, "version": "x/../../../tmp/escape"}}, "to.version"),
+    "a count as a string": (
+        {"id": "h8", "phase": "running", "desired": "2", "from": RELEASE, "to": RELEASE},
+        "desired: Input should be a valid integer"),
+    "not JSON": ("{nope", "does not hold a JSON object"),
+    "no phase": ({"id": "h9"}, "is not a deploy phase"),
+}
+
+
+def test_hand_written_deploy_keys_are_refused_and_change_nothing(cluster, tmp_path):
+    agent, path, port = cluster
+    key = Keys("/shipmate/dep").service("web", "deploy")
+    pids = sorted(r["pid"] for r in process_records(tmp_path))
+    for case, (value, expected) in HAND_WRITTEN.items():
+        agent.store.put(key, value if isinstance(value, str) else json.dumps(value))
+
+        def journal() -> dict:
+            entry = agent.store.get(key)
+            return parse_object(entry.value) if entry else {}
+
+        eventually(lambda: journal().get("phase") == "refused", timeout=20,
+                   what=f"{case} refused")
+        assert expected in journal()["error"], (case, journal())
+        assert [body(port + i) for i in range(4)] == ["v1"] * 4, case
+        assert sorted(r["pid"] for r in process_records(tmp_path)) == pids, case
+    status = json.loads(shipmate("status", "--json", "-c", str(path)).stdout)
+    assert status["services"][0]["deploy"]["phase"] == "refused"
+    assert status["services"][0]["desired"] == 4  # scaling goes on
+
+
+def test_a_refused_deploy_key_is_replaced_by_the_next_request(tmp_path):
+    from agent.store.embedded import EmbeddedStore
+
+    store = EmbeddedStore(tmp_path / "state.db")
+    keys = Keys("/shipmate/t")
+    try:
+        store.put(keys.service("web", "deploy"), json.dumps({"phase": "refused"}))
+        journal = request_deploy(store, keys, "web", image="v2", by="t", reason="t")
+        entry = store.get(keys.service("web", "deploy"))
+        assert json.loads(entry.value)["id"] == journal["id"]
+    finally:
+        store.close()
+
+
+class _Cfg:
+    def __init__(self, image, images=(), actuator="docker", policy_max=None):
+        from types import SimpleNamespace
+
+        self.image = image
+        self.deploy = SimpleNamespace(images=list(images))
+        self.actuator = SimpleNamespace(type=actuator)
+        self.policy = SimpleNamespace(max=policy_max)
+
+
+@pytest.mark.parametrize(("config", "image", "allowed"), [
+    (_Cfg("reg:5000/team/web:1.4"), "reg:5000/team/web:1.5", True),
+    (_Cfg("reg:5000/team/web:1.4"), "reg:5000/team/web@sha256:" + "a" * 64, True),
+    (_Cfg("reg:5000/team/web:1.4"), "reg:5000/team/other:1.5", False),
+    (_Cfg("reg:5000/team/web:1.4"), "reg:5000/team/web:1.5 --privileged", False),
+    (_Cfg("reg:5000/team/web:1.4"), "reg:5000/team/web:../../x", False),
+    (_Cfg("web:1", images=["web:*", "mirror/web:*"]), "mirror/web:2", True),
+    (_Cfg("v1", actuator="process"), "v1", True),
+    (_Cfg("v1", actuator="process"), "v2", False),
+    (_Cfg(None, actuator="process"), "anything", False),
+])
+def test_the_images_a_deploy_may_name(config, image, allowed):
+    from agent.releases import image_problem
+
+    assert (image_problem(config, image) is None) is allowed
+
+
+def test_a_journal_too_big_is_refused():
+    from types import SimpleNamespace
+
+    from agent.deploys import check_journal
+
+    runtime = SimpleNamespace(config=_Cfg("web:1"))
+    problem = check_journal(json.dumps({"id": "a", "phase": "requested",
+                                        "reason": "x" * 100_000}), runtime)
+    assert problem is not None and "bytes" in problem
+    nested = '{"id": "a", "phase": "requested", "by": ' + "[" * 5000 + "]" * 5000 + "}"
+    assert "recursion" in (check_journal(nested, runtime) or "").lower()
