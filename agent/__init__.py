@@ -63,7 +63,9 @@ from agent.kinds import (
     StrategyConfig,
     TypeConfig,
 )
+from agent.releases import is_image_reference
 from agent.store import Entry, Lease, NotLeading, Store, StoreError, Watch, WatchEvent
+from agent.tls import TLSConfig
 
 hookimpl = pluggy.HookimplMarker(PROJECT)
 """Marks a function as the implementation of the hook spec of the same name."""
@@ -73,6 +75,6 @@ __all__ = [
     "Actuator", "Announcer", "AnnouncerConfig", "Context", "DeployError", "Duration", "Entry",
     "Instance", "InstanceSpec", "Interrupted", "Lease", "LockLost", "NotLeading", "PluginType",
     "Source", "SourceConfig", "SourceError", "Store", "StoreError", "Strategy",
-    "StrategyConfig", "TypeConfig", "Watch", "WatchEvent", "fill", "format_duration",
-    "hookimpl", "parse_duration", "probe",
+    "StrategyConfig", "TLSConfig", "TypeConfig", "Watch", "WatchEvent", "fill",
+    "format_duration", "hookimpl", "is_image_reference", "parse_duration", "probe",
 ]

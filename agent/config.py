@@ -40,6 +40,7 @@ from pydantic import (
 from agent.combine import Combine, CombineError
 from agent.durations import Duration
 from agent.plugins import Plugins
+from agent.tls import TLSConfig
 
 NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -58,33 +59,6 @@ class ConfigError(Exception):
 
 class Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
-
-
-class TLSConfig(Model):
-    """TLS to etcd (or fleet) over ``https://``; paths are relative to the config file's folder."""
-
-    ca: Path | None = None
-    "a PEM bundle of the CAs to trust instead of the system's (a private CA)"
-    cert: Path | None = None
-    "a client certificate (PEM), for a server that requires one"
-    key: Path | None = None
-    "the client certificate's private key (PEM), if not in the cert file"
-    verify: bool = True
-    "false: accept any server certificate (a test setup only; never a fallback)"
-
-    @model_validator(mode="after")
-    def _pair(self) -> TLSConfig:
-        if self.key is not None and self.cert is None:
-            raise ValueError("a key needs its cert")
-        return self
-
-    def resolved(self, base: Path) -> TLSConfig:
-        """The same settings with relative paths made relative to ``base``."""
-        def fix(path: Path | None) -> Path | None:
-            return None if path is None or path.is_absolute() else base / path
-        return self.model_copy(update={
-            name: fix(getattr(self, name)) or getattr(self, name) for name in ("ca", "cert", "key")
-        })
 
 
 class StoreConfig(Model):

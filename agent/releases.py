@@ -44,6 +44,11 @@ IMAGE = re.compile(rf"^{_DOMAIN}{_COMPONENT}(?:/{_COMPONENT})*"
 (never anything that could read as an option or hold a space or a path trick)."""
 
 
+def is_image_reference(text: object) -> bool:
+    """True if ``text`` is an image reference (:data:`IMAGE`): safe to paste as one word."""
+    return isinstance(text, str) and IMAGE.match(text) is not None
+
+
 def repository(image: str) -> str:
     """``registry:5000/team/web`` of ``registry:5000/team/web:1.4`` (or of a digest)."""
     name = image.split("@", 1)[0]

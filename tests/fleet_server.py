@@ -615,7 +615,9 @@ class FleetServer:
 
     def __init__(self, machines: list[Machine] | None = None, *, launch_delay: float = 3.5,
                  token_limit: int = 100, etcd_grace: float = 20.0, version: str = VERSION,
-                 unix_socket: str | os.PathLike[str] | None = None) -> None:
+                 unix_socket: str | os.PathLike[str] | None = None,
+                 tls: Any = None) -> None:
+        self.tls = tls  # an ssl.SSLContext (server side): serve https on the TCP port
         self.cluster = Cluster(machines if machines is not None else default_machines(),
                                launch_delay)
         self.token_limit = token_limit
@@ -632,6 +634,8 @@ class FleetServer:
     def start(self) -> FleetServer:
         tcp = _TCPServer(("127.0.0.1", 0), Handler)
         tcp.fleet = self
+        if self.tls is not None:
+            tcp.socket = self.tls.wrap_socket(tcp.socket, server_side=True)
         self._servers.append(tcp)
         self.port = tcp.server_address[1]
         if self.unix_socket is not None:
@@ -667,7 +671,7 @@ class FleetServer:
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls is not None else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def unix_endpoint(self) -> str:

@@ -100,7 +100,18 @@ from tenacity import (
     wait_fixed,
 )
 
-from agent import Actuator, Duration, Instance, InstanceSpec, TypeConfig, fill, hookimpl, probe
+from agent import (
+    Actuator,
+    Duration,
+    Instance,
+    InstanceSpec,
+    TLSConfig,
+    TypeConfig,
+    fill,
+    hookimpl,
+    is_image_reference,
+    probe,
+)
 
 log = logging.getLogger("shipmate.fleet")
 
@@ -228,6 +239,17 @@ class FleetConfig(TypeConfig):
     "systemd unit text; {port} {instance} {service} {slot} {version} {cluster} {image} {command}"
     global_: bool = Field(False, alias="global")
     "one unit that fleet runs on every (matching) machine; the count is informational"
+    tls: TLSConfig = TLSConfig()
+    "for an https:// endpoint: ca, cert, key (absolute paths), verify"
+
+    @field_validator("tls")
+    @classmethod
+    def _absolute(cls, tls: TLSConfig) -> TLSConfig:
+        for name in ("ca", "cert", "key"):
+            path = getattr(tls, name)
+            if path is not None and not path.is_absolute():
+                raise ValueError(f"tls.{name} must be an absolute path")
+        return tls
 
     @field_validator("endpoint")
     @classmethod
@@ -302,9 +324,11 @@ class _UnixConnection(http.client.HTTPConnection):
 class FleetAPI:
     """fleet's HTTP API v1: one connection per request (thread-safe), errors in words."""
 
-    def __init__(self, endpoint: str, timeout: float) -> None:
+    def __init__(self, endpoint: str, timeout: float, tls: TLSConfig | None = None) -> None:
         self.url = urllib.parse.urlsplit(endpoint)
         self.timeout = timeout
+        self.tls = tls or TLSConfig()
+        self._context: ssl.SSLContext | None = None
         if self.url.scheme == "unix":
             self.where = f"unix://{self.url.netloc}{self.url.path}"
         else:  # never show credentials from the URL in messages
@@ -317,10 +341,18 @@ class FleetAPI:
             return _UnixConnection(self.url.netloc + self.url.path, self.timeout)
         if self.url.scheme == "https":
             return http.client.HTTPSConnection(self.url.hostname or "", self.url.port,
-                                               timeout=self.timeout,
-                                               context=ssl.create_default_context())
+                                               timeout=self.timeout, context=self._ssl())
         return http.client.HTTPConnection(self.url.hostname or "", self.url.port,
                                           timeout=self.timeout)
+
+    def _ssl(self) -> ssl.SSLContext:
+        if self._context is None:
+            try:
+                self._context = self.tls.context()
+            except (OSError, ssl.SSLError) as exc:
+                raise FleetError(f"fleet at {self.where}: tls: cannot load the certificates: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        return self._context
 
     def request(self, method: str, path: str, body: Any = None,
                 what: str | None = None) -> tuple[int, Any]:
@@ -450,7 +482,7 @@ class FleetActuator(Actuator):
 
     def __init__(self, config: FleetConfig, context) -> None:
         super().__init__(config, context)
-        self.api = FleetAPI(config.endpoint, config.timeout)
+        self.api = FleetAPI(config.endpoint, config.timeout, config.tls)
         self.template = parse_unit(config.unit)
         self.is_global = config.global_ or _is_global(self.template)
         self.parallelism = 8
@@ -468,6 +500,9 @@ class FleetActuator(Actuator):
         if self.is_global and port is not None:
             port -= spec.slot  # one per machine: every machine uses the service's port
         stem = self.unit_name(spec).removesuffix(".service")
+        if spec.image and not is_image_reference(spec.image):
+            raise FleetError(f"image {spec.image[:80]!r} is not an image reference: it is "
+                             "not pasted into the unit")
         values = {"port": "" if port is None else port, "instance": stem,
                   "service": spec.service, "slot": "global" if self.is_global else spec.slot,
                   "version": spec.version, "cluster": spec.cluster, "image": spec.image or "",

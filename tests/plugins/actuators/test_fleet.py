@@ -582,3 +582,46 @@ def test_a_rolling_deploy_replaces_the_units_one_at_a_time(fleet, running_agent)
         index = changes.index(("DELETE", deleted))
         started_before = {u for m, u in changes[:index] if m == "PUT" and u not in old}
         assert len(started_before) == deletes.index(deleted)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    from tests.services import Pki
+
+    return Pki(tmp_path_factory.mktemp("fleet-pki"))
+
+
+def test_fleet_over_https_with_a_private_ca_and_client_certificates(pki, embedded_store,
+                                                                     tmp_path):
+    import ssl
+
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(pki.path("server"), pki.path("server", "key"))
+    server_tls.load_verify_locations(pki.path("ca"))
+    server_tls.verify_mode = ssl.CERT_REQUIRED
+    good = {"ca": str(pki.path("ca")), "cert": str(pki.path("client")),
+            "key": str(pki.path("client", "key"))}
+    with FleetServer(launch_delay=0.3, tls=server_tls) as server:
+        assert server.endpoint.startswith("https://")
+        assert make(server, embedded_store, tmp_path, tls=good).list() == []
+        for tls, expected in (({**good, "ca": str(pki.path("other_ca"))}, "CERTIFICATE_VERIFY"),
+                              ({"ca": str(pki.path("ca"))}, "cannot reach fleet"),
+                              ({**good, "key": str(pki.path("other_client", "key"))},
+                               "cannot load the certificates")):
+            with pytest.raises(FleetError, match=expected):
+                make(server, embedded_store, tmp_path, tls=tls).list()
+
+
+def test_fleet_tls_paths_must_be_absolute():
+    with pytest.raises(ValueError, match="tls.ca must be an absolute path"):
+        FleetConfig.model_validate({"endpoint": "https://fleet:8443", "unit": UNIT,
+                                    "tls": {"ca": "ca.pem"}})
+
+
+@pytest.mark.parametrize("image", ["--privileged -v /:/host busybox", "web:1 --net=host",
+                                   "web:1\nExecStartPre=/bin/sh", "web:%h"])
+def test_an_image_that_could_become_options_is_never_pasted_into_a_unit(actuator, image):
+    bad = spec(0)
+    bad = InstanceSpec(**{**bad.__dict__, "image": image})
+    with pytest.raises(FleetError, match="not an image reference"):
+        actuator.options(bad)
