@@ -62,7 +62,11 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: int) -> None:
+    """Log to stderr: INFO, DEBUG with -v, third-party libraries' debug output too with -vv;
+    every configured secret masked (agent.masking)."""
+    from agent import masking
+
     level = logging.DEBUG if verbose else logging.INFO
     if sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -72,6 +76,7 @@ def _setup_logging(verbose: bool) -> None:
     else:
         logging.basicConfig(level=level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    masking.install(verbose)
 
 
 def _open(config_path: str, *, lenient: bool = False):
@@ -105,9 +110,10 @@ def main() -> None:
 @config_option
 @click.option("--once", is_flag=True, help="one pass, then exit")
 @click.option("--dry-run", is_flag=True, help="log what would change, change nothing")
-@click.option("-v", "--verbose", is_flag=True)
+@click.option("-v", "--verbose", count=True,
+              help="-v: debug output; -vv: also the libraries' (secrets stay masked)")
 @friendly
-def run(config_path: str, once: bool, dry_run: bool, verbose: bool) -> None:
+def run(config_path: str, once: bool, dry_run: bool, verbose: int) -> None:
     """Run the agent."""
     from agent.pidlock import AgentRunning, acquire
     from agent.runtime import Agent

@@ -37,6 +37,7 @@ from pydantic import (
     model_validator,
 )
 
+from agent import masking
 from agent.combine import Combine, CombineError
 from agent.durations import Duration
 from agent.plugins import Plugins
@@ -610,5 +611,6 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     assert parsed is not None
     for svc in parsed.services.values():
         svc._secrets = frozenset(reader.from_env)
+    masking.remember([*reader.from_env, *masking.secret_values(parsed)])
     return Config(agent=parsed.agent, services=dict(parsed.services), path=path,
                   base_dir=path.resolve().parent)

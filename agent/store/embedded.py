@@ -125,8 +125,11 @@ class EmbeddedStore(Store):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # private: folders the agent creates are 0700, the database 0600
+            for folder in reversed([p for p in (self.path.parent, *self.path.parent.parents)
+                                    if not p.exists()]):
+                folder.mkdir(mode=0o700, exist_ok=True)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
             raise StoreError(f"cannot create embedded store {self.path}: {exc}") from exc
         self.round_trips = 0

@@ -35,6 +35,9 @@ from agent import Actuator, Duration, Instance, InstanceSpec, TypeConfig, hookim
 MARKER = "SHIPMATE_INSTANCE"
 UNSPAWNED_GRACE = 30.0  # seconds a record without a pid may wait for its process to show
 
+BASE_ENV = ("PATH", "HOME", "LANG", "TZ")
+"""What an instance gets of the agent's environment, besides ``env_passthrough``."""
+
 
 class ProcessConfig(TypeConfig):
     host: str = "127.0.0.1"
@@ -47,6 +50,8 @@ class ProcessConfig(TypeConfig):
     "rotated logs kept per instance"
     log_retention: Duration = 3600.0
     "how long the logs of a removed instance are kept"
+    env_passthrough: list[str] = []
+    "names of the agent's environment variables instances also get (besides PATH HOME LANG TZ)"
 
 
 def _find_marked(name: str) -> int | None:
@@ -62,6 +67,17 @@ def _find_marked(name: str) -> int | None:
         except (OSError, ProcessLookupError):
             continue
     return None
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` and its missing parents as 0700 folders."""
+    for folder in reversed([p for p in (path, *path.parents) if not p.exists()]):
+        folder.mkdir(mode=0o700, exist_ok=True)
+
+
+def _private(path: str, flags: int) -> int:
+    """An ``open`` opener: files the actuator creates are 0600 (logs hold what instances say)."""
+    return os.open(path, flags, 0o600)
 
 
 def _start_ticks(pid: int) -> int | None:
@@ -85,8 +101,8 @@ class ProcessActuator(Actuator):
         root = config.dir or context.state_dir
         self.records = root / "processes" / context.cluster
         self.logs = root / "logs"
-        self.records.mkdir(parents=True, exist_ok=True)
-        self.logs.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.records)
+        _private_dir(self.logs)
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.exit_codes: dict[int, int] = {}  # pid -> how our own exited child ended
         self.spawning: set[str] = set()
@@ -152,12 +168,14 @@ class ProcessActuator(Actuator):
         self.spawning.add(spec.name)
         try:
             self._write(path, record)  # first: a killed agent leaves a record to complete
+            env = {k: os.environ[k] for k in (*BASE_ENV, *self.config.env_passthrough)
+                   if k in os.environ}
             try:
-                with open(log_path, "ab") as log:
+                with open(log_path, "ab", opener=_private) as log:
                     child = subprocess.Popen(
                         spec.command, stdin=subprocess.DEVNULL, stdout=log,
                         stderr=subprocess.STDOUT, start_new_session=True,
-                        env={**os.environ, **spec.env, MARKER: spec.name},
+                        env={**env, **spec.env, MARKER: spec.name},
                     )
             except OSError:  # nothing was spawned: no record either
                 path.unlink(missing_ok=True)
@@ -172,7 +190,8 @@ class ProcessActuator(Actuator):
     @staticmethod
     def _write(path: Path, record: dict) -> None:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
+        with open(tmp, "w", opener=_private) as handle:
+            handle.write(json.dumps(record))
         tmp.replace(path)
 
     def output(self, instance: Instance, lines: int = 5) -> str | None:

@@ -150,3 +150,35 @@ def test_logs_rotate_and_go_with_their_instance(tmp_path, embedded_store):
         assert not list(logs.glob(f"{instance.name}.log*"))
     finally:
         kill_recorded(tmp_path)
+
+
+def test_an_instance_gets_its_yaml_env_and_a_small_base_never_the_agents(
+        tmp_path, embedded_store, monkeypatch):
+    secrets = {"AWS_SECRET_ACCESS_KEY": "aws-secret-0123", "AWS_SESSION_TOKEN": "aws-token-4567",
+               "DD_API_KEY": "dd-api-89ab", "DD_APP_KEY": "dd-app-cdef",
+               "ETCD_PASSWORD": "etcd-pw-1357"}
+    for name, value in {**secrets, "LANG": "C.UTF-8", "TZ": "UTC", "SHARED": "passed"}.items():
+        monkeypatch.setenv(name, value)
+    config = ProcessConfig(env_passthrough=["SHARED"])
+    actuator = ProcessActuator(config, Context("t", embedded_store, tmp_path / "state"))
+    try:
+        instance = actuator.start(spec(0, ["sh", "-c", "env; exec sleep 60"],
+                                       env={"GREETING": "hello"}))
+        log = tmp_path / "state" / "logs" / f"{instance.name}.log"
+        eventually(lambda: "GREETING=hello" in log.read_text(), timeout=20, what="env printed")
+        printed = log.read_text()
+        names = {line.split("=", 1)[0] for line in printed.splitlines() if "=" in line}
+        assert not any(value in printed for value in secrets.values())
+        assert {"GREETING", "SHARED", "PATH", "HOME", "LANG", "TZ"} <= names
+        assert names - {"GREETING", "SHARED", "PATH", "HOME", "LANG", "TZ", "PWD", "SHLVL",
+                        "SHIPMATE_INSTANCE",  # the actuator's own marker
+                        "_"} == set()  # what sh adds by itself, and nothing else
+        # state is private: folders 0700, files 0600
+        state = tmp_path / "state"
+        for folder in (state, state / "logs", state / "processes", state / "processes" / "t"):
+            assert folder.stat().st_mode & 0o777 == 0o700, folder
+        record = state / "processes" / "t" / f"{instance.name}.json"
+        assert log.stat().st_mode & 0o777 == 0o600
+        assert record.stat().st_mode & 0o777 == 0o600
+    finally:
+        kill_recorded(tmp_path)
