@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 FIELDS = ("desired", "override", "release", "deploy", "policy", "problems", "history")
+MAX_COUNT = 100_000
+"""The largest count read from the store (agent.max_instances cannot be higher)."""
 
 
 @dataclass(frozen=True)
@@ -41,10 +43,13 @@ def parse_count(raw: str | None) -> int | None:
 
     A bad value (``abc``, ``-1``, ``3.5``) is "unknown", never zero.
     """
-    if raw is None:
+    if raw is None or len(raw) > 64:
         return None
     text = raw.strip()
-    return int(text) if text.isascii() and text.isdigit() else None
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_COUNT)):
+        return None
+    count = int(text)
+    return count if count <= MAX_COUNT else None
 
 
 MAX_VALUE = 256 * 1024

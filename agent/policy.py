@@ -47,8 +47,11 @@ from typing import Any
 from agent.combine import Combine, CombineError
 from agent.config import PolicyConfig
 from agent.durations import format_duration
+from agent.keys import load_json
 
 MAX_ERROR = 300  # characters of an error message kept in the state
+MAX_COUNT = 100_000  # no count beyond this, whatever a source says (agent.max_instances' top)
+MAX_READING = 1e9  # a reading (instances' worth) beyond any count: an error, not a count
 
 
 @dataclass
@@ -106,20 +109,49 @@ class PolicyState:
     @classmethod
     def from_json(cls, raw: str) -> PolicyState:
         """Parse a stored state; ValueError (saying what is wrong) if it is not one."""
-        data = json.loads(raw)
+        data = load_json(raw)
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
-        names = {f for f in cls.__dataclass_fields__}
-        state = cls(**{k: v for k, v in data.items() if k in names})
-        state.recommendations = [(float(t), int(n)) for t, n in state.recommendations]
-        state.failures = int(state.failures)
+        state = cls()
+        for name in ("last_up", "last_down", "reading", "reading_at", "error_at",
+                     "decided_at"):
+            setattr(state, name, _optional_number(data.get(name), name))
+        for name in ("error", "decision"):
+            value = data.get(name, getattr(state, name))
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} is not text")
+            setattr(state, name, None if value is None else value[:MAX_ERROR])
+        failures = data.get("failures", 0)
+        if type(failures) is not int or not 0 <= failures <= 1_000_000_000:
+            raise ValueError("failures is not a count")
+        state.failures = failures
+        window = data.get("recommendations", [])
+        if not isinstance(window, list) or len(window) > 10_000:
+            raise ValueError("recommendations is not a list of (time, count)")
+        for item in window:
+            if not (isinstance(item, list) and len(item) == 2 and type(item[1]) is int
+                    and 0 <= item[1] <= MAX_COUNT):
+                raise ValueError("recommendations is not a list of (time, count)")
+            state.recommendations.append((_optional_number(item[0], "a recommendation"),
+                                          item[1]))
         known = set(SourceState.__dataclass_fields__)
+        sources = data.get("sources") if isinstance(data.get("sources"), dict) else {}
         state.sources = {str(name): SourceState(**{k: v for k, v in one.items() if k in known})
-                         for name, one in dict(state.sources or {}).items()
-                         if isinstance(one, dict)}
-        if state.shadow is not None:
-            state.shadow = int(state.shadow)
+                         for name, one in sources.items() if isinstance(one, dict)}
+        shadow = data.get("shadow")
+        if shadow is not None and (type(shadow) is not int or not 0 <= shadow <= MAX_COUNT):
+            raise ValueError("shadow is not a count")
+        state.shadow = shadow
         return state
+
+
+def _optional_number(value: Any, name: str) -> float | None:
+    """A finite number (or None) from a stored state; ValueError naming ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} is not a finite number")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -143,6 +175,8 @@ def reading_error(value: Any) -> str | None:
         return f"{value}, not a finite number"
     if value < 0:
         return f"{value:g}, a negative number"
+    if value > MAX_READING:
+        return f"{value:g}, beyond any count"
     return None
 
 
@@ -366,7 +400,7 @@ def _on_reading(policy: PolicyConfig, state: PolicyState, current: int | None, n
 
 
 def _clamp(policy: PolicyConfig, count: int) -> int:
-    count = max(policy.min, count)
+    count = min(max(policy.min, count), MAX_COUNT)
     return count if policy.max is None else min(policy.max, count)
 
 

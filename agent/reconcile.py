@@ -328,6 +328,9 @@ class Reconciler:
             announcer = self.services[name].announcer
             if announcer is not None and view.listed:
                 shown = (view.deploy or {}).get("announce")  # a deploy may hold some back
+                if (not isinstance(shown, list) or (view.deploy or {}).get("phase") == "refused"
+                        or not all(isinstance(v, str) for v in shown)):
+                    shown = None  # a journal's garbage never hides this (or another) service
                 groups[announcer][name] = [i for i in view.healthy if i.name not in stopped
                                            and (shown is None or i.version in shown)]
         for announcer, healthy in groups.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +36,33 @@ class PrometheusConfig(SourceConfig):
     "how long one query may take"
 
 
+MAX_ANSWER = 1024 * 1024  # bytes: an instant query for one series is a few hundred
+
+
+class _TooSlow(Exception):
+    pass
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _read(resp: Any, deadline: float) -> bytes:
+    """The body, read in pieces: at most MAX_ANSWER bytes, and done by ``deadline``
+    (a server that trickles bytes cannot hold a poll longer than its timeout)."""
+    chunks, size = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise _TooSlow()
+        chunk = resp.read1(16384) if hasattr(resp, "read1") else resp.read(16384)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > MAX_ANSWER:
+            raise _TooBig()
+        chunks.append(chunk)
+
+
 class PrometheusSource(Source):
     """Reads an instant PromQL query."""
 
@@ -46,11 +74,18 @@ class PrometheusSource(Source):
         params = urllib.parse.urlencode({"query": c.query, "timeout": f"{c.timeout:g}s",
                                          **extra})
         url = f"{c.url.rstrip('/')}/api/v1/{path}?{params}"
+        deadline = time.monotonic() + c.timeout  # for the whole call, not each socket read
         try:
             with urllib.request.urlopen(url, timeout=c.timeout) as resp:  # noqa: S310 - http(s) only
-                status, body = resp.status, resp.read()
+                status, body = resp.status, _read(resp, deadline)
         except urllib.error.HTTPError as exc:
-            status, body = exc.code, exc.read()
+            status, body = exc.code, _read(exc, deadline)
+        except _TooSlow:
+            raise SourceError(f"prometheus did not answer within {format_duration(c.timeout)} "
+                              f"({c.url})") from None
+        except _TooBig:
+            raise SourceError(f"prometheus answered with more than {MAX_ANSWER // 1024} KiB "
+                              f"({c.url})") from None
         except TimeoutError:
             raise SourceError(f"prometheus did not answer within {format_duration(c.timeout)} "
                               f"({c.url})") from None
@@ -88,10 +123,13 @@ class PrometheusSource(Source):
         else:
             raise SourceError(f"prometheus returned a {kind} for {c.query!r}; a count needs an "
                               "instant vector or a scalar")
-        try:
+        try:  # the API gives a sample's value as text: "15", "NaN", "+Inf"
+            if not isinstance(sample[1], str) or len(sample[1]) > 64:
+                raise TypeError
             value = float(sample[1])
-        except (TypeError, ValueError, IndexError):
-            raise SourceError(f"prometheus returned a sample without a value: {sample!r}") from None
+        except (TypeError, ValueError, IndexError, KeyError):
+            raise SourceError("prometheus returned a sample without a value: "
+                              f"{str(sample)[:80]}") from None
         if not math.isfinite(value):
             raise SourceError(f"prometheus returned {sample[1]} for {c.query!r}")
         return value / c.target

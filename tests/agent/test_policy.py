@@ -437,3 +437,23 @@ def test_a_stabilization_window_restarts_after_a_source_failed():
 def test_bad_expressions_are_refused_with_the_reason(spec, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Combine.parse(spec, ["a", "b"])
+
+
+@pytest.mark.parametrize("raw", [
+    '{"last_up": "x"}', '{"last_up": Infinity}', '{"failures": 1e400}', '{"failures": true}',
+    '{"recommendations": [[1, "2"]]}', '{"recommendations": [[1, 1000000000]]}',
+    '{"recommendations": 5}', '{"error": 5}', "[" * 5000, '"text"',
+])
+def test_a_stored_state_of_the_wrong_shape_is_a_value_error(raw):
+    from agent.policy import PolicyState
+
+    with pytest.raises(ValueError):
+        PolicyState.from_json(raw)
+
+
+def test_counts_from_the_store_are_bounded():
+    from agent.keys import parse_count
+
+    assert parse_count("7") == 7 and parse_count(" 100000 ") == 100_000
+    for raw in ("1" * 4301, "100001", "1e3", "true", "-1", "٣", "3.0", "x" * 10_000):
+        assert parse_count(raw) is None, raw

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import socket
 import threading
 import time
@@ -140,3 +142,81 @@ def test_config_errors_name_the_key(load_test_config):
     text = str(err.value)
     assert "services.web.source.url: String should match pattern" in text
     assert "services.web.source.target: required key is missing" in text
+
+
+class _Odd(http.server.BaseHTTPRequestHandler):
+    """A stand-in Prometheus that answers what the test puts in ``server.answer``."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        answer = self.server.answer  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        try:
+            if callable(answer):
+                answer(self.wfile)
+            else:
+                self.wfile.write(answer)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the source gave up on us, as it should
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def odd():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Odd)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _vector(value: object) -> bytes:
+    return json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+        {"metric": {}, "value": [1700000000.0, value]}]}}).encode()
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, "a sample without a value"), (15, "a sample without a value"),
+    (None, "a sample without a value"), ("1" * 100, "a sample without a value"),
+    ("+Inf", r"prometheus returned \+Inf"), ("1e308", None),
+])
+def test_odd_answers_are_errors_never_counts(odd, source, value, expected):
+    server, url = odd
+    server.answer = _vector(value)
+    if expected is None:  # a finite but absurd value: the policy refuses it as a reading
+        from agent.scaling import read_source
+
+        got, error = read_source(source(url, "up"))
+        assert got is None and "beyond any count" in error
+        return
+    with pytest.raises(SourceError, match=expected):
+        source(url, "up").read()
+
+
+def test_a_slow_loris_cannot_hold_a_poll_past_its_timeout(odd, source):
+    server, url = odd
+
+    def trickle(out) -> None:
+        out.write(b'{"status": "success", ')
+        for _ in range(200):
+            out.write(b" ")
+            out.flush()
+            time.sleep(0.1)
+
+    server.answer = trickle
+    started = time.monotonic()
+    with pytest.raises(SourceError, match="did not answer within 1s"):
+        source(url, "up", timeout="1s").read()
+    assert time.monotonic() - started < 5
+
+
+def test_a_huge_answer_is_not_read_whole(odd, source):
+    server, url = odd
+    server.answer = b'{"status": "success", "pad": "' + b"x" * (5 * 1024 * 1024) + b'"}'
+    with pytest.raises(SourceError, match="more than 1024 KiB"):
+        source(url, "up").read()
