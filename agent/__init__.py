@@ -38,7 +38,7 @@ Then ``source: {type: queue, queue: jobs}`` works in ``etc/agent.yaml``, and
 import pluggy
 
 from agent.deploys import DeployError, Interrupted, LockLost
-from agent.durations import Duration, format_duration, parse_duration
+from agent.durations import Duration, Timeout, format_duration, parse_duration
 from agent.health import probe
 from agent.hookspecs import PROJECT
 from agent.instances import (
@@ -75,6 +75,6 @@ __all__ = [
     "Actuator", "Announcer", "AnnouncerConfig", "Context", "DeployError", "Duration", "Entry",
     "Instance", "InstanceSpec", "Interrupted", "Lease", "LockLost", "NotLeading", "PluginType",
     "Source", "SourceConfig", "SourceError", "Store", "StoreError", "Strategy",
-    "StrategyConfig", "TLSConfig", "TypeConfig", "Watch", "WatchEvent", "fill",
+    "StrategyConfig", "TLSConfig", "Timeout", "TypeConfig", "Watch", "WatchEvent", "fill",
     "format_duration", "hookimpl", "is_image_reference", "parse_duration", "probe",
 ]

@@ -39,11 +39,12 @@ from pydantic import (
 
 from agent import masking
 from agent.combine import Combine, CombineError
-from agent.durations import Duration
+from agent.durations import Duration, Interval, Timeout
 from agent.plugins import Plugins
 from agent.tls import TLSConfig
 
 NAME = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+MAX_FILE = 4 * 1024 * 1024  # bytes of config: a big cluster's is a few hundred KiB
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 PLUGIN_BLOCKS = {"source": "source", "actuator": "actuator", "announce": "announcer",
                  "deploy": "strategy"}
@@ -108,7 +109,7 @@ class PluginsConfig(Model):
 class AgentConfig(Model):
     cluster: str = Field(pattern=NAME)
     store: StoreConfig = StoreConfig()
-    interval: Duration = 10.0
+    interval: Interval = 10.0
     "a full pass at least this often"
     http: str | None = Field(None, pattern=r"^[^:]*:\d+$")
     "host:port of /healthz and /metrics"
@@ -132,7 +133,7 @@ class HealthConfig(Model):
     "an HTTP path that must answer 2xx or 3xx"
     tcp: bool = False
     "a TCP connect to the instance's port"
-    timeout: Duration = 2.0
+    timeout: Timeout = 2.0
     "how long one check may take"
 
     @model_validator(mode="after")
@@ -357,13 +358,23 @@ class _Reader:
         return {} if node is None else self.value(node, ())
 
     def value(self, node: yaml.Node, path: Path_) -> Any:
-        self.lines.setdefault(path, node.start_mark.line + 1)
+        line = node.start_mark.line + 1
+        self.lines.setdefault(path, line)
+        if len(path) > MAX_DEPTH:  # also what a recursive alias (a: &a [*a]) becomes
+            self.errors.append((line, _dotted(path[:3]) + "...",
+                                f"nested deeper than {MAX_DEPTH} levels (a recursive alias?)"))
+            return None
         if isinstance(node, yaml.MappingNode):
             self.loader.flatten_mapping(node)
             out: dict[Any, Any] = {}
             for key_node, value_node in node.value:
-                key = self.loader.construct_object(key_node)
                 line = key_node.start_mark.line + 1
+                key = self.scalar(key_node, path) if isinstance(key_node, yaml.ScalarNode) \
+                    else _NOT_A_KEY
+                if key is _NOT_A_KEY:
+                    self.errors.append((line, _dotted(path), "a key must be a plain value, "
+                                        "not a list or a mapping"))
+                    continue
                 if key in out:
                     self.errors.append((line, _dotted(path + (key,)), "duplicate key"))
                 self.lines[path + (key,)] = line
@@ -371,10 +382,26 @@ class _Reader:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.value(item, path + (i,)) for i, item in enumerate(node.value)]
-        scalar = self.loader.construct_object(node)
+        scalar = self.scalar(node, path)
+        if scalar is _NOT_A_KEY:
+            return None
         if isinstance(scalar, str) and "${" in scalar:
-            scalar = self.substitute(scalar, node.start_mark.line + 1, path)
+            scalar = self.substitute(scalar, line, path)
         return scalar
+
+    def scalar(self, node: yaml.Node, path: Path_) -> Any:
+        """A scalar node's value; a tag that cannot make it (``!!float x``) is an error."""
+        try:
+            return self.loader.construct_object(node)
+        except (ValueError, TypeError, AttributeError, OverflowError,
+                yaml.YAMLError) as exc:
+            tag = node.tag.rsplit(":", 1)[-1] if node.tag else "value"
+            detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            if "integer string conversion" in detail:
+                detail = "the number is far too long"
+            self.errors.append((node.start_mark.line + 1, _dotted(path),
+                                f"cannot read {str(node.value)[:40]!r} as {tag}: {detail}"))
+            return _NOT_A_KEY
 
     def substitute(self, text: str, line: int, path: Path_) -> str:
         def repl(match: re.Match[str]) -> str:
@@ -389,6 +416,10 @@ class _Reader:
             return ""
 
         return ENV_VAR.sub(repl, text)
+
+
+MAX_DEPTH = 64
+_NOT_A_KEY = object()
 
 
 def _dotted(path: Path_) -> str:
@@ -575,18 +606,34 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     path = Path(path)
     source = str(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError([f"{source}: cannot read config: {exc.strerror}"]) from exc
-    reader = _Reader(text, source)
+    if len(raw) > MAX_FILE:
+        raise ConfigError([f"{source}: the config is {len(raw)} bytes; at most {MAX_FILE}"])
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError([f"{source}:{line}: not UTF-8 text: byte 0x{raw[exc.start]:02x} "
+                           "(save the file as UTF-8)"]) from None
+    try:
+        reader = _Reader(text, source)
         data = reader.read()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
-        raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc}"]) from exc
+        raise ConfigError([f"{source}:{line}: invalid YAML: {exc.problem or exc}"]) from None
+    except yaml.reader.ReaderError as exc:
+        line = text.count("\n", 0, max(0, exc.position)) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError([f"{source}:{line}: invalid YAML: the control character "
+                           f"U+{code:04X} is not allowed in YAML"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: invalid YAML: {exc}"]) from exc
+        raise ConfigError([f"{source}: invalid YAML: {str(exc)[:200]}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{source}:1: invalid YAML: nested deeper than the parser "
+                           "can follow"]) from None
     problems = list(reader.errors)
     if not isinstance(data, dict):
         raise ConfigError([f"{source}:1: the file must be a mapping with agent and services"])

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.durations import Duration
+from agent.durations import Duration, Interval, Timeout
 
 if TYPE_CHECKING:
     from agent.instances import Instance, InstanceSpec
@@ -42,7 +42,7 @@ class SourceConfig(TypeConfig):
 
     name: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     "names the source among a service's ``sources`` (combine, status); default: its type"
-    interval: Duration = 30.0
+    interval: Interval = 30.0
     "how often the source is read, on its own schedule"
     expiry: Duration | None = None
     "a reading older than this is an error (default: three intervals)"
@@ -238,7 +238,7 @@ class Announcer(PluginType, ABC):
 class StrategyConfig(TypeConfig):
     """Keys every deploy strategy has."""
 
-    health_timeout: Duration = 60.0
+    health_timeout: Timeout = 60.0
     "how long a new instance may take to pass its health check"
     images: list[Annotated[str, Field(min_length=1, max_length=300)]] = []
     "patterns (registry/web:*) of the images a deploy may run; default: the YAML image's repository"

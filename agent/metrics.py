@@ -8,6 +8,7 @@ import time
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 
 class Metrics:
@@ -46,11 +47,15 @@ class Metrics:
 
 
 class _Quiet(WSGIRequestHandler):
+    timeout = 10  # seconds an idle client may hold its connection (and its thread)
+
     def log_message(self, *args: object) -> None:
         pass
 
 
-class _ThreadingServer(WSGIServer):
+class _ThreadingServer(ThreadingWSGIServer):
+    """Each request on its own thread: an idle or slow client blocks nobody else."""
+
     daemon_threads = True
 
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from agent import Duration, Source, SourceConfig, SourceError, hookimpl
+from agent import Source, SourceConfig, SourceError, Timeout, hookimpl
 from plugins.aws import LazyClient
 
 
@@ -28,7 +28,7 @@ class AsgConfig(SourceConfig):
     "containers per in-service instance"
     count_from: Literal["in_service", "desired"] = "in_service"
     "count the group's InService instances, or take its DesiredCapacity"
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     "how long one API call may take"
 
 

@@ -23,7 +23,15 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from agent import Duration, Source, SourceConfig, SourceError, format_duration, hookimpl
+from agent import (
+    Duration,
+    Source,
+    SourceConfig,
+    SourceError,
+    Timeout,
+    format_duration,
+    hookimpl,
+)
 
 DEFAULT_HOST = "https://api.datadoghq.com"
 # The datadog library keeps its settings (keys, host, timeout) in module
@@ -42,7 +50,7 @@ class DatadogConfig(SourceConfig):
     "how the points of the window become one value"
     api_host: str = Field(DEFAULT_HOST, pattern=r"^https?://")
     "Datadog's API address (another site: https://api.datadoghq.eu)"
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     "how long one query may take"
 
 

@@ -22,7 +22,14 @@ from typing import Any
 
 from pydantic import Field
 
-from agent import Duration, Source, SourceConfig, SourceError, format_duration, hookimpl
+from agent import (
+    Source,
+    SourceConfig,
+    SourceError,
+    Timeout,
+    format_duration,
+    hookimpl,
+)
 
 
 class PrometheusConfig(SourceConfig):
@@ -32,7 +39,7 @@ class PrometheusConfig(SourceConfig):
     "a PromQL expression that gives one number, e.g. sum(rate(http_requests_total[1m]))"
     target: float = Field(gt=0)
     "the value one instance should carry: count = ceil(value / target)"
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     "how long one query may take"
 
 

@@ -52,6 +52,7 @@ from agent import (
     Instance,
     Strategy,
     StrategyConfig,
+    Timeout,
     TypeConfig,
     hookimpl,
 )
@@ -72,7 +73,7 @@ class ElbConfig(TypeConfig):
     "its AWS region, e.g. eu-west-1"
     endpoint_url: str | None = None
     "another endpoint for the ELB API (a VPC endpoint, or a local fake)"
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     "how long one API call may take"
 
 
@@ -88,7 +89,7 @@ class AlbConfig(TypeConfig):
     "another endpoint for the ELBv2 API (a VPC endpoint, or a local fake)"
     target_id: str | None = None
     "the Id targets register under: an EC2 instance id (default: each instance's address)"
-    timeout: Duration = 10.0
+    timeout: Timeout = 10.0
     "how long one API call may take"
 
     @field_validator("target_groups")

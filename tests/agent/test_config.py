@@ -326,3 +326,42 @@ def test_store_credentials_and_tls_keys_are_checked(load_test_config):
             "    username: root\n    tls: {key: client.key, verfy: false}")))
     message = str(caught.value)
     assert "verfy" in message
+
+
+BAD_FILES = {  # what the audit fed the loader: each a config error with its line
+    "a mapping as a key": ("{}: 1\n", 1, "a key must be a plain value"),
+    "a recursive alias": ("a: &a [*a]\n", 1, "recursive alias"),
+    "deep nesting": ("[" * 1000 + "\n", 1, "nested deeper"),
+    "a control character": ("agent:\n  cluster: demo\x07\n", 2, "U+0007"),
+    "a Latin-1 byte": (b"agent:\n  cluster: d\xe9mo\n", 2, "not UTF-8"),
+    "!!float x": ("agent:\n  cluster: demo\n  interval: !!float x\n", 3, "cannot read 'x'"),
+    "!!timestamp x": ("agent:\n  cluster: demo\n  interval: !!timestamp x\n", 3,
+                      "as timestamp"),
+    "a 4301-digit integer": ("agent:\n  cluster: demo\n  parallelism: " + "1" * 4301 + "\n", 3,
+                             "far too long"),
+    "interval 0": ("agent:\n  cluster: demo\n  interval: 0\n", 3, "at least 100ms"),
+    "interval .inf": ("agent:\n  cluster: demo\n  interval: .inf\n", 3, "finite"),
+    "interval .nan": ("agent:\n  cluster: demo\n  interval: .nan\n", 3, "finite"),
+    "a source polled every 1ms": (
+        "agent: {cluster: demo}\nservices:\n  web:\n    command: [x]\n"
+        "    actuator: {type: process}\n    source: {type: static, count: 1, interval: 1ms}\n",
+        6, "at least 100ms"),
+    "a timeout of 0": (
+        "agent: {cluster: demo}\nservices:\n  web:\n    command: [x]\n"
+        "    actuator: {type: process}\n    source: {type: static, count: 1}\n"
+        "    health: {tcp: true, timeout: 0}\n", 7, "longer than 0s"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
+def test_every_yaml_or_decoding_problem_is_a_config_error_with_its_line(
+        case, shipmate_plugins, tmp_path):
+    from agent.config import load_config
+
+    text, line, expected = BAD_FILES[case]
+    path = tmp_path / "agent.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, shipmate_plugins)
+    assert any(e.startswith(f"{path}:{line}: ") and expected in e for e in caught.value.errors), \
+        caught.value.errors
