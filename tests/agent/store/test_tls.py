@@ -304,3 +304,38 @@ def test_shipmate_run_with_client_certificates(backend: str, mtls_etcd: Etcd, pk
         assert result.returncode == 1, result.stderr
         assert "the store refused us" in result.stderr and expected in result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_running_agent_that_meets_a_tls_failure_keeps_its_instances_and_steps_down(
+        backend: str, pki: Pki, tmp_path: Path) -> None:
+    import threading
+
+    from agent.runtime import Agent
+    from tests.helpers import alive, eventually, kill_recorded, process_records
+
+    service = started(lambda: Etcd(pki, client_cert_auth=True))
+    tls_block = (f"tls: {{ca: {pki.path('ca')}, cert: {pki.path('client')}, "
+                 f"key: {pki.path('client', 'key')}}}")
+    path = agent_config(tmp_path, backend, service.endpoint, tls_block)
+    path.write_text(path.read_text().replace("count: 0", "count: 2")
+                    .replace("  cluster: tls\n", "  cluster: tls\n  leader_ttl: 3s\n"))
+    agent = Agent(path)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: len([r for r in process_records(tmp_path) if alive(r["pid"])]) == 2,
+                   timeout=30, what="two instances")
+        assert agent.leadership.is_leader
+        pids = sorted(r["pid"] for r in process_records(tmp_path))
+        service.stop()
+        service.server_cert = "other_server"  # now a certificate the agent does not trust
+        service.start()
+        eventually(lambda: not agent.leadership.is_leader, timeout=30, what="stepping down")
+        assert thread.is_alive()
+        assert sorted(r["pid"] for r in process_records(tmp_path) if alive(r["pid"])) == pids
+    finally:
+        agent.stop()
+        thread.join(30)
+        kill_recorded(tmp_path)
+        service.close()
