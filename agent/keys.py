@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any
 
 FIELDS = ("desired", "override", "release", "deploy", "policy", "problems", "history")
-MAX_COUNT = 100_000
-"""The largest count read from the store (agent.max_instances cannot be higher)."""
+MAX_DIGITS = 12
+"""A count of more digits is unknown (int() of thousands of digits is itself a failure)."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +46,9 @@ def parse_count(raw: str | None) -> int | None:
     if raw is None or len(raw) > 64:
         return None
     text = raw.strip()
-    if not (text.isascii() and text.isdigit()) or len(text) > len(str(MAX_COUNT)):
+    if not (text.isascii() and text.isdigit()) or len(text) > MAX_DIGITS:
         return None
-    count = int(text)
-    return count if count <= MAX_COUNT else None
+    return int(text)  # a count above agent.max_instances is held at it by the loop
 
 
 MAX_VALUE = 256 * 1024

@@ -73,6 +73,11 @@ VALUES = {
     "release": GARBAGE | RELEASE.map(json.dumps),
     "deploy": GARBAGE | DEPLOY.map(json.dumps),
     "policy": GARBAGE | POLICY.map(json.dumps),
+    "problems": GARBAGE | st.fixed_dictionaries({}, optional={
+        "problems": JSON, "at": JSON, "by": JSON}).map(json.dumps),
+    "history": GARBAGE | st.lists(RELEASE, max_size=3).map(json.dumps)
+    | st.fixed_dictionaries({}, optional={"releases": st.lists(RELEASE, max_size=3)}).map(
+        json.dumps),
     "leader": GARBAGE | st.fixed_dictionaries({}, optional={
         "host": JSON, "pid": JSON | st.just(1e20), "boot": JSON, "token": JSON}).map(json.dumps),
 }

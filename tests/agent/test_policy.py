@@ -455,5 +455,6 @@ def test_counts_from_the_store_are_bounded():
     from agent.keys import parse_count
 
     assert parse_count("7") == 7 and parse_count(" 100000 ") == 100_000
-    for raw in ("1" * 4301, "100001", "1e3", "true", "-1", "٣", "3.0", "x" * 10_000):
+    assert parse_count("999999999999") == 999_999_999_999  # the loop holds it at max_instances
+    for raw in ("1" * 4301, "1" * 13, "1e3", "true", "-1", "٣", "3.0", "x" * 10_000):
         assert parse_count(raw) is None, raw
