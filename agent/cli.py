@@ -286,7 +286,8 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
         unhealthy = reported.get("unhealthy") if isinstance(reported.get("unhealthy"),
                                                             dict) else {}
         problems = list(view.problems)
-        for record in reported.get("problems") or []:
+        recorded = reported.get("problems")
+        for record in recorded if isinstance(recorded, list) else []:
             text = describe_problem(record, now) if isinstance(record, dict) else str(record)
             if text not in problems:
                 problems.append(text)

@@ -224,6 +224,10 @@ class Reconciler:
                     views[name].refused = refused
                     problems.append(f"release key refused, the service is left as it is: "
                                     f"{refused}")
+            deploy = views[name].deploy
+            if deploy is not None and deploy.get("phase") == "refused":
+                problems.append(f"deploy key {str(deploy.get('error'))[:300]} (a new "
+                                "`shipmate deploy` replaces it)")
         unowned: dict[str, Instance] = {}
         for actuator, names in self._by_actuator().items():
             try:

@@ -210,11 +210,13 @@ def test_a_broken_journal_is_one_problem_per_backoff_step(make_loop, embedded_st
         loop.run_pass()
         eventually(lambda: not loop.deploys.busy("worker"), 10, "the deploy thread")
         loop.clock.now += 0.25
-    lines = [r for r in caplog.records if "cannot be run" in r.getMessage()]
-    assert 2 <= len(lines) <= 5  # tries at 0, 1, 3, 7 s
-    assert "deploy journal /shipmate/loop/services/worker/deploy" in lines[0].getMessage()
+    # a journal that fails validation is marked refused once, with the reason
+    lines = [r for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) == 1 and "from: Field required" in lines[0].getMessage()
+    journal = json.loads(embedded_store.get(loop.keys.service("worker", "deploy")).value)
+    assert journal["phase"] == "refused" and "from: Field required" in journal["error"]
     record = json.loads(embedded_store.get(loop.keys.service("worker", "problems")).value)
-    assert any("cannot be run" in p["text"] for p in record["problems"])
+    assert any("deploy key refused" in p["text"] for p in record["problems"])
     assert {r["pid"] for r in live(tmp_path, "worker")} == pids  # nothing stopped
 
 
