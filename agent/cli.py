@@ -291,8 +291,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             text = describe_problem(record, now) if isinstance(record, dict) else str(record)
             if text not in problems:
                 problems.append(text)
-        loops = {r.get("slot"): r for r in reported.get("problems") or []
-                 if isinstance(r, dict) and r.get("kind") == "crash-loop"}
+        loops = {r.get("slot"): r for r in (recorded if isinstance(recorded, list) else [])
+                 if isinstance(r, dict) and r.get("kind") == "crash-loop"
+                 and isinstance(r.get("slot"), int)}
         differs = yaml_differs(view.release, reconciler.services[name].yaml_release)
         if differs:
             problems.append(differs)

@@ -112,6 +112,8 @@ class DeployRequest(_Strict):
     by: str | None = Field(None, max_length=200)
     reason: str | None = Field(None, max_length=2000)
     requested_at: float | None = _When
+    restore: str | None = Field(None, pattern=VERSION.pattern)
+    "a rollback: the version (from the history) to run again"
 
 
 class DeployJournal(DeployRequest):
