@@ -42,7 +42,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -92,6 +92,10 @@ class StoredRelease(_Strict):
     version: str = _Version
     spec: str = Field("", max_length=64)
     when: float | None = _When
+    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(None, max_length=256)
+    env: dict[str, Annotated[str, Field(max_length=65536)]] | None = Field(None, max_length=256)
+    secret_env: list[str] | None = Field(None, max_length=256)
+    shape: dict[str, Any] | None = None
 
 
 class Progress(_Strict):
