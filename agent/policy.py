@@ -116,7 +116,7 @@ class PolicyState:
         for name in ("last_up", "last_down", "reading", "reading_at", "error_at",
                      "decided_at"):
             setattr(state, name, _optional_number(data.get(name), name))
-        for name in ("error", "decision"):
+        for name in ("error", "decision", "decided_by"):
             value = data.get(name, getattr(state, name))
             if value is not None and not isinstance(value, str):
                 raise ValueError(f"{name} is not text")
