@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -31,7 +30,17 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from agents import (  # noqa: E402
+    ROOT,
+    agent,
+    copy_for_another_agent,
+    cpu_seconds,
+    kill_instances,
+    wait_for,
+)
+
 sys.path.insert(0, str(ROOT))
 
 from tests.services import Etcd  # noqa: E402
@@ -42,7 +51,6 @@ agent:
   interval: 10s
   leader_ttl: {ttl}s
   store: {{backend: etcd, endpoints: ["{endpoint}"]}}
-  state_dir: {state}
 services:
   web:
     command: [sleep, "600"]
@@ -51,28 +59,9 @@ services:
 """
 
 
-def agent(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
-
-
 def leader(etcd: Etcd) -> int | None:
     out = etcd.etcdctl("get", "/shipmate/lead/leader", "--print-value-only").strip()
     return json.loads(out)["pid"] if out else None
-
-
-def wait_for(check, timeout: float) -> float:
-    start = time.monotonic()
-    while not check():
-        if time.monotonic() - start > timeout:
-            raise SystemExit("timed out")
-        time.sleep(0.02)
-    return time.monotonic() - start
-
-
-def cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -85,17 +74,21 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             config = Path(tmp) / "agent.yaml"
-            config.write_text(CONFIG.format(ttl=args.ttl, endpoint=etcd.endpoint,
-                                            state=Path(tmp) / "state"))
+            config.write_text(CONFIG.format(ttl=args.ttl, endpoint=etcd.endpoint))
+            made = iter(range(1000))
+
+            def fresh() -> subprocess.Popen[bytes]:  # one state folder per agent
+                return agent(copy_for_another_agent(config, str(next(made))))
+
             times: dict[str, list[float]] = {"clean stop": [], "kill -9": [], "SIGSTOP": []}
-            agents = [agent(config)]
+            agents = [fresh()]
             wait_for(lambda: leader(etcd) == agents[0].pid, 30)
-            agents.append(agent(config))
+            agents.append(fresh())
             time.sleep(3)
             standby, acting = agents[1], agents[0]
-            before = {p.pid: cpu(p.pid) for p in agents}
+            before = {p.pid: cpu_seconds(p.pid) for p in agents}
             time.sleep(10)
-            idle_leader, idle_standby = ((cpu(p.pid) - before[p.pid]) / 10 * 100
+            idle_leader, idle_standby = ((cpu_seconds(p.pid) - before[p.pid]) / 10 * 100
                                          for p in agents)
             for _ in range(args.rounds):
                 for how in times:
@@ -113,7 +106,7 @@ def main() -> None:
                         acting.send_signal(signal.SIGCONT)
                         acting.send_signal(signal.SIGTERM)
                     acting.wait(30)
-                    agents = [standby, agent(config)]  # a fresh standby for the next round
+                    agents = [standby, fresh()]  # a fresh standby for the next round
                     time.sleep(2)
             ttl = args.ttl
             for how, values in times.items():
@@ -125,11 +118,8 @@ def main() -> None:
             for p in agents:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
-            subprocess.run([sys.executable, "-m", "agent", "scale", "-c", str(config), "web",
-                            "0"], cwd=ROOT, capture_output=True)
-            subprocess.run([sys.executable, "-m", "agent", "run", "-c", str(config), "--once"],
-                           cwd=ROOT, capture_output=True)
     finally:
+        kill_instances("lead")
         etcd.close()
 
 

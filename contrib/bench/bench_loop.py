@@ -18,7 +18,6 @@ Every instance started is killed at the end.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess
@@ -27,7 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from agents import (  # noqa: E402
+    ROOT,
+    agent,
+    copy_for_another_agent,
+    cpu_seconds,
+    wait_for,
+)
+
 CONFIG = """
 agent: {{cluster: bench, interval: 10s, max_instances: {n}, parallelism: 8}}
 services:
@@ -36,11 +44,6 @@ services:
     source: {{type: static, count: 1}}
     actuator: {{type: process}}
 """
-
-
-def agent(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "agent", "run", "-c", str(config)],
-                            cwd=ROOT, stderr=subprocess.DEVNULL)
 
 
 def shipmate(*args: str) -> None:
@@ -52,24 +55,11 @@ def instances(folder: Path) -> int:
     return len(list(folder.glob(".shipmate/processes/bench/*.json")))
 
 
-def wait_for(check, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit("timed out")
-        time.sleep(0.05)
-
-
 def stop_time(process: subprocess.Popen[bytes]) -> float:
     sent = time.monotonic()
     process.send_signal(signal.SIGTERM)
     process.wait(120)
     return time.monotonic() - sent
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -112,7 +102,7 @@ def main() -> None:
             shipmate("scale", "-c", str(config), "web", "1", "--force")
             leader = agent(config)
             wait_for(lambda: instances(folder) <= 1, 300)
-            standby = agent(config)
+            standby = agent(copy_for_another_agent(config, "standby"))
             time.sleep(2)
             before = {p.pid: cpu_seconds(p.pid) for p in (leader, standby)}
             time.sleep(args.seconds)
