@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -325,16 +326,14 @@ def test_the_store_from_the_cli(backend, request, tmp_path):
         watch = subprocess.Popen([sys.executable, "-m", "agent", "store", "watch", "--prefix",
                                   "services/web/", *c], stdout=subprocess.PIPE, text=True)
         try:
-            lines: list[str] = []
-
-            def seen() -> bool:
+            # put until the watch (which may still be starting) prints the change
+            deadline = time.monotonic() + 30
+            while True:
                 shipmate("store", "put", "services/web/override", "4", *c, check=True)
-                return True
-
-            time.sleep(2)  # the watch is set up
-            seen()
+                if select.select([watch.stdout], [], [], 1.0)[0]:
+                    break
+                assert time.monotonic() < deadline, "the watch printed nothing"
             line = watch.stdout.readline()
-            lines.append(line)
             assert line.startswith("PUT ") and line.strip().endswith("/services/web/override 4")
         finally:
             watch.terminate()
