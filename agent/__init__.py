@@ -37,7 +37,14 @@ Then ``source: {type: queue, queue: jobs}`` works in ``etc/agent.yaml``, and
 
 import pluggy
 
-from agent.deploys import DeployError, Interrupted, LockLost
+from agent.deploys import (
+    DeployError,
+    DeployJournal,
+    Deployment,
+    Interrupted,
+    LockLost,
+    Phase,
+)
 from agent.durations import Duration, Timeout, format_duration, parse_duration
 from agent.health import probe
 from agent.hookspecs import PROJECT
@@ -55,6 +62,7 @@ from agent.kinds import (
     Announcer,
     AnnouncerConfig,
     Context,
+    Parking,
     PluginType,
     Source,
     SourceConfig,
@@ -62,8 +70,9 @@ from agent.kinds import (
     Strategy,
     StrategyConfig,
     TypeConfig,
+    can_park,
 )
-from agent.releases import is_image_reference
+from agent.releases import Release, is_image_reference
 from agent.store import Entry, Lease, NotLeading, Store, StoreError, Watch, WatchEvent
 from agent.tls import TLSConfig
 
@@ -72,9 +81,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 __all__ = [
     "LABEL_CLUSTER", "LABEL_SERVICE", "LABEL_SLOT", "LABEL_VERSION", "PROJECT",
-    "Actuator", "Announcer", "AnnouncerConfig", "Context", "DeployError", "Duration", "Entry",
-    "Instance", "InstanceSpec", "Interrupted", "Lease", "LockLost", "NotLeading", "PluginType",
-    "Source", "SourceConfig", "SourceError", "Store", "StoreError", "Strategy",
-    "StrategyConfig", "TLSConfig", "Timeout", "TypeConfig", "Watch", "WatchEvent", "fill",
+    "Actuator", "Announcer", "AnnouncerConfig", "Context", "DeployError", "DeployJournal",
+    "Deployment", "Duration", "Entry", "Instance", "InstanceSpec", "Interrupted", "Lease",
+    "LockLost", "NotLeading", "Parking", "Phase", "PluginType", "Release", "Source",
+    "SourceConfig", "SourceError", "Store", "StoreError", "Strategy", "StrategyConfig",
+    "TLSConfig", "Timeout", "TypeConfig", "Watch", "WatchEvent", "can_park", "fill",
     "format_duration", "hookimpl", "is_image_reference", "parse_duration", "probe",
 ]

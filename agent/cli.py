@@ -609,15 +609,15 @@ def _request(config_path: str, service: str, image: str | None, port: int | None
         fail(f"unknown strategy {strategy!r}; installed: "
              f"{', '.join(plugins.types['strategy'])}")
     block = config.services[service].deploy
-    if strategy is not None and (block is None or block.strategy != strategy):
+    if strategy is not None and (block is None or block.type != strategy):
         from pydantic import ValidationError
 
         try:  # another strategy than the service's runs with its defaults: are there any?
-            plugins.types["strategy"][strategy].model(strategy=strategy)
+            plugins.types["strategy"][strategy].model(type=strategy)
         except ValidationError as exc:
             keys = ", ".join(".".join(map(str, e["loc"])) for e in exc.errors())
             fail(f"strategy {strategy} needs settings ({keys}): give {service} a "
-                 f"`deploy: {{strategy: {strategy}, ...}}` block in the config")
+                 f"`deploy: {{type: {strategy}, ...}}` block in the config")
     store = connect(config)
     keys = Keys(config.key_prefix)
     try:

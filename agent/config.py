@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import os
 import re
 from pathlib import Path
@@ -48,6 +49,8 @@ MAX_FILE = 4 * 1024 * 1024  # bytes of config: a big cluster's is a few hundred 
 ENV_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 PLUGIN_BLOCKS = {"source": "source", "actuator": "actuator", "announce": "announcer",
                  "deploy": "strategy"}
+log = logging.getLogger("shipmate.config")
+_warned: set[str] = set()  # each deprecation once per process (a reload reads the file again)
 Path_ = tuple[str | int, ...]
 
 
@@ -126,6 +129,8 @@ class AgentConfig(Model):
     "the acting agent's lease"
     orphans: Literal["keep", "stop"] = "keep"
     "instances of services no longer in the YAML: keep them (withdrawn), or stop them"
+    default_strategy: str = Field("rolling", pattern=NAME)
+    "the deploy strategy (with its defaults) of a service without a deploy: block"
 
 
 class HealthConfig(Model):
@@ -233,6 +238,8 @@ class Config(BaseModel):
     services: dict[str, Any]
     path: Path
     base_dir: Path
+    warnings: list[str] = []
+    "deprecations found in the file, each as ``file:line: key: message`` (also logged)"
 
     def resolve(self, path: Path) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -251,8 +258,7 @@ def _union(plugins: Plugins, kind: str) -> Any:
     models = [entry.model for entry in plugins.types[kind].values()]
     if not models:
         return None
-    key = "strategy" if kind == "strategy" else "type"
-    return Annotated[Union[tuple(models)], Field(discriminator=key)]  # noqa: UP007
+    return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
 
 
 class _SourcesRules(ServiceBase):
@@ -436,9 +442,8 @@ def merge(default: Any, override: Any) -> Any:
     """``override`` laid over ``default``; a plugin block of another type replaces it."""
     if not (isinstance(default, dict) and isinstance(override, dict)):
         return override
-    for key in ("type", "strategy"):
-        if key in default and key in override and default[key] != override[key]:
-            return override
+    if "type" in default and "type" in override and default["type"] != override["type"]:
+        return override
     out = dict(default)
     for key, value in override.items():
         out[key] = merge(default[key], value) if key in default else value
@@ -508,8 +513,7 @@ def _allowed_keys(service: Any, loc: Path_, plugins: Plugins, data: Any) -> list
         if loc[0] == "services" and (i == 2 and part in PLUGIN_BLOCKS or (
                 i == 3 and loc[2] == "sources" and isinstance(part, int))):
             kind = PLUGIN_BLOCKS[part] if i == 2 else "source"
-            tag = node.get("strategy" if kind == "strategy" else "type") if isinstance(
-                node, dict) else None
+            tag = node.get("type") if isinstance(node, dict) else None
             entry = plugins.types[kind].get(tag)
             model = entry.model if entry else None
             continue
@@ -572,7 +576,7 @@ def _missing_packages(parsed: Any, plugins: Plugins,
                    for i, cfg in enumerate(getattr(svc, "sources", None) or [])]
         for path, kind, cfg in blocks:
             if cfg is not None:
-                tag = cfg.strategy if kind == "strategy" else cfg.type
+                tag = cfg.type
                 entry = plugins.types[kind][tag]
                 wanted.append((path, f"the {tag} {kind}", entry.cls.requirements(cfg)))
     out = []
@@ -582,6 +586,76 @@ def _missing_packages(parsed: Any, plugins: Plugins,
                 out.append((_line(lines, path), _dotted(path),
                             f"{what} needs the Python package {module!r}: "
                             f"pip install '{package}'"))
+    return out
+
+
+def _deploy_types(data: dict[str, Any], lines: dict[Path_, int], source: str
+                  ) -> tuple[list[str], list[tuple[int, str, str]]]:
+    """``deploy: {strategy: NAME}``, the old spelling, read as ``type: NAME`` (in place),
+    with a deprecation warning naming its line; both keys at once are an error."""
+    warnings: list[str] = []
+    problems: list[tuple[int, str, str]] = []
+    defaults, services = data.get("defaults"), data.get("services")
+    blocks = [(("defaults", "deploy"), defaults.get("deploy"))] if isinstance(
+        defaults, dict) else []
+    if isinstance(services, dict):
+        blocks += [(("services", name, "deploy"), svc.get("deploy"))
+                   for name, svc in services.items() if isinstance(svc, dict)]
+    for path, block in blocks:
+        if not isinstance(block, dict) or "strategy" not in block:
+            continue
+        where = path + ("strategy",)
+        line = _line(lines, where)
+        if "type" in block:
+            problems.append((line, _dotted(where), "give the deploy's type once, as type: "
+                             "(strategy: is its old name)"))
+            continue
+        block["type"] = block.pop("strategy")
+        lines.setdefault(path + ("type",), line)
+        warnings.append(f"{source}:{line}: {_dotted(where)}: deprecated: write "
+                        f"type: {block['type']} (strategy: is the old name of the key)")
+    return warnings, problems
+
+
+def _strategy_problems(parsed: Any, plugins: Plugins, lines: dict[Path_, int],
+                       explicit: bool) -> list[tuple[int, str, str]]:
+    """A problem for each service whose strategy cannot run: the default strategy
+    (``agent.default_strategy``, for services without a ``deploy:`` block) not installed
+    or needing settings, or a strategy that cannot work with the service's actuator
+    (:meth:`agent.kinds.Strategy.actuator_problem`)."""
+    out: list[tuple[int, str, str]] = []
+    name = parsed.agent.default_strategy
+    entry = plugins.types["strategy"].get(name)
+    default: Any = None
+    why = ""
+    if entry is None:
+        installed = ", ".join(plugins.types["strategy"]) or "none"
+        why = (f"the default deploy strategy {name!r} (agent.default_strategy) is not "
+               f"installed (blocked?); installed: {installed}")
+    else:
+        try:
+            default = entry.model(type=name)
+        except ValidationError as exc:
+            keys = ", ".join(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
+            why = (f"the default deploy strategy {name!r} (agent.default_strategy) needs "
+                   f"settings ({keys})")
+    if why and explicit:
+        out.append((_line(lines, ("agent", "default_strategy")), "agent.default_strategy", why))
+    for service, svc in parsed.services.items():
+        cfg = svc.deploy if svc.deploy is not None else default
+        if svc.deploy is None and why:
+            out.append((_line(lines, ("services", service)), f"services.{service}",
+                        f"no deploy: block, and {why}: give it one (deploy: {{type: ...}}) or "
+                        "set agent.default_strategy"))
+            continue
+        actuator = plugins.types["actuator"].get(svc.actuator.type)
+        strategy = plugins.types["strategy"].get(cfg.type)
+        if actuator is None or strategy is None:
+            continue
+        problem = strategy.cls.actuator_problem(cfg, actuator.cls)
+        if problem:
+            path = ("services", service, "deploy")
+            out.append((_line(lines, path), _dotted(path), problem))
     return out
 
 
@@ -637,6 +711,10 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     problems = list(reader.errors)
     if not isinstance(data, dict):
         raise ConfigError([f"{source}:1: the file must be a mapping with agent and services"])
+    warnings, renamed = _deploy_types(data, reader.lines, source)
+    problems += renamed
+    agent_block = data.get("agent")
+    explicit_default = isinstance(agent_block, dict) and "default_strategy" in agent_block
     defaults = data.get("defaults") or {}
     services = data.get("services") or {}
     if isinstance(services, dict) and isinstance(defaults, dict):
@@ -650,6 +728,7 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
         parsed = None
     if parsed is not None:
         problems += _missing_packages(parsed, plugins, reader.lines)
+        problems += _strategy_problems(parsed, plugins, reader.lines, explicit_default)
         problems += _port_conflicts(parsed, reader.lines)
     if problems:
         problems.sort(key=lambda p: p[0])
@@ -659,5 +738,9 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     for svc in parsed.services.values():
         svc._secrets = frozenset(reader.from_env)
     masking.remember([*reader.from_env, *masking.secret_values(parsed)])
+    for warning in warnings:
+        if warning not in _warned:
+            _warned.add(warning)
+            log.warning("%s", warning)
     return Config(agent=parsed.agent, services=dict(parsed.services), path=path,
-                  base_dir=path.resolve().parent)
+                  base_dir=path.resolve().parent, warnings=warnings)

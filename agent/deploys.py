@@ -25,12 +25,15 @@ step re-reads the journal's revision), lets go, and the next pass resumes the
 journal backwards. A deploy that rolled back, or a rollback, marks the YAML's
 spec ``held`` in the release, so the YAML is not deployed again until it changes.
 
-Strategies keep their own resume points in the journal (``step``: blue/green's
-``starting``, ``switching``, ``baking``, ``draining``), and may narrow
-``announce``, the versions the loop announces while the deploy runs. ``kept``
-names a version whose stopped instances are kept for an instant rollback
-(blue/green's ``keep_old``): the loop neither removes nor counts them, and a
-finished deploy copies it into ``release``.
+Strategies keep their own resume points in the journal's ``strategy_state``
+(blue/green's ``step``: ``starting``, ``switching``, ``baking``, ``draining``;
+``lb_before``, ``baking_since``), written with :meth:`Deployment.save_state`; a
+journal written before ``strategy_state`` existed keeps them at the top level, and
+is read as if they were under it (a deploy in flight through an upgrade resumes).
+A strategy may narrow ``announce``, the versions the loop announces while the
+deploy runs. ``kept`` names a version whose stopped instances are kept for an
+instant rollback (blue/green's ``keep_old``): the loop neither removes nor counts
+them, and a finished deploy copies it into ``release``.
 """
 
 from __future__ import annotations
@@ -40,17 +43,26 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
 
 from agent import history
 from agent.actuation import withdraw_then_stop
 from agent.instances import Instance
 from agent.keys import Keys, parse_object
-from agent.kinds import Strategy
+from agent.kinds import Parking, Strategy, can_park
 from agent.releases import (
     VERSION,
     Release,
@@ -63,9 +75,32 @@ from agent.releases import (
 from agent.store import Store, StoreError
 
 log = logging.getLogger("shipmate.deploy")
-ACTIVE = ("requested", "running", "rolling-back", "finished", "rolled-back")
+
+
+class Phase(StrEnum):
+    """A deploy's phase, as stored in its journal and shown by ``shipmate status``."""
+
+    REQUESTED = "requested"
+    "asked for (``shipmate deploy``, a changed YAML); not picked up yet"
+    RUNNING = "running"
+    "the strategy brings the service from the old release to the new one"
+    ROLLING_BACK = "rolling-back"
+    "it failed (or was aborted): the strategy brings the old release back"
+    FINISHED = "finished"
+    "the new release serves; the journal is removed as soon as ``release`` records it"
+    ROLLED_BACK = "rolled-back"
+    "the old release serves again; the journal is removed likewise"
+    PAUSED = "paused"
+    "it failed with ``on_failure: pause``: nothing moves until ``shipmate rollback``"
+    FAILED = "failed"
+    "even the rollback failed: scaling stays paused until ``shipmate abort``"
+
+
+ACTIVE = (Phase.REQUESTED, Phase.RUNNING, Phase.ROLLING_BACK, Phase.FINISHED, Phase.ROLLED_BACK)
 """Phases the runner picks up; the last two mean: the agent died while recording the end."""
-KNOWN = (*ACTIVE, "paused", "failed", "refused")
+KNOWN = (*ACTIVE, Phase.PAUSED, Phase.FAILED, "refused")
+LEGACY_STATE = ("step", "lb_before", "baking_since")
+"""Strategy state that journals written before ``strategy_state`` kept at the top level."""
 
 
 REFUSED = "refused"
@@ -120,21 +155,65 @@ class DeployRequest(_Strict):
     "a rollback: the version (from the history) to run again"
 
 
-class DeployJournal(DeployRequest):
-    """A deploy journal the acting agent wrote (and the next one resumes)."""
+def _stored_release(value: Any) -> Release:
+    """A journal's ``from``/``to``: validated as :class:`StoredRelease`, held as a Release."""
+    if isinstance(value, Release):
+        return value
+    stored = StoredRelease.model_validate(value)
+    release = parse_release(stored.model_dump(exclude_none=True))
+    if release is None:
+        raise ValueError("not a release (version, image and port as a release records them)")
+    return release
 
-    phase: Literal["running", "rolling-back", "finished", "rolled-back"]  # type: ignore[assignment]
+
+JournalRelease = Annotated[Release, PlainValidator(_stored_release),
+                           PlainSerializer(lambda release: release.to_json())]
+
+
+class DeployJournal(DeployRequest):
+    """A deploy's journal, as the acting agent wrote it (and the next one resumes).
+
+    What strategies read as :attr:`Deployment.journal` and deploy events receive.
+    ``from_`` and ``to`` (``from`` and ``to`` in the stored JSON) are the release being
+    replaced and the one being installed, as the deploy began (a rollback does not swap
+    them); ``desired`` is the count the deploy keeps; ``announce`` the versions the loop
+    announces meanwhile (None: all); ``kept`` a version whose stopped instances are kept;
+    ``progress`` the last :meth:`Deployment.progress`; ``error`` why it failed;
+    ``strategy_state`` the strategy's own resume points (:meth:`Deployment.save_state`).
+    """
+
+    phase: Phase  # type: ignore[assignment]
     started_at: float | None = _When
     desired: int = Field(ge=0, le=100_000)
-    from_: StoredRelease = Field(alias="from")
-    to: StoredRelease
+    from_: JournalRelease = Field(alias="from")
+    to: JournalRelease
     announce: list[str] | None = Field(None, max_length=4)
     progress: Progress | None = None
-    step: str | None = Field(None, max_length=32)
     kept: str | None = None
     error: str | None = Field(None, max_length=20_000)
-    lb_before: Any = None  # blue/green: the load balancer's members before the switch
-    baking_since: float | None = _When
+    strategy_state: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_state(cls, data: Any) -> Any:
+        """A journal of an older agent: its strategy's keys at the top level (``step``,
+        ``lb_before``, ``baking_since``) are read as ``strategy_state``."""
+        state = data.get("strategy_state", {}) if isinstance(data, dict) else None
+        if isinstance(state, dict) and any(k in data for k in LEGACY_STATE):
+            data, state = dict(data), dict(state)
+            for key in LEGACY_STATE:
+                if key in data:
+                    value = data.pop(key)
+                    if value is not None:
+                        state.setdefault(key, value)
+            data["strategy_state"] = state
+        return data
+
+    @classmethod
+    def of(cls, data: Mapping[str, Any]) -> DeployJournal:
+        """The typed journal of ``data`` (a journal as stored); ValidationError if it is not
+        one."""
+        return cls.model_validate_json(json.dumps(data))
 
 
 def check_journal(text: str, runtime: Any, max_instances: int = 100_000) -> str | None:
@@ -274,12 +353,18 @@ class Journal:
 class Deployment:
     """What a strategy works with: one service, its two releases, and safe steps.
 
-    ``source`` is the release being replaced, ``target`` the one being
-    installed (swapped by :meth:`reversed` for a rollback). Every step checks
-    that the agent still owns the journal and is not stopping.
+    A strategy reaches the service only through these methods: :meth:`instances`,
+    :meth:`healthy`, :meth:`start`, :meth:`stop`, :meth:`park`..., :meth:`announce`,
+    :meth:`withdraw`, :meth:`sleep`, :meth:`progress`, :meth:`save_state`. Each checks
+    that the agent still owns the journal (else :class:`LockLost`) and is not stopping
+    (else :class:`Interrupted`); a strategy lets both through, never catches them.
+
+    :attr:`source` (also :attr:`release_from`) is the release being replaced,
+    :attr:`target` (:attr:`release_to`) the one being installed (swapped by
+    :meth:`reversed` for a rollback), :attr:`desired` the count to keep.
     """
 
-    runtime: Any  # agent.reconcile.ServiceRuntime
+    runtime: Any  # agent.reconcile.ServiceRuntime: the core's, never a strategy's to use
     store: Store
     keys: Keys
     record: Journal
@@ -296,20 +381,64 @@ class Deployment:
 
     @property
     def service(self) -> str:
+        """The service's name in the YAML."""
         return self.runtime.name
 
     @property
-    def journal(self) -> dict[str, Any]:
+    def data(self) -> dict[str, Any]:
+        """The journal as stored (a dict; the runner's): strategies read :attr:`journal`."""
         return self.record.data
 
     @property
+    def journal(self) -> DeployJournal:
+        """The journal as last written, typed (phase, from, to, desired, strategy_state...)."""
+        return DeployJournal.of(self.record.data)
+
+    @property
     def revision(self) -> int:
+        """The store revision of the journal as last written."""
         return self.record.revision
 
     @property
     def config(self) -> Any:
-        """The strategy's config block."""
+        """The strategy's config block (its ``Config`` model), defaults filled in."""
         return self.runtime.strategy.config
+
+    @property
+    def release_from(self) -> Release:
+        """The release being replaced (the target, in a rollback's :meth:`reversed`)."""
+        return self.source
+
+    @property
+    def release_to(self) -> Release:
+        """The release being installed (the old one, in a rollback's :meth:`reversed`)."""
+        return self.target
+
+    @property
+    def phase(self) -> Phase:
+        """The journal's phase: ``running`` forward, ``rolling-back`` backward."""
+        return Phase(self.record.data["phase"])
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The strategy's own resume points, as last saved by :meth:`save_state` (a copy;
+        an older agent's top-level ``step``, ``lb_before``, ``baking_since`` included)."""
+        data = self.record.data
+        state = dict(data.get("strategy_state") or {})
+        for key in LEGACY_STATE:
+            if data.get(key) is not None:
+                state.setdefault(key, data[key])
+        return state
+
+    @property
+    def parallelism(self) -> int:
+        """How many starts or stops the service's actuator takes at once."""
+        return max(1, int(getattr(self.runtime.actuator, "parallelism", 1) or 1))
+
+    @property
+    def can_park(self) -> bool:
+        """Whether the actuator keeps stopped instances (:class:`agent.Parking`)."""
+        return can_park(self.runtime.actuator)
 
     def reversed(self) -> Deployment:
         """The same deploy pointed back at the old release (for rollbacks)."""
@@ -317,9 +446,11 @@ class Deployment:
 
     # ------------------------------------------------------------- journal
     def save(self, **changes: Any) -> None:
-        """Update the journal by compare-and-set; LockLost if another agent owns it."""
+        """Update the journal by compare-and-set; LockLost if another agent owns it.
+
+        The runner's: a strategy writes with :meth:`save_state`."""
         self.check()
-        journal = {**self.journal, **changes}
+        journal = {**self.journal_data_migrated(), **changes}
         key = self.keys.service(self.service, "deploy")
         if not self.store.replace(key, json.dumps(journal), self.revision):
             raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
@@ -328,11 +459,43 @@ class Deployment:
             raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
         self.record.data, self.record.revision = journal, entry.revision
 
+    def journal_data_migrated(self) -> dict[str, Any]:
+        """The stored journal with an older agent's top-level strategy keys moved under
+        ``strategy_state`` (what the next write stores)."""
+        data = self.record.data
+        if not any(key in data for key in LEGACY_STATE):
+            return dict(data)
+        state = self.state
+        return {**{k: v for k, v in data.items() if k not in LEGACY_STATE},
+                "strategy_state": state}
+
+    def save_state(self, *, announce: Sequence[str] | None = None, kept: str | None = None,
+                   **state: Any) -> None:
+        """Record the strategy's resume points in one write (compare-and-set).
+
+        :param state: keys merged into ``strategy_state`` (JSON values; None removes a
+            key), read back by :attr:`state` when the deploy resumes, here or on the next
+            acting agent.
+        :param announce: if given, the versions the loop announces from now on (blue/green
+            holds the new color back until its switch).
+        :param kept: if given, a version whose stopped instances are kept for an instant
+            rollback (see :meth:`park`); a finished deploy records it in ``release``.
+        :raises LockLost, Interrupted: as every step.
+        """
+        merged = {k: v for k, v in {**self.state, **state}.items() if v is not None}
+        changes: dict[str, Any] = {"strategy_state": merged}
+        if announce is not None:
+            changes["announce"] = list(announce)
+        if kept is not None:
+            changes["kept"] = kept
+        self.save(**changes)
+
     def progress(self, done: int, total: int, note: str) -> None:
-        """Record progress (``done`` of ``total`` instances) and tell observers."""
+        """Record progress (``done`` of ``total`` instances, and a note for ``shipmate
+        status``) and tell observers (``shipmate_deploy_progressed``)."""
         self.save(progress={"done": done, "total": total, "note": note, "at": time.time()})
         self.emit("shipmate_deploy_progressed", service=self.service, deploy=self.journal)
-        log.info("%s: deploy %s: %s (%d/%d)", self.service, self.journal["id"], note, done, total)
+        log.info("%s: deploy %s: %s (%d/%d)", self.service, self.data["id"], note, done, total)
 
     def check(self) -> None:
         """Raise Interrupted if the agent is stopping or no longer acts for the cluster, and
@@ -349,20 +512,30 @@ class Deployment:
                 raise LockLost(f"the deploy journal of {self.service} was changed by someone "
                                "else (aborted?)")
 
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (a pause between batches, a bake), but no longer than the agent
+        runs: Interrupted at once when it stops, LockLost if the journal changed."""
+        self.check()
+        if self.stopping.wait(max(0.0, seconds)):
+            raise Interrupted("the agent is stopping; the next agent resumes this deploy")
+        self.check()
+
     # ------------------------------------------------------------- instances
     def instances(self) -> list[Instance]:
-        """This service's instances as the actuator reports them now."""
+        """This service's instances as the actuator reports them now, running or not."""
         return [i for i in self.runtime.actuator.list() if i.service == self.service]
 
+
     def healthy(self, instance: Instance) -> bool:
+        """Whether ``instance`` passes the service's health check now (an error: no)."""
         try:
             return bool(self.runtime.actuator.healthy(instance, self.runtime.config.health))
         except Exception:  # noqa: BLE001 - a failing check is an unhealthy instance
             return False
 
     def start(self, slot: int, release: Release | None = None) -> Instance:
-        """Start ``slot`` of ``release`` (default: the target); DeployError if its port is
-        not the service's to use."""
+        """Start ``slot`` of ``release`` (default: the target) and return it, not yet
+        healthy (see :meth:`wait_healthy`); DeployError if its port is not the service's."""
         self.check()
         spec = self.runtime.spec(slot, release or self.target)
         problem = self.port_problem(self.service, spec.port) if spec.port is not None else None
@@ -373,7 +546,7 @@ class Deployment:
         return instance
 
     def stop(self, instance: Instance, reason: str = "deploy") -> None:
-        """Withdraw ``instance`` from discovery, wait the drain, then stop it."""
+        """Withdraw ``instance`` from discovery, wait the drain, then stop and remove it."""
         self.retire([(instance, reason)])
 
     def stop_all(self, instances: list[Instance], reason: str = "deploy") -> None:
@@ -381,8 +554,9 @@ class Deployment:
         self.retire([(instance, reason) for instance in instances])
 
     def park(self, instance: Instance) -> None:
-        """Withdraw ``instance`` from discovery, wait the drain, then stop it but keep it
-        (actuator.can_park)."""
+        """Withdraw ``instance`` from discovery, wait the drain, then stop it but keep it, for
+        :meth:`unpark` (only where :attr:`can_park`; name its version with
+        ``save_state(kept=...)`` so the loop leaves it alone)."""
         self.retire([(instance, None)])
 
     def retire(self, jobs: list[tuple[Instance, str | None]], parallel: int = 1) -> None:
@@ -391,23 +565,43 @@ class Deployment:
         is None; ``parallel`` at a time. The first failure is raised once all were tried."""
         self.check()
         reasons = {instance.name: reason for instance, reason in jobs}
+        actuator = self.runtime.actuator
+        if any(r is None for r in reasons.values()) and not isinstance(actuator, Parking):
+            raise DeployError(f"the {actuator.type_name} actuator cannot keep stopped instances")
 
         def stop(instance: Instance) -> None:
             reason = reasons[instance.name]
             if reason is None:
-                self.runtime.actuator.park(instance, self.grace)
+                actuator.park(instance, self.grace)
             else:
-                self.runtime.actuator.stop(instance, self.grace)
+                actuator.stop(instance, self.grace)
             self.emit("shipmate_instance_stopped", instance=instance, reason=reason or "kept")
 
         withdraw_then_stop(self.runtime, [instance for instance, _ in jobs], self.grace,
                            stop=stop, before_stop=self.check, parallel=parallel)
 
+    def unpark(self, instance: Instance) -> Instance:
+        """Start a parked instance again and return it (not yet healthy)."""
+        self.check()
+        actuator = self.runtime.actuator
+        if not isinstance(actuator, Parking):
+            raise DeployError(f"the {actuator.type_name} actuator cannot keep stopped instances")
+        started = actuator.unpark(instance)
+        self.emit("shipmate_instance_started", instance=started)
+        return started
+
+    def kept(self) -> set[str]:
+        """Versions whose stopped instances are kept: ``kept`` in ``release`` and the journal."""
+        entry = self.store.get(self.keys.service(self.service, "release"))
+        found = ((parse_object(entry.value) if entry else {}).get("kept"), self.data.get("kept"))
+        return {v for v in found if isinstance(v, str)}
+
+    # ------------------------------------------------------------- discovery
     def announce(self, *instances: Instance) -> None:
         """Announce ``instances`` now (they passed their health check), unless the journal's
         ``announce`` holds their version back (blue/green before its switch). A failure is
         logged, not raised: the loop's next pass announces them too."""
-        announcer, shown = self.runtime.announcer, self.journal.get("announce")
+        announcer, shown = self.runtime.announcer, self.data.get("announce")
         if announcer is None:
             return
         for instance in instances:
@@ -419,18 +613,18 @@ class Deployment:
                 log.warning("%s: cannot announce %s now (the next pass will): %s",
                             self.service, instance.name, exc)
 
-    def unpark(self, instance: Instance) -> Instance:
-        """Start a parked instance again."""
+    def withdraw(self, *instances: Instance) -> None:
+        """Remove ``instances``' announcements now, without stopping them (:meth:`stop`
+        withdraws, drains and stops in one). A failure is logged, not raised."""
         self.check()
-        started = self.runtime.actuator.unpark(instance)
-        self.emit("shipmate_instance_started", instance=started)
-        return started
-
-    def kept(self) -> set[str]:
-        """Versions whose stopped instances are kept: ``kept`` in ``release`` and the journal."""
-        entry = self.store.get(self.keys.service(self.service, "release"))
-        found = ((parse_object(entry.value) if entry else {}).get("kept"), self.journal.get("kept"))
-        return {v for v in found if isinstance(v, str)}
+        announcer = self.runtime.announcer
+        if announcer is None:
+            return
+        for instance in instances:
+            try:
+                announcer.withdraw(instance)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("%s: cannot withdraw %s now: %s", self.service, instance.name, exc)
 
     def wait_healthy(self, instances: list[Instance], timeout: float) -> None:
         """Wait until every one of ``instances`` passes its health check; announce each as
@@ -455,9 +649,10 @@ class Deployment:
                 raise DeployError(f"{', '.join(sorted(waiting))} not healthy after "
                                   f"{timeout:g}s ({self.check_text()})")
             if waiting:
-                time.sleep(0.2)
+                self.sleep(0.2)
 
     def check_text(self) -> str:
+        """The service's health check in words, for error messages."""
         health = self.runtime.config.health
         if health is None:
             return "no health check: the instance must keep running"
@@ -574,7 +769,7 @@ class DeployRunner:
             try:
                 self._begin(deploy, view)
             except DeployError as exc:
-                if deploy.journal.get("phase") != "failed":
+                if deploy.data.get("phase") != "failed":
                     raise
                 log.error("%s: %s", runtime.name, exc)
                 return
@@ -584,9 +779,9 @@ class DeployRunner:
             deploy.desired = min(int(journal["desired"]), self.ceiling())
             log.info("%s: resuming deploy %s at phase %s", runtime.name, journal["id"],
                      journal["phase"])
-        phase = deploy.journal["phase"]
+        phase = deploy.data["phase"]
         if phase in ("finished", "rolled-back"):  # the last agent died recording the end
-            self._finish(deploy, phase, deploy.journal.get("error", ""))
+            self._finish(deploy, phase, deploy.data.get("error", ""))
             return
         if deploy.source.version == deploy.target.version:
             self._finish(deploy, "finished", "already running this release")
@@ -597,7 +792,7 @@ class DeployRunner:
             except (LockLost, Interrupted):
                 raise
             except Exception as exc:  # noqa: BLE001 - any failure means: roll back or pause
-                reason = str(exc) or type(exc).__name__
+                reason = (str(exc) or type(exc).__name__)[:5000]
                 log.error("%s: deploy %s failed: %s", runtime.name, journal["id"], reason)
                 if getattr(strategy.config, "on_failure", "rollback") == "pause":
                     deploy.save(phase="paused", error=reason)
@@ -607,13 +802,14 @@ class DeployRunner:
             else:
                 self._finish(deploy, "finished")
                 return
-        reason = deploy.journal.get("error") or "rolled back"
+        reason = deploy.data.get("error") or "rolled back"
         try:
             strategy.rollback(deploy, reason)
         except (LockLost, Interrupted):
             raise
         except Exception as exc:  # noqa: BLE001
-            deploy.save(phase="failed", error=f"{reason}; the rollback failed too: {exc}")
+            deploy.save(phase="failed",
+                        error=f"{reason}; the rollback failed too: {str(exc)[:5000]}")
             log.error("%s: rollback failed: %s; scaling stays paused until the deploy key "
                       "is removed", runtime.name, exc)
             return
@@ -629,7 +825,7 @@ class DeployRunner:
             log.error("%s: deploy key refused, nothing done: %s", service, problem)
 
     def _begin(self, deploy: Deployment, view: Any) -> None:
-        journal, runtime = deploy.journal, deploy.runtime
+        journal, runtime = deploy.data, deploy.runtime
         current = deploy.source
         if journal.get("restore"):
             recorded = parse_release(history.find_release(
@@ -637,7 +833,7 @@ class DeployRunner:
             if recorded is None:
                 deploy.save(phase="failed", error=f"no release {journal['restore']} is "
                             "recorded to roll back to")
-                raise DeployError(deploy.journal["error"])
+                raise DeployError(deploy.data["error"])
             port = runtime.strategy.target_port(current.port, recorded.port)
             deploy.target = restore_release(recorded, runtime.config, port)
         else:
@@ -665,10 +861,10 @@ class DeployRunner:
         here; if the agent dies between the two writes, the next one resumes a
         deploy that has nothing left to do and finishes it again.
         """
-        if deploy.journal["phase"] != result:
+        if deploy.data["phase"] != result:
             deploy.save(phase=result)
         live = deploy.target if result == "finished" else deploy.source
-        outcome = {"id": deploy.journal["id"], "result": result, "reason": reason}
+        outcome = {"id": deploy.data["id"], "result": result, "reason": reason}
         release_key = self.keys.service(deploy.service, "release")
         entry = self.store.get(release_key)
         current = parse_object(entry.value) if entry else {}
@@ -677,16 +873,16 @@ class DeployRunner:
         previous = (deploy.source.to_json() if result == "finished" and not same
                     else current.get("previous"))
         # stopped instances kept for an instant rollback: the deploy's, or (rolled back) as before
-        kept = deploy.journal.get("kept") if result == "finished" else current.get("kept")
+        kept = deploy.data.get("kept") if result == "finished" else current.get("kept")
         extra = {"kept": kept} if isinstance(kept, str) and kept != live.version else {}
         # a YAML whose deploy rolled back, or that ops rolled back from, is not deployed again
         # until it changes again
         yaml_spec = deploy.runtime.yaml_release.spec
-        if (result == "rolled-back" or deploy.journal.get("restore")) and yaml_spec != live.spec:
+        if (result == "rolled-back" or deploy.data.get("restore")) and yaml_spec != live.spec:
             extra["held"] = yaml_spec
         elif same and current.get("held"):
             extra["held"] = current["held"]
-        record = live.to_json(by=deploy.journal.get("by"), deploy=outcome, previous=previous,
+        record = live.to_json(by=deploy.data.get("by"), deploy=outcome, previous=previous,
                               **extra)
         value = json.dumps(record)
         written = (self.store.replace(release_key, value, entry.revision) if entry
@@ -698,12 +894,12 @@ class DeployRunner:
             raise LockLost(f"the deploy journal of {deploy.service} changed as it ended")
         if not same:
             history.append(self.store, self.keys, deploy.service, "releases", _entry(
-                deploy.target.to_json(by=deploy.journal.get("by")), deploy.source,
-                deploy.target, {**outcome, "request": deploy.journal.get("reason")}))
+                deploy.target.to_json(by=deploy.data.get("by")), deploy.source,
+                deploy.target, {**outcome, "request": deploy.data.get("reason")}))
         if result == "finished":
             self.emit("shipmate_deploy_finished", service=deploy.service, deploy=deploy.journal)
         else:
             self.emit("shipmate_deploy_rolled_back", service=deploy.service,
                       deploy=deploy.journal, reason=reason)
-        log.info("%s: deploy %s %s%s", deploy.service, deploy.journal["id"], result,
+        log.info("%s: deploy %s %s%s", deploy.service, deploy.data["id"], result,
                  f": {reason}" if reason else "")

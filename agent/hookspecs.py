@@ -81,7 +81,7 @@ def shipmate_strategy_types() -> list[type[Strategy]]:
     Called like :func:`shipmate_source_types`.
 
     :returns: a list of :class:`agent.kinds.Strategy` subclasses (YAML
-        ``deploy: {strategy: NAME}``).
+        ``deploy: {type: NAME}``).
     """
 
 

@@ -14,13 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.durations import Duration, Interval, Timeout
 
 if TYPE_CHECKING:
+    from agent.deploys import Deployment
     from agent.instances import Instance, InstanceSpec
     from agent.store import Store
 
@@ -143,22 +144,6 @@ class Actuator(PluginType, ABC):
         when an instance exits, to say why); None by default."""
         return None
 
-    can_park: bool = False
-    "whether :meth:`park` and :meth:`unpark` work (blue/green's ``keep_old``)"
-
-    def park(self, instance: Instance, grace: float) -> None:
-        """Stop ``instance`` but keep it, so that :meth:`unpark` can start it again at once.
-
-        A parked instance is listed with ``running=False``; the loop leaves it
-        alone while its version is ``kept`` (see :mod:`agent.reconcile`). Called
-        only when :attr:`can_park` is true (docker: a stopped container, kept).
-        """
-        raise NotImplementedError(f"the {self.type_name} actuator cannot keep stopped instances")
-
-    def unpark(self, instance: Instance) -> Instance:
-        """Start a parked ``instance`` again and return it (it need not be healthy yet)."""
-        raise NotImplementedError(f"the {self.type_name} actuator cannot keep stopped instances")
-
     def healthy(self, instance: Instance, check: Any) -> bool:
         """Whether ``instance`` passes ``check`` (the service's ``health`` block, or None).
 
@@ -169,6 +154,30 @@ class Actuator(PluginType, ABC):
         from agent.health import probe
 
         return probe(instance, check)
+
+
+@runtime_checkable
+class Parking(Protocol):
+    """An actuator's optional capability: keep a stopped instance, to start it again at once.
+
+    An actuator that has both methods has it (``isinstance(actuator, Parking)``; docker: a
+    stopped container, kept); blue/green's ``keep_old`` needs it, checked when the config
+    loads. A parked instance is listed with ``running=False``; the loop leaves it alone
+    while its version is ``kept`` (see :mod:`agent.reconcile`).
+    """
+
+    def park(self, instance: Instance, grace: float) -> None:
+        """Stop ``instance`` (ask nicely, force after ``grace`` seconds) but keep it."""
+
+    def unpark(self, instance: Instance) -> Instance:
+        """Start a parked ``instance`` again and return it (it need not be healthy yet)."""
+
+
+def can_park(actuator: Any) -> bool:
+    """Whether ``actuator`` (an object or a class) keeps stopped instances (:class:`Parking`)."""
+    if isinstance(actuator, type):
+        return issubclass(actuator, Parking)
+    return isinstance(actuator, Parking)
 
 
 class AnnouncerConfig(TypeConfig):
@@ -249,14 +258,25 @@ class Strategy(PluginType, ABC):
 
     A strategy must be resumable: the agent may die at any point, and the next
     acting agent calls :meth:`run` (or :meth:`rollback`) again with the same
-    journal. Work from what runs (``deploy.instances()``), not from memory.
+    journal. Work from what runs (``deploy.instances()``) and from what the strategy
+    saved (``deploy.state``, written by ``deploy.save_state``), not from memory. Reach
+    the service only through the :class:`agent.Deployment`'s methods; let its
+    :class:`agent.Interrupted` and :class:`agent.LockLost` through.
     """
 
     kind = "strategy"
     Config: ClassVar[type[TypeConfig]] = StrategyConfig
 
+    @classmethod
+    def actuator_problem(cls, config: Any, actuator: type) -> str | None:
+        """Why this strategy, set up by ``config``, cannot deploy a service whose actuator is
+        of class ``actuator``, or None (default). Checked when the config loads: a problem is
+        a config error naming the service (blue/green's ``keep_old`` needs :class:`Parking`)."""
+        return None
+
     def initial_port(self, port: int | None) -> int | None:
-        """The base port of a service's first release (blue/green: the blue port)."""
+        """The base port of a service's first release, given the YAML's ``port`` (default:
+        that one; a strategy that moves releases between ports picks its first)."""
         return port
 
     def target_port(self, current: int | None, configured: int | None) -> int | None:
@@ -265,12 +285,14 @@ class Strategy(PluginType, ABC):
         return configured
 
     @abstractmethod
-    def run(self, deploy: Any) -> None:
-        """Bring ``deploy`` (an :class:`agent.deploys.Deployment`) from its old release to
-        its new one; raise :class:`agent.deploys.DeployError` to fail (and roll back)."""
+    def run(self, deploy: Deployment) -> None:
+        """Bring ``deploy`` from its old release (``deploy.source``) to its new one
+        (``deploy.target``); raise :class:`agent.DeployError` (or anything) to fail: the
+        runner then calls :meth:`rollback` (or pauses, with ``on_failure: pause``)."""
 
-    def rollback(self, deploy: Any, reason: str) -> None:
-        """Restore the old release after a failure; by default, run backwards."""
+    def rollback(self, deploy: Deployment, reason: str) -> None:
+        """Restore the old release after a failure (``reason``); by default, run backwards
+        (:meth:`run` with ``deploy.reversed()``)."""
         self.run(deploy.reversed())
 
 

@@ -106,9 +106,8 @@ class Plugins:
             other = self.types[kind][name].plugin
             return (f"{kind} type {name!r} is offered by both {other!r} and {plugin!r}; "
                     f"block one (SHIPMATE_BLOCK_PLUGINS={other})")
-        key = "strategy" if kind == "strategy" else "type"
         model = create_model(f"{name.title().replace('-', '')}{kind.title()}Config",
-                             __base__=cls.Config, **{key: (Literal[name], ...)})
+                             __base__=cls.Config, type=(Literal[name], ...))
         self.types[kind][name] = TypeEntry(kind, name, cls, model, plugin)
         info = self.infos.get(plugin)
         if info is not None:

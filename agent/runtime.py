@@ -64,7 +64,7 @@ class Builder:
     def make(self, kind: str, cfg: Any, share: bool = True) -> Any:
         if cfg is None:
             return None
-        name = cfg.strategy if kind == "strategy" else cfg.type
+        name = cfg.type
         entry = self.plugins.types[kind][name]
         key = (kind, cfg.model_dump_json())
         if share and key in self.shared:
@@ -80,16 +80,17 @@ class Builder:
             self.owned.append(made)
         return made
 
-    def strategy(self, cfg: Any, name: str | None = None) -> Any:
-        """The strategy of a service's ``deploy`` block; ``name`` picks another type
-        (with that type's defaults unless the block is of that type)."""
-        name = name or (cfg.strategy if cfg is not None else "rolling")
+    def strategy(self, cfg: Any, name: str | None = None, default: str = "rolling") -> Any:
+        """The strategy of a service's ``deploy`` block (none: ``default``, the YAML's
+        ``agent.default_strategy``); ``name`` picks another type (with that type's defaults
+        unless the block is of that type)."""
+        name = name or (cfg.type if cfg is not None else default)
         entry = self.plugins.types["strategy"].get(name)
         if entry is None:
             raise PluginError(f"unknown deploy strategy {name!r}; installed: "
                               f"{', '.join(self.plugins.types['strategy'])}")
-        if cfg is None or cfg.strategy != name:
-            cfg = entry.model(strategy=name)
+        if cfg is None or cfg.type != name:
+            cfg = entry.model(type=name)
         return self.make("strategy", cfg, share=False)
 
     def services(self, config: Config) -> dict[str, ServiceRuntime]:
@@ -105,7 +106,8 @@ class Builder:
             out[name] = ServiceRuntime(
                 name=name, config=svc, cluster=config.agent.cluster,
                 source=service_source(svc, lambda cfg: self.make("source", cfg, share=False)),
-                actuator=actuator, announcer=announcer, strategy=self.strategy(svc.deploy))
+                actuator=actuator, announcer=announcer,
+                strategy=self.strategy(svc.deploy, default=config.agent.default_strategy))
         for key, obj in list(self.shared.items()):
             if id(obj) not in used:
                 obj.close()

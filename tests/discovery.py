@@ -197,7 +197,7 @@ class Service:
     tmp: Path
     count: int
     port: int
-    deploy: str = "{strategy: rolling}"
+    deploy: str = "{type: rolling}"
     image: str = Dockerd.WEB_V1
     init: bool = True
     grace: str = "10s"

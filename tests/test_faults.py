@@ -51,7 +51,7 @@ services:
     source: {{type: static, count: {count}, interval: 2s}}
     actuator: {{type: docker, host: "tcp://127.0.0.1:{docker}"}}
     announce: {{type: etcd, ttl: 4s, key: "/services/{cluster}/{{instance}}"}}
-    deploy: {{strategy: rolling, batch: 1, health_timeout: 20s}}
+    deploy: {{type: rolling, batch: 1, health_timeout: 20s}}
 """
 
 

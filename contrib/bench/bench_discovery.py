@@ -33,13 +33,13 @@ from tests.services import Dockerd, Etcd, Haproxy  # noqa: E402
 
 # kind -> (count, deploy block, what is done, the count after)
 KINDS = {
-    "scale-down 3->1": (3, "{strategy: rolling}", "scale", 1),
-    "rolling 1 start-first": (1, "{strategy: rolling, order: start-first}", "deploy", 1),
-    "rolling 1 stop-first": (1, "{strategy: rolling, order: stop-first}", "deploy", 1),
-    "rolling 3 start-first": (3, "{strategy: rolling, order: start-first}", "deploy", 3),
-    "rolling 3 stop-first": (3, "{strategy: rolling, order: stop-first}", "deploy", 3),
-    "blue-green 2": (2, "{strategy: blue-green, ports: [%d, %d], bake: 1s}", "deploy", 2),
-    "killed 3 (redispatch)": (3, "{strategy: rolling}", "kill", 3),
+    "scale-down 3->1": (3, "{type: rolling}", "scale", 1),
+    "rolling 1 start-first": (1, "{type: rolling, order: start-first}", "deploy", 1),
+    "rolling 1 stop-first": (1, "{type: rolling, order: stop-first}", "deploy", 1),
+    "rolling 3 start-first": (3, "{type: rolling, order: start-first}", "deploy", 3),
+    "rolling 3 stop-first": (3, "{type: rolling, order: stop-first}", "deploy", 3),
+    "blue-green 2": (2, "{type: blue-green, ports: [%d, %d], bake: 1s}", "deploy", 2),
+    "killed 3 (redispatch)": (3, "{type: rolling}", "kill", 3),
 }
 
 

@@ -489,7 +489,6 @@ class DockerActuator(Actuator):
         self._remove(container, instance.name)
 
     # ------------------------------------------------------------ park (keep_old)
-    can_park = True
 
     def park(self, instance: Instance, grace: float) -> None:
         """Stop the container but keep it (exited, same name and labels) for :meth:`unpark`."""

@@ -48,12 +48,15 @@ from pydantic import Field, field_validator
 
 from agent import (
     DeployError,
+    Deployment,
     Duration,
     Instance,
+    Release,
     Strategy,
     StrategyConfig,
     Timeout,
     TypeConfig,
+    can_park,
     hookimpl,
 )
 from plugins.aws import LazyClient
@@ -332,7 +335,15 @@ class BlueGreenStrategy(Strategy):
     def __init__(self, config: BlueGreenConfig, context: Any) -> None:
         super().__init__(config, context)
         self._balancer: ClassicElb | Alb | None = None
-        self._warned = False
+
+    @classmethod
+    def actuator_problem(cls, config: BlueGreenConfig, actuator: type) -> str | None:
+        if config.keep_old and not can_park(actuator):
+            name = getattr(actuator, "type_name", actuator.__name__)
+            return (f"keep_old: the {name} actuator cannot keep stopped instances (it has no "
+                    "park/unpark: agent.Parking); set keep_old: false, or use one that can "
+                    "(docker)")
+        return None
 
     def initial_port(self, port: int | None) -> int | None:
         return self.config.ports[0]
@@ -356,10 +367,10 @@ class BlueGreenStrategy(Strategy):
             self._balancer.close()
 
     # ------------------------------------------------------------ forward
-    def run(self, deploy: Any) -> None:
+    def run(self, deploy: Deployment) -> None:
         source, target, count = deploy.source, deploy.target, deploy.desired
         new, lb = self.color(target.port), self.balancer()
-        step = deploy.journal.get("step") or "starting"
+        step = deploy.state.get("step") or "starting"
         if step not in STEPS:
             raise DeployError(f"blue-green: the journal names an unknown step {step!r}")
         if step == "starting":
@@ -367,32 +378,32 @@ class BlueGreenStrategy(Strategy):
             if lb is not None:  # read-only: a wrong load balancer fails before anything starts
                 lb.check(target.port)
                 lb.snapshot()
-            deploy.save(step="starting", announce=[source.version])
+            deploy.save_state(step="starting", announce=[source.version])
             deploy.progress(0, count, f"starting {new}: {count} of {target.label}")
             self._bring_up(deploy, target, count)
-            deploy.save(step="switching")
+            deploy.save_state(step="switching")
             step = "switching"
         if step == "switching":
             if lb is not None:
-                before = deploy.journal.get("lb_before")
+                before = deploy.state.get("lb_before")
                 if before is None:  # recorded before the first change, for the switch back
                     before = lb.snapshot()
-                    deploy.save(lb_before=before)
+                    deploy.save_state(lb_before=before)
                 if isinstance(lb, ClassicElb) and lb.points_to(before) != source.port:
                     log.warning("%s: %s pointed at port %s, not at the old color's %s",
                                 deploy.service, lb.where, lb.points_to(before), source.port)
                 deploy.progress(count, count, f"switching {lb.where} to {new}")
                 deploy.check()
                 lb.switch(target.port, self._color(deploy, target, count), before)
-            deploy.save(step="baking", baking_since=time.time())
+            deploy.save_state(step="baking", baking_since=time.time())
             step = "baking"
         if step == "baking":
-            self._bake(deploy, float(deploy.journal.get("baking_since") or time.time()))
-            kept = {"kept": source.version} if self._parks(deploy) else {}
-            deploy.save(step="draining", announce=[target.version], **kept)
+            self._bake(deploy, float(deploy.state.get("baking_since") or time.time()))
+            deploy.save_state(step="draining", announce=[target.version],
+                              kept=source.version if self._parks(deploy) else None)
         self._drain(deploy)
 
-    def _check_ports(self, deploy: Any) -> None:
+    def _check_ports(self, deploy: Deployment) -> None:
         source, target, count = deploy.source.port, deploy.target.port, deploy.desired
         if target is None:
             raise DeployError("blue-green: the new release has no port")
@@ -402,23 +413,18 @@ class BlueGreenStrategy(Strategy):
                 f"the running ones on {source} and up: the colors' ports must lie at least the "
                 "count apart")
 
-    def _parks(self, deploy: Any) -> bool:
-        if not self.config.keep_old:
-            return False
-        actuator = deploy.runtime.actuator
-        if not actuator.can_park and not self._warned:
-            self._warned = True
-            log.warning("%s: keep_old: the %s actuator cannot keep stopped instances; the old "
-                        "color is removed", deploy.service, actuator.type_name)
-        return bool(actuator.can_park)
+    def _parks(self, deploy: Deployment) -> bool:
+        """keep_old, on an actuator that can (checked at load: see :meth:`actuator_problem`;
+        ``shipmate deploy --strategy blue-green`` runs with the defaults: keep_old false)."""
+        return bool(self.config.keep_old and deploy.can_park)
 
-    def _color(self, deploy: Any, release: Any, count: int) -> list[Instance]:
+    def _color(self, deploy: Deployment, release: Release, count: int) -> list[Instance]:
         return sorted((i for i in deploy.instances() if i.version == release.version
                        and i.running and i.slot < count), key=lambda i: i.slot)
 
-    def _bring_up(self, deploy: Any, release: Any, count: int) -> None:
+    def _bring_up(self, deploy: Deployment, release: Release, count: int) -> None:
         """Slots 0..count-1 of ``release`` running and healthy; kept ones started again."""
-        kept = release.version in deploy.kept() and deploy.runtime.actuator.can_park
+        kept = release.version in deploy.kept() and deploy.can_park
         up: dict[int, Instance] = {}
         for instance in sorted(deploy.instances(), key=lambda i: not i.running):
             if instance.version != release.version:
@@ -443,7 +449,7 @@ class BlueGreenStrategy(Strategy):
                 up[slot] = deploy.start(slot, release)
         deploy.wait_healthy(list(up.values()), self.config.health_timeout)
 
-    def _bake(self, deploy: Any, since: float) -> None:
+    def _bake(self, deploy: Deployment, since: float) -> None:
         """The new color must stay healthy for ``bake`` (two failed checks in a row fail it)."""
         target, count, bake = deploy.target, deploy.desired, self.config.bake
         strikes: dict[str, int] = {}
@@ -469,10 +475,9 @@ class BlueGreenStrategy(Strategy):
                 reported = elapsed
                 deploy.progress(count, count, f"baking {self.color(target.port)}: "
                                 f"{elapsed:.0f}s of {bake:g}s")
-            deploy.stopping.wait(min(0.5, bake - elapsed))
-            deploy.check()
+            deploy.sleep(min(0.5, bake - elapsed))
 
-    def _drain(self, deploy: Any) -> None:
+    def _drain(self, deploy: Deployment) -> None:
         """Stop (or park) every instance that is not the new color."""
         source, target, count = deploy.source, deploy.target, deploy.desired
         park = self._parks(deploy)
@@ -495,30 +500,29 @@ class BlueGreenStrategy(Strategy):
                         + ("kept stopped" if park else "removed"))
 
     @staticmethod
-    def _parallel(deploy: Any, todo: list[tuple[Instance, str | None]]) -> None:
+    def _parallel(deploy: Deployment, todo: list[tuple[Instance, str | None]]) -> None:
         """Withdraw all of ``todo``, drain once, then stop (reason) or park (None) them, a
         few at a time."""
         if todo:
-            deploy.retire(todo, parallel=max(1, min(8, deploy.runtime.actuator.parallelism)))
+            deploy.retire(todo, parallel=min(8, deploy.parallelism))
 
     # ------------------------------------------------------------ backward
-    def rollback(self, deploy: Any, reason: str) -> None:
+    def rollback(self, deploy: Deployment, reason: str) -> None:
         """Old color back (if stopped), load balancer back (if switched), new color removed."""
         source, target, count = deploy.source, deploy.target, deploy.desired
         old, lb = self.color(source.port), self.balancer()
-        before = deploy.journal.get("lb_before")
-        if before is not None or deploy.journal.get("step") == "draining":
+        before = deploy.state.get("lb_before")
+        if before is not None or deploy.state.get("step") == "draining":
             deploy.progress(0, count, f"rolling back: {old} back to {count} healthy")
             self._bring_up(deploy, source, count)
             if before is not None and lb is not None:
                 deploy.progress(count, count, f"rolling back: switching {lb.where} back")
                 lb.restore(before)
-        deploy.save(announce=[source.version])
+        deploy.save_state(announce=[source.version])
         # the old color back in discovery (each seen passing now) before the new goes out
         deploy.announce(*[i for i in self._color(deploy, source, count) if deploy.healthy(i)])
         # the new release was kept by an earlier deploy: keep it again rather than lose it
-        park = target.version in deploy.kept() - {deploy.journal.get("kept")} and (
-            deploy.runtime.actuator.can_park)
+        park = target.version in deploy.kept() - {deploy.journal.kept} and deploy.can_park
         todo = []
         for instance in deploy.instances():
             if instance.version != target.version:

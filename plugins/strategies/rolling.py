@@ -25,6 +25,7 @@ from pydantic import Field, field_validator
 
 from agent import (
     DeployError,
+    Deployment,
     Duration,
     Interrupted,
     LockLost,
@@ -69,7 +70,7 @@ class RollingStrategy(Strategy):
     type_name = "rolling"
     Config = RollingConfig
 
-    def run(self, deploy) -> None:
+    def run(self, deploy: Deployment) -> None:
         config: RollingConfig = self.config
         target, count = deploy.target, deploy.desired
         batch, failures = config.size(count), 0
@@ -114,10 +115,9 @@ class RollingStrategy(Strategy):
                     raise
                 continue
             if config.pause and old[batch:]:
-                deploy.stopping.wait(config.pause)
-                deploy.check()
+                deploy.sleep(config.pause)
 
-    def _recover(self, deploy, count: int) -> None:
+    def _recover(self, deploy: Deployment, count: int) -> None:
         """First, before anything is stopped (a resumed deploy, or one that begins short):
         slots a dead agent emptied are filled, and instances of the target still starting
         get their full health timeout; neither counts as a failure unless it then fails."""
@@ -136,7 +136,7 @@ class RollingStrategy(Strategy):
                             "instance(s) still starting given their health timeout")
             deploy.wait_healthy(starting + filled, self.config.health_timeout)
 
-    def _stop_first(self, deploy, step, running, count, batch) -> None:
+    def _stop_first(self, deploy: Deployment, step, running, count, batch) -> None:
         slots = [i.slot for i in step]
         if step:
             deploy.stop_all(step)
@@ -146,7 +146,7 @@ class RollingStrategy(Strategy):
         slots += [next(free) for _ in range(min(max(0, missing), batch))]
         deploy.wait_healthy([deploy.start(slot) for slot in slots], self.config.health_timeout)
 
-    def _start_first(self, deploy, step, running) -> None:
+    def _start_first(self, deploy: Deployment, step, running) -> None:
         taken = {i.slot for i in running}
         free = (s for s in itertools.count() if s not in taken)
         started = [deploy.start(next(free)) for _ in step]

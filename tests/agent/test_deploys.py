@@ -35,7 +35,7 @@ services:
     policy: {{max: 5}}
     actuator: {{type: process}}
     announce: {{type: etcd, ttl: 10s}}
-    deploy: {{strategy: rolling, batch: 1, health_timeout: 5s, images: ["v[0-9]", broken]}}
+    deploy: {{type: rolling, batch: 1, health_timeout: 5s, images: ["v[0-9]", broken]}}
 """
 
 
@@ -68,15 +68,15 @@ class Observer:
 
     @hookimpl
     def shipmate_deploy_started(self, service, deploy):
-        self.seen.append(("started", deploy["to"]["image"]))
+        self.seen.append(("started", deploy.to.image))
 
     @hookimpl
     def shipmate_deploy_progressed(self, service, deploy):
-        self.seen.append(("progressed", deploy["phase"]))
+        self.seen.append(("progressed", deploy.phase))
 
     @hookimpl
     def shipmate_deploy_finished(self, service, deploy):
-        self.seen.append(("finished", deploy["to"]["image"]))
+        self.seen.append(("finished", deploy.to.image))
 
     @hookimpl
     def shipmate_deploy_rolled_back(self, service, deploy, reason):

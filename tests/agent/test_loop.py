@@ -304,7 +304,7 @@ def _write(folder: Path, text: str) -> Path:
 
 
 def test_a_deploy_runs_no_more_than_max_instances(make_loop, embedded_store):
-    loop = make_loop(WORKERS.format(ceiling=3) + "    deploy: {strategy: rolling, images: [v2]}\n")
+    loop = make_loop(WORKERS.format(ceiling=3) + "    deploy: {type: rolling, images: [v2]}\n")
     settle(loop)
     started = []
     loop.emit = lambda hook, **kw: started.append(kw) if hook == "shipmate_deploy_started" \
@@ -313,7 +313,7 @@ def test_a_deploy_runs_no_more_than_max_instances(make_loop, embedded_store):
     request_deploy(embedded_store, loop.keys, "worker", image="v2", by="t", reason="t")
     loop.run_pass()
     (begun,) = eventually(lambda: started, 30, "the deploy to begin")
-    assert begun["deploy"]["desired"] == 3
+    assert begun["deploy"].desired == 3
 
 
 DRAINING = """

@@ -76,7 +76,7 @@ def config_text(tmp_path: Path, web: int, api: int | None, *, greeting: str = "h
         env: {{GREETING: {greeting}{extra_env}}}
         health: {{http: /, timeout: 2s}}
         source: {{type: static, count: 2}}
-        deploy: {{strategy: rolling, health_timeout: 120s}}
+        deploy: {{type: rolling, health_timeout: 120s}}
     """
     if api is not None:
         text += f"""

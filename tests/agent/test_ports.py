@@ -42,7 +42,7 @@ def test_a_range_past_65535_or_over_agent_http_is_refused(load_test_config):
 
 def test_blue_green_colors_count_as_ranges_too(load_test_config):
     text = SERVICES.format(http=9464, max=2).replace("port: 8010", "port: 8020") + (
-        "    deploy: {strategy: blue-green, ports: [%d, 9010]}\n")
+        "    deploy: {type: blue-green, ports: [%d, 9010]}\n")
     load_test_config(text % 8030)
     with pytest.raises(ConfigError, match="ports 8001-8002 overlap service web's ports 8000-8001"):
         load_test_config(text % 8001)

@@ -78,7 +78,7 @@ def test_a_scale_down_to_one_fails_no_request_and_drains_first(web):
 @pytest.mark.parametrize(("count", "order"), [(1, "start-first"), (1, "stop-first"),
                                               (3, "start-first"), (3, "stop-first")])
 def test_a_rolling_deploy_fails_no_request(web, count, order):
-    service = web(count, deploy=f"{{strategy: rolling, order: {order}}}")
+    service = web(count, deploy=f"{{type: rolling, order: {order}}}")
     measured = service.measure(lambda: service.request_deploy(V2),
                                lambda: service.wait_settled(image=V2, what="deployed v2"))
     assert measured.failed == 0, str(measured)
@@ -88,7 +88,7 @@ def test_a_rolling_deploy_fails_no_request(web, count, order):
 
 def test_a_blue_green_deploy_fails_no_request(web):
     base = port_block(30)
-    service = web(2, port=base, deploy=f"{{strategy: blue-green, ports: [{base}, {base + 10}], "
+    service = web(2, port=base, deploy=f"{{type: blue-green, ports: [{base}, {base + 10}], "
                                        "bake: 1s}")
     measured = service.measure(lambda: service.request_deploy(V2),
                                lambda: service.wait_settled(image=V2, what="deployed green"))
@@ -122,7 +122,7 @@ def test_an_instance_killed_behind_the_agents_back_leaves_discovery_at_once(web)
 def test_a_stop_longer_than_the_ttl_is_not_announced_again(web, how):
     # busybox httpd as PID 1 ignores SIGTERM: each stop takes the whole 8 s grace, 4 ttls
     service = web(2, init=False, ttl="2s", grace="8s",
-                  deploy="{strategy: rolling, order: start-first}")
+                  deploy="{type: rolling, order: start-first}")
     before = dict(service.announced())
 
     def act() -> None:

@@ -69,7 +69,7 @@ class Elb:
 
 def blue_green(blue: int, green: int, lb: str, *, bake: str = "1s", keep_old: bool = False
                ) -> str:
-    return (f"{{strategy: blue-green, ports: [{blue}, {green}], health_timeout: 10s, "
+    return (f"{{type: blue-green, ports: [{blue}, {green}], health_timeout: 10s, "
             f"bake: {bake}, keep_old: {str(keep_old).lower()}, load_balancer: {lb}}}")
 
 
@@ -177,7 +177,7 @@ def test_a_failed_bake_switches_the_listener_back(elb_cluster, dockerd):
         rows = [c for c in cluster.containers() if c["Labels"]["shipmate.port"] == str(green)]
         dockerd.client().api.kill(rows[0]["Id"])
 
-    crash = OnJournal(cluster, lambda j: j.get("step") == "baking", kill_green)
+    crash = OnJournal(cluster, lambda j: _step(j) == "baking", kill_green)
     with Sampler(serving_behind(cluster, elb, blue)) as sampler:
         result = cluster.shipmate("deploy", "web", "--image", V2)
     assert crash.fired.is_set()
@@ -227,14 +227,14 @@ def test_deploy_with_blue_green_on_a_service_without_its_settings_is_refused(wri
             command: [sleep, "60"]
             source: {type: static, count: 1}
             actuator: {type: process}
-            deploy: {strategy: rolling}
+            deploy: {type: rolling}
         """)
     result = subprocess.run([sys.executable, "-m", "agent", "deploy", "web", "--image", "x",
                              "--strategy", "blue-green", "-c", str(path)],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert "strategy blue-green needs settings (ports)" in result.stderr
-    assert "deploy: {strategy: blue-green, ...}" in result.stderr
+    assert "deploy: {type: blue-green, ...}" in result.stderr
     assert not (path.parent / ".shipmate").exists()  # refused before any request was written
 
 
@@ -296,14 +296,19 @@ def green_started(cluster: Cluster, green: int) -> bool:
     return any(c["Labels"]["shipmate.port"] == str(green) for c in cluster.containers())
 
 
+def _step(journal: dict[str, Any]) -> str | None:
+    """The blue/green step the journal records (under the strategy's own state)."""
+    return journal.get("strategy_state", {}).get("step")
+
+
 FORWARD = {
     # mid-start: one green container created (seen by the poll), the other not yet
-    "starting": lambda j, started: j.get("step") == "starting" and started(),
+    "starting": lambda j, started: _step(j) == "starting" and started(),
     # the moment the listener's state is recorded: the switch is under way
-    "switching": lambda j, _: "lb_before" in j,
-    "baking": lambda j, _: j.get("step") == "baking",
-    "draining": lambda j, _: j.get("step") == "draining",
-    "draining-keep-old": lambda j, _: j.get("step") == "draining",
+    "switching": lambda j, _: "lb_before" in j.get("strategy_state", {}),
+    "baking": lambda j, _: _step(j) == "baking",
+    "draining": lambda j, _: _step(j) == "draining",
+    "draining-keep-old": lambda j, _: _step(j) == "draining",
 }
 
 
@@ -358,7 +363,7 @@ def test_agent_killed_rolling_back_after_the_switch_the_next_switches_back(elb_c
         rows = [c for c in cluster.containers() if c["Labels"]["shipmate.port"] == str(green)]
         dockerd.client().api.kill(rows[0]["Id"])
 
-    crash = OnJournal(cluster, lambda j: j.get("step") == "baking", kill_green)
+    crash = OnJournal(cluster, lambda j: _step(j) == "baking", kill_green)
     killer = kill_at(cluster, cluster.agents[0], lambda j: j.get("phase") == "rolling-back")
     with Sampler(serving_behind(cluster, elb, blue)) as sampler:
         cluster.request(V2)

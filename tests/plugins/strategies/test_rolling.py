@@ -9,7 +9,7 @@ from __future__ import annotations
 from tests.helpers import eventually, port_block
 from tests.plugins.strategies.support import BROKEN, V1, V2, Sampler, kill_at
 
-ROLLING = "{strategy: rolling, batch: 1, health_timeout: 10s}"
+ROLLING = "{type: rolling, batch: 1, health_timeout: 10s}"
 
 
 def test_four_instances_roll_to_v2_with_three_serving_and_broken_v3_rolls_back(make_cluster):
