@@ -609,6 +609,7 @@ def _deploy_types(data: dict[str, Any], lines: dict[Path_, int], source: str
         if "type" in block:
             problems.append((line, _dotted(where), "give the deploy's type once, as type: "
                              "(strategy: is its old name)"))
+            del block["strategy"]  # one error, not a second one for an unknown key
             continue
         block["type"] = block.pop("strategy")
         lines.setdefault(path + ("type",), line)

@@ -21,11 +21,12 @@ others or the agent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    from agent.deploys import DeployJournal
     from agent.instances import Instance
     from agent.kinds import Actuator, Announcer, Source, Strategy
 
@@ -122,37 +123,44 @@ def shipmate_instance_stopped(instance: Instance, reason: str) -> None:
 
 
 @hookspec
-def shipmate_deploy_started(service: str, deploy: dict[str, Any]) -> None:
-    """A deploy of ``service`` began.
+def shipmate_deploy_started(service: str, deploy: DeployJournal) -> None:
+    """A deploy of ``service`` began: its journal now says ``running``.
 
     :param service: the service's name.
-    :param deploy: the journal as written to the store (phase, from, to, strategy).
+    :param deploy: the journal as just written (:class:`agent.DeployJournal`): ``id``,
+        ``phase`` (an :class:`agent.Phase`), ``strategy``, ``from_`` and ``to`` (the old
+        and new :class:`agent.Release`), ``desired``, ``by``, ``reason``.
     """
 
 
 @hookspec
-def shipmate_deploy_progressed(service: str, deploy: dict[str, Any]) -> None:
-    """A deploy moved on: a phase changed or an instance was replaced.
+def shipmate_deploy_progressed(service: str, deploy: DeployJournal) -> None:
+    """A deploy moved on: a batch replaced, a blue/green step begun, a rollback's step.
 
     :param service: the service's name.
-    :param deploy: the journal as just written to the store.
+    :param deploy: the journal as just written (:class:`agent.DeployJournal`); its
+        ``progress`` says how far (``done`` of ``total`` instances, and a ``note``), its
+        ``phase`` which way (``running``, ``rolling-back``).
     """
 
 
 @hookspec
-def shipmate_deploy_finished(service: str, deploy: dict[str, Any]) -> None:
+def shipmate_deploy_finished(service: str, deploy: DeployJournal) -> None:
     """A deploy completed: the new release serves and is recorded as ``release``.
 
     :param service: the service's name.
-    :param deploy: the final journal.
+    :param deploy: the final journal (:class:`agent.DeployJournal`, phase ``finished``):
+        ``deploy.to`` is the release now running.
     """
 
 
 @hookspec
-def shipmate_deploy_rolled_back(service: str, deploy: dict[str, Any], reason: str) -> None:
-    """A deploy failed and the previous release was restored.
+def shipmate_deploy_rolled_back(service: str, deploy: DeployJournal, reason: str) -> None:
+    """A deploy failed (or was aborted) and the previous release was restored.
 
     :param service: the service's name.
-    :param deploy: the final journal.
+    :param deploy: the final journal (:class:`agent.DeployJournal`, phase
+        ``rolled-back``): ``deploy.from_`` is the release running again, ``deploy.error``
+        what failed.
     :param reason: the check or error that failed.
     """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -104,6 +105,32 @@ def test_check_lists_every_error_with_its_line(write_config):
     assert lines[2].startswith(f"{path}:6: services.web.actuator.hots: unknown key 'hots'")
     assert lines[3] == "error: 3 errors in the config"
     assert "Traceback" not in result.stderr
+
+
+def test_check_fails_a_blocked_default_strategy_and_warns_of_strategy_keys(write_config):
+    path = write_config("""
+        agent: {cluster: cli}
+        defaults:
+          actuator: {type: process}
+          source: {type: static, count: 1}
+        services:
+          web:
+            command: [sleep, "100"]
+          api:
+            command: [sleep, "100"]
+            deploy: {strategy: blue-green, ports: [8000, 9000]}
+        """)
+    blocked = subprocess.run([sys.executable, "-m", "agent", "check", "-c", str(path)],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "SHIPMATE_BLOCK_PLUGINS": "rolling"})
+    assert blocked.returncode == 1
+    assert (f"{path}:6: services.web: no deploy: block, and the default deploy strategy "
+            "'rolling' (agent.default_strategy) is not installed (blocked?)") in blocked.stderr
+    assert "services.api" not in blocked.stderr.replace("services.api.deploy.strategy", "")
+    fine = shipmate("check", "-c", str(path))
+    assert fine.returncode == 0, fine.stderr
+    assert (f"{path}:10: services.api.deploy.strategy: deprecated: write type: blue-green"
+            in fine.stderr)
 
 
 def test_one_line_errors(config, tmp_path, write_config):

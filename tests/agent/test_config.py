@@ -365,3 +365,78 @@ def test_every_yaml_or_decoding_problem_is_a_config_error_with_its_line(
         load_config(path, shipmate_plugins)
     assert any(e.startswith(f"{path}:{line}: ") and expected in e for e in caught.value.errors), \
         caught.value.errors
+
+
+DEPLOYS = """
+agent: {cluster: demo}
+defaults:
+  actuator: {type: process}
+  source: {type: static, count: 1}
+services:
+  web:
+    command: [sleep, "100"]
+    deploy: {strategy: rolling, batch: 2}
+  api:
+    command: [sleep, "100"]
+    deploy: {type: rolling, order: start-first}
+"""
+
+
+def test_deploy_blocks_are_typed_by_type_and_strategy_is_read_with_a_warning(
+        load_test_config, caplog):
+    with caplog.at_level("WARNING", logger="shipmate.config"):
+        config = load_test_config(DEPLOYS)
+    web, api = config.services["web"].deploy, config.services["api"].deploy
+    assert (web.type, web.batch) == ("rolling", 2)
+    assert (api.type, api.order) == ("rolling", "start-first")
+    (warning,) = config.warnings
+    assert warning.endswith(":8: services.web.deploy.strategy: deprecated: write type: "
+                            "rolling (strategy: is the old name of the key)")
+    assert warning in caplog.text
+
+
+def test_a_deploy_block_with_both_type_and_strategy_is_an_error(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config(DEPLOYS.replace("{strategy: rolling,", "{strategy: rolling, type: rolling,"))
+    (error,) = caught.value.errors
+    assert ":8: services.web.deploy.strategy: give the deploy's type once, as type:" in error
+
+
+def test_a_blocked_default_strategy_fails_the_services_without_a_deploy_block(
+        write_config):
+    from agent.config import load_config
+    from agent.plugins import load_plugins
+
+    path = write_config(GOOD)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, load_plugins(block=["rolling"]))
+    (error,) = caught.value.errors
+    assert ":8: services.web: no deploy: block, and the default deploy strategy 'rolling' " \
+           "(agent.default_strategy) is not installed (blocked?); installed: blue-green" in error
+    # with a deploy: block of an installed strategy it loads
+    config = load_config(write_config(GOOD.replace(
+        "port: 8080", "port: 8080\n    deploy: {type: blue-green, ports: [8080, 9080]}")),
+        load_plugins(block=["rolling"]))
+    assert config.services["web"].deploy.type == "blue-green"
+
+
+def test_a_default_strategy_that_needs_settings_is_an_error(load_test_config):
+    with pytest.raises(ConfigError) as caught:
+        load_test_config(GOOD.replace("interval: 1m30s", "default_strategy: blue-green"))
+    errors = caught.value.errors
+    assert any(":3: agent.default_strategy: the default deploy strategy 'blue-green' "
+               "(agent.default_strategy) needs settings (ports)" in e for e in errors), errors
+    assert any(":8: services.web: no deploy: block" in e for e in errors), errors
+
+
+def test_keep_old_on_an_actuator_that_cannot_park_is_an_error_naming_the_service(
+        load_test_config):
+    text = DEPLOYS.replace("{strategy: rolling, batch: 2}",
+                           "{type: blue-green, ports: [8000, 9000], keep_old: true}")
+    with pytest.raises(ConfigError) as caught:
+        load_test_config(text)
+    (error,) = caught.value.errors
+    assert ":8: services.web.deploy: keep_old: the process actuator cannot keep stopped " \
+           "instances" in error
+    config = load_test_config(text.replace("keep_old: true", "keep_old: false"))
+    assert config.services["web"].deploy.keep_old is False
