@@ -12,13 +12,25 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Literal
 
 import pytest
 
-from agent import hookimpl
-from agent.deploys import request_deploy
+from agent import (
+    DeployError,
+    DeployJournal,
+    Deployment,
+    LockLost,
+    Phase,
+    Release,
+    Strategy,
+    StrategyConfig,
+    hookimpl,
+)
+from agent.deploys import DeployRunner, request_deploy
 from agent.keys import Keys, parse_object
 from agent.plugins import load_plugins
+from agent.reconcile import ServiceView
 from agent.runtime import Agent
 from tests.helpers import eventually, kill_recorded, port_block, process_records
 
@@ -334,3 +346,270 @@ def test_a_journal_too_big_is_refused():
     assert problem is not None and "bytes" in problem
     nested = '{"id": "a", "phase": "requested", "by": ' + "[" * 5000 + "]" * 5000 + "}"
     assert "recursion" in (check_journal(nested, runtime) or "").lower()
+
+
+# ---------------------------------------------------------------- the runner, unit by unit
+#
+# The runner on the embedded store, with a strategy that follows a script instead of
+# starting anything: each step is a function of the Deployment, as a strategy's code is.
+
+RUNNER = """
+agent: {cluster: unit}
+services:
+  web:
+    image: v1
+    command: [sleep, "300"]
+    source: {type: static, count: 2}
+    actuator: {type: process}
+    deploy: {type: rolling, images: ["v*"]}
+"""
+
+
+class ScriptedConfig(StrategyConfig):
+    on_failure: Literal["rollback", "pause"] = "rollback"
+
+
+class Scripted(Strategy):
+    """Runs ``script`` (functions of the Deployment) forward, ``backward`` on a rollback."""
+
+    type_name = "scripted"
+    Config = ScriptedConfig
+
+    def __init__(self, script, backward=(), on_failure="rollback") -> None:
+        super().__init__(ScriptedConfig(on_failure=on_failure), None)
+        self.script, self.backward = list(script), list(backward)
+        self.calls: list[tuple[str, str, str]] = []  # (run | rollback, from, to)
+
+    def run(self, deploy: Deployment) -> None:
+        self.calls.append(("run", deploy.release_from.image, deploy.release_to.image))
+        for step in self.script:
+            step(deploy)
+
+    def rollback(self, deploy: Deployment, reason: str) -> None:
+        self.calls.append(("rollback", deploy.release_from.image, reason))
+        for step in self.backward:
+            step(deploy)
+
+
+class Unit:
+    """One service's runtime, a runner and the writes of its deploy key, on the embedded
+    store; ``events`` records what the runner emitted."""
+
+    def __init__(self, store, load_test_config, tmp_path) -> None:
+        from agent.kinds import Context
+        from agent.runtime import Builder
+
+        self.store = store
+        config = load_test_config(RUNNER)
+        self.builder = Builder(load_plugins(), Context("unit", store, tmp_path))
+        self.runtime = self.builder.services(config)["web"]
+        self.keys = Keys(config.key_prefix)
+        self.key = self.keys.service("web", "deploy")
+        self.strategy: Strategy | None = None
+        self.events: list[tuple[str, dict]] = []
+        self.writes: list[str | None] = []  # each value of the deploy key (None: deleted)
+        self.watch = store.watch(self.key, lambda events: self.writes.extend(
+            e.value or None for e in events if e.key == self.key))
+
+    def runner(self) -> DeployRunner:
+        return DeployRunner(store=self.store, keys=self.keys, grace=1.0,
+                            emit=lambda hook, **kw: self.events.append((hook, kw)),
+                            strategies=lambda service, name: self.strategy)
+
+    def view(self) -> ServiceView:
+        entry, release = self.store.get(self.key), self.store.get(
+            self.keys.service("web", "release"))
+        return ServiceView(name="web", desired=2, deploy=parse_object(entry.value) if entry
+                           else None, release=parse_object(release.value) if release else None)
+
+    def request(self) -> None:
+        request_deploy(self.store, self.keys, "web", image="v2", by="t", reason="test")
+
+    def journal(self) -> dict | None:
+        entry = self.store.get(self.key)
+        return json.loads(entry.value) if entry else None
+
+    def release(self) -> dict | None:
+        entry = self.store.get(self.keys.service("web", "release"))
+        return json.loads(entry.value) if entry else None
+
+    def phases(self, until: str | None) -> list[str | None]:
+        """The phases written to the deploy key, in order (None: deleted), once the last
+        write was ``until`` (the watch reports them on its own thread)."""
+        def seen() -> list[str | None]:
+            phases = [json.loads(w)["phase"] if w else None for w in list(self.writes)]
+            return phases if phases and phases[-1] == until else []
+        return list(dict.fromkeys(eventually(seen, 20, f"the journal's last phase {until}")))
+
+    def close(self) -> None:
+        self.watch.cancel()
+        self.builder.close()
+
+
+@pytest.fixture
+def unit(embedded_store, load_test_config, tmp_path):
+    made = Unit(embedded_store, load_test_config, tmp_path)
+    yield made
+    made.close()
+
+
+def hooks(unit: Unit) -> list[str]:
+    return [hook.removeprefix("shipmate_deploy_") for hook, _ in unit.events]
+
+
+def test_the_runner_writes_the_phases_in_order_and_emits_the_typed_journal(unit):
+    seen: list[DeployJournal] = []
+
+    def half(deploy: Deployment) -> None:
+        assert deploy.phase is Phase.RUNNING and deploy.desired == 2
+        deploy.progress(1, 2, "one of two")
+        deploy.save_state(step="half", announce=[deploy.release_to.version])
+        seen.append(deploy.journal)
+
+    unit.strategy = Scripted([half, lambda deploy: deploy.progress(2, 2, "both")])
+    unit.request()
+    unit.runner().execute(unit.runtime, unit.view())
+    assert unit.phases(until=None) == ["requested", "running", "finished", None]
+    assert unit.strategy.calls == [("run", "v1", "v2")]
+    (journal,) = seen
+    assert journal.strategy_state == {"step": "half"} and journal.announce == [
+        journal.to.version]
+    assert isinstance(journal.to, Release) and (journal.from_.image, journal.to.image) == (
+        "v1", "v2")
+    assert hooks(unit) == ["started", "progressed", "progressed", "finished"]
+    started, finished = unit.events[0][1]["deploy"], unit.events[-1][1]["deploy"]
+    assert isinstance(started, DeployJournal) and started.phase == "running"
+    assert started.strategy == "scripted" and started.desired == 2
+    assert [kw["deploy"].progress.done for hook, kw in unit.events[1:3]] == [1, 2]
+    assert finished.phase is Phase.FINISHED and finished.to.image == "v2"
+    release = unit.release()
+    assert release["image"] == "v2" and release["deploy"]["result"] == "finished"
+    assert release["previous"]["image"] == "v1"
+
+
+def test_a_lost_lock_stops_the_deploy_and_nothing_more_is_written(unit):
+    def taken(deploy: Deployment) -> None:
+        deploy.progress(0, 2, "begun")
+        unit.store.delete(unit.key)  # another agent (or ops) took the key away
+        deploy.save_state(step="never written")
+
+    unit.strategy = Scripted([taken])
+    unit.request()
+    with pytest.raises(LockLost):
+        unit.runner().execute(unit.runtime, unit.view())
+    assert unit.phases(until=None) == ["requested", "running", None]
+    assert unit.journal() is None and unit.release() is None
+    assert "never written" not in "".join(w for w in unit.writes if w)
+    assert hooks(unit) == ["started", "progressed"]  # neither finished nor rolled back
+    assert unit.strategy.calls == [("run", "v1", "v2")]  # no rollback either
+
+
+def test_a_stopped_runner_leaves_the_journal_for_the_next_one_to_resume(unit):
+    sleeping = threading.Event()
+
+    def nap(deploy: Deployment) -> None:
+        if deploy.state.get("step") == "slept":
+            return
+        deploy.save_state(step="napping")
+        sleeping.set()
+        deploy.sleep(120)  # the agent stops meanwhile
+        deploy.save_state(step="slept")
+
+    unit.strategy = Scripted([nap])
+    unit.request()
+    first = unit.runner()
+    first.launch(unit.runtime, unit.view())
+    assert sleeping.wait(20)
+    began = time.monotonic()
+    first.stop(timeout=20)
+    assert not first.busy("web") and time.monotonic() - began < 15
+    left = unit.journal()
+    assert left["phase"] == "running" and left["strategy_state"] == {"step": "napping"}
+    assert unit.release() is None and "finished" not in hooks(unit)
+    # the next acting agent resumes it where it was: the strategy sees its own state
+    resumed = Scripted([lambda deploy: deploy.save_state(step="slept"), nap])
+    unit.strategy = resumed
+    unit.runner().execute(unit.runtime, unit.view())
+    assert resumed.calls == [("run", "v1", "v2")]
+    assert unit.release()["image"] == "v2" and unit.journal() is None
+
+
+def test_a_failing_strategy_rolls_back_and_the_release_stays(unit):
+    def fail(deploy: Deployment) -> None:
+        deploy.progress(1, 2, "half way")
+        raise DeployError("web-1 not healthy after 5s")
+
+    back: list[Phase] = []
+    unit.strategy = Scripted([fail], backward=[lambda deploy: back.append(deploy.phase)])
+    unit.request()
+    unit.runner().execute(unit.runtime, unit.view())
+    assert unit.phases(until=None) == ["requested", "running", "rolling-back", "rolled-back",
+                                       None]
+    assert unit.strategy.calls == [("run", "v1", "v2"),
+                                   ("rollback", "v1", "web-1 not healthy after 5s")]
+    assert back == [Phase.ROLLING_BACK]
+    release = unit.release()
+    assert release["image"] == "v1" and release["deploy"]["result"] == "rolled-back"
+    assert hooks(unit)[-1] == "rolled_back"
+    rolled = unit.events[-1][1]
+    assert rolled["reason"] == "web-1 not healthy after 5s"
+    assert rolled["deploy"].phase is Phase.ROLLED_BACK
+    assert rolled["deploy"].error == "web-1 not healthy after 5s"
+
+
+def test_a_paused_deploy_waits_until_rollback_resumes_it_backwards(unit):
+    def fail(deploy: Deployment) -> None:
+        raise DeployError("bad release")
+
+    unit.strategy = Scripted([fail], on_failure="pause")
+    unit.request()
+    runner = unit.runner()
+    runner.execute(unit.runtime, unit.view())
+    paused = unit.journal()
+    assert (paused["phase"], paused["error"]) == ("paused", "bad release")
+    assert unit.phases(until="paused") == ["requested", "running", "paused"]
+    # the runner leaves a paused journal alone, pass after pass
+    for _ in range(3):
+        assert runner.launch(unit.runtime, unit.view()) is None and not runner.busy("web")
+        runner.execute(unit.runtime, unit.view())
+    assert unit.journal() == paused and unit.release() is None
+    assert unit.strategy.calls == [("run", "v1", "v2")]
+    # `shipmate rollback` writes rolling-back into it: the next pass finishes it backwards
+    entry = unit.store.get(unit.key)
+    assert unit.store.replace(unit.key, json.dumps({**paused, "phase": "rolling-back"}),
+                              entry.revision)
+    runner.execute(unit.runtime, unit.view())
+    assert unit.strategy.calls[-1] == ("rollback", "v1", "bad release")
+    assert unit.journal() is None and unit.release()["deploy"]["result"] == "rolled-back"
+    assert unit.phases(until=None)[-2:] == ["rolled-back", None]
+
+
+def test_a_journal_of_an_older_agent_resumes_with_its_strategy_state(unit):
+    """Before strategy_state, a strategy's keys were the journal's own: a deploy in flight
+    through an upgrade resumes with them, and the next write moves them under it."""
+    unit.strategy = Scripted([])
+    unit.request()
+    old = unit.runtime.yaml_release
+    from agent.releases import make_release
+
+    new = make_release(unit.runtime.config, image="v2", port=None)
+    entry = unit.store.get(unit.key)
+    journal = {**json.loads(entry.value), "phase": "running", "desired": 2,
+               "strategy": "scripted", "from": old.to_json(), "to": new.to_json(),
+               "step": "baking", "baking_since": 1764280000.0}
+    assert unit.store.replace(unit.key, json.dumps(journal), entry.revision)
+    states: list[dict] = []
+
+    def resume(deploy: Deployment) -> None:
+        states.append(deploy.state)
+        assert deploy.journal.strategy_state == states[0]
+        deploy.save_state(step="draining")
+        states.append(json.loads(unit.store.get(unit.key).value))
+
+    unit.strategy = Scripted([resume])
+    unit.runner().execute(unit.runtime, unit.view())
+    assert states[0] == {"step": "baking", "baking_since": 1764280000.0}
+    written = states[1]
+    assert written["strategy_state"] == {"step": "draining", "baking_since": 1764280000.0}
+    assert "step" not in written and "baking_since" not in written
+    assert unit.release()["image"] == "v2"
