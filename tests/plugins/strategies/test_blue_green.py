@@ -368,7 +368,7 @@ def test_agent_killed_rolling_back_after_the_switch_the_next_switches_back(elb_c
     with Sampler(serving_behind(cluster, elb, blue)) as sampler:
         cluster.request(V2)
         journal = killer.wait()
-        assert crash.fired.is_set() and "lb_before" in journal
+        assert crash.fired.is_set() and "lb_before" in journal["strategy_state"]
         cluster.start_agent()
         release = cluster.wait_settled(timeout=40, what="v1 on blue again")
     assert (release["image"], release["port"]) == (V1, blue)
