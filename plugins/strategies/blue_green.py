@@ -3,7 +3,7 @@
 A service has two fixed base ports, ``ports: [BLUE, GREEN]``; its first
 release runs on blue, and each deploy moves it to the other color (slot ``i``
 of a color listens on its port + ``i``). A deploy goes through these steps,
-each recorded in the journal as ``step``:
+each recorded in the journal's ``strategy_state`` as ``step``:
 
 1. ``starting``: the new release starts in full (the deploy's count) on the
    new color's ports and every instance must pass its health check within

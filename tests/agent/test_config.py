@@ -397,7 +397,8 @@ def test_deploy_blocks_are_typed_by_type_and_strategy_is_read_with_a_warning(
 
 def test_a_deploy_block_with_both_type_and_strategy_is_an_error(load_test_config):
     with pytest.raises(ConfigError) as caught:
-        load_test_config(DEPLOYS.replace("{strategy: rolling,", "{strategy: rolling, type: rolling,"))
+        load_test_config(DEPLOYS.replace("{strategy: rolling,",
+                                         "{strategy: rolling, type: rolling,"))
     (error,) = caught.value.errors
     assert ":8: services.web.deploy.strategy: give the deploy's type once, as type:" in error
 
