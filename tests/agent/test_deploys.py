@@ -104,6 +104,28 @@ def observer() -> Observer:
     return Observer()
 
 
+class Recreate(Strategy):
+    """A third party's strategy, written with ``agent``'s exports only: stop every old
+    instance, then start the new ones (a gap in service, by design)."""
+
+    type_name = "recreate"
+
+    def run(self, deploy: Deployment) -> None:
+        old = [i for i in deploy.instances() if i.version != deploy.target.version]
+        deploy.progress(0, deploy.desired, f"stopping {len(old)}")
+        deploy.stop_all(old)
+        running = {i.slot for i in deploy.instances() if i.running}
+        started = [deploy.start(slot) for slot in range(deploy.desired) if slot not in running]
+        deploy.wait_healthy(started, self.config.health_timeout)
+        deploy.progress(deploy.desired, deploy.desired, "all started")
+
+
+class RecreatePlugin:
+    @hookimpl
+    def shipmate_strategy_types(self) -> list[type[Strategy]]:
+        return [Recreate]
+
+
 @pytest.fixture
 def cluster(write_config, tmp_path, observer):
     for release in ("v1", "v2", "v3"):
@@ -111,7 +133,8 @@ def cluster(write_config, tmp_path, observer):
         (tmp_path / release / "index.html").write_text(release)
     port = port_block(8)
     path = write_config(CONFIG.format(root=tmp_path, port=port))
-    agent = Agent(path, plugins=load_plugins(extra=[("observer", observer)]))
+    agent = Agent(path, plugins=load_plugins(extra=[("observer", observer),
+                                                    ("recreate", RecreatePlugin())]))
     thread = threading.Thread(target=agent.run, daemon=True)
     thread.start()
     eventually(lambda: all(body(port + i) == "v1" for i in range(4)), timeout=20,
@@ -172,6 +195,16 @@ def test_deploy_events_reach_plugins(cluster, observer):
     assert shipmate("deploy", "web", "--image", "broken", "-c", str(path)).returncode == 1
     kind, reason = observer.seen[-1]
     assert kind == "rolled back" and "health check" in reason
+
+
+def test_a_third_party_strategy_deploys_through_the_public_api(cluster, observer):
+    agent, path, port = cluster
+    request_deploy(agent.store, Keys("/shipmate/dep"), "web", image="v2", strategy="recreate",
+                   by="t", reason="t")
+    eventually(lambda: release(agent)["image"] == "v2", timeout=30, what="v2 recorded")
+    assert [body(port + i) for i in range(4)] == ["v2"] * 4
+    assert release(agent)["deploy"]["result"] == "finished"
+    assert ("started", "v2") in observer.seen and ("progressed", "running") in observer.seen
 
 
 def test_rollback_returns_to_the_previous_release(cluster):
