@@ -160,10 +160,9 @@ def _stored_release(value: Any) -> Release:
     if isinstance(value, Release):
         return value
     stored = StoredRelease.model_validate(value)
-    release = parse_release(stored.model_dump(exclude_none=True))
-    if release is None:
-        raise ValueError("not a release (version, image and port as a release records them)")
-    return release
+    return Release(stored.image, stored.port, stored.version, stored.spec,
+                   command=stored.command, env=stored.env, shape=stored.shape,
+                   secret_env=tuple(stored.secret_env or ()))
 
 
 JournalRelease = Annotated[Release, PlainValidator(_stored_release),
@@ -246,6 +245,15 @@ def check_journal(text: str, runtime: Any, max_instances: int = 100_000) -> str 
                       else max_instances)
         if journal.desired > ceiling:
             return f"desired {journal.desired} is above the service's maximum ({ceiling})"
+    return None
+
+
+def _unreadable(text: str) -> str | None:
+    """Why a journal's JSON ``text`` is not a :class:`DeployJournal`, or None."""
+    try:
+        DeployJournal.model_validate_json(text)
+    except ValidationError as exc:
+        return "; ".join(_problem(e) for e in exc.errors()[:3])
     return None
 
 
@@ -451,11 +459,18 @@ class Deployment:
         The runner's: a strategy writes with :meth:`save_state`."""
         self.check()
         journal = {**self.journal_data_migrated(), **changes}
+        text = json.dumps(journal)
+        if journal.get("phase") in (Phase.RUNNING, Phase.ROLLING_BACK):  # what is resumed
+            problem = (f"{len(text)} bytes (at most {MAX_JOURNAL})" if len(text) > MAX_JOURNAL
+                       else _unreadable(text))
+            if problem is not None:
+                raise DeployError(f"not saved: the next agent could not resume the journal "
+                                  f"of {self.service} ({problem})")
         key = self.keys.service(self.service, "deploy")
-        if not self.store.replace(key, json.dumps(journal), self.revision):
+        if not self.store.replace(key, text, self.revision):
             raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
         entry = self.store.get(key)
-        if entry is None or entry.value != json.dumps(journal):  # someone wrote in between
+        if entry is None or entry.value != text:  # someone wrote in between
             raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
         self.record.data, self.record.revision = journal, entry.revision
 

@@ -646,3 +646,19 @@ def test_a_journal_of_an_older_agent_resumes_with_its_strategy_state(unit):
     assert written["strategy_state"] == {"step": "draining", "baking_since": 1764280000.0}
     assert "step" not in written and "baking_since" not in written
     assert unit.release()["image"] == "v2"
+
+
+def test_a_strategy_state_the_next_agent_could_not_read_is_not_saved(unit):
+    def hoard(deploy: Deployment) -> None:
+        deploy.save_state(step="ok")
+        deploy.save_state(**{f"key{i}": i for i in range(100)})  # over strategy_state's 64
+
+    unit.strategy = Scripted([hoard])
+    unit.request()
+    unit.runner().execute(unit.runtime, unit.view())
+    assert unit.strategy.calls[-1][0] == "rollback"
+    assert "not saved: the next agent could not resume the journal" in unit.strategy.calls[-1][2]
+    assert unit.phases(until=None)[-2:] == ["rolled-back", None]  # every write seen
+    written = [json.loads(w) for w in unit.writes if w]
+    assert all(len(w.get("strategy_state", {})) <= 1 for w in written)
+    assert unit.release()["deploy"]["result"] == "rolled-back"
