@@ -508,7 +508,7 @@ class Deployment:
     def progress(self, done: int, total: int, note: str) -> None:
         """Record progress (``done`` of ``total`` instances, and a note for ``shipmate
         status``) and tell observers (``shipmate_deploy_progressed``)."""
-        self.save(progress={"done": done, "total": total, "note": note, "at": time.time()})
+        self.save(progress={"done": done, "total": total, "note": note[:500], "at": time.time()})
         self.emit("shipmate_deploy_progressed", service=self.service, deploy=self.journal)
         log.info("%s: deploy %s: %s (%d/%d)", self.service, self.data["id"], note, done, total)
 
