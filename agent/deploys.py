@@ -458,7 +458,7 @@ class Deployment:
 
         The runner's: a strategy writes with :meth:`save_state`."""
         self.check()
-        journal = {**self.journal_data_migrated(), **changes}
+        journal = {**self._migrated(), **changes}
         text = json.dumps(journal)
         if journal.get("phase") in (Phase.RUNNING, Phase.ROLLING_BACK):  # what is resumed
             problem = (f"{len(text)} bytes (at most {MAX_JOURNAL})" if len(text) > MAX_JOURNAL
@@ -474,7 +474,7 @@ class Deployment:
             raise LockLost(f"the deploy journal of {self.service} was changed by someone else")
         self.record.data, self.record.revision = journal, entry.revision
 
-    def journal_data_migrated(self) -> dict[str, Any]:
+    def _migrated(self) -> dict[str, Any]:
         """The stored journal with an older agent's top-level strategy keys moved under
         ``strategy_state`` (what the next write stores)."""
         data = self.record.data
