@@ -49,7 +49,8 @@ A timing may be a ``(low, high)`` range, drawn from by a seeded random.
 
 Test controls: ``timings`` (settable fields), ``set_etcd_down(True/False)``,
 ``outage(seconds)`` (down, then back by itself), ``restart_etcd(downtime)``,
-``fail(unit)`` (systemd reports the unit failed), ``fail_on_launch(*globs)``
+``fail(unit)`` (systemd reports the unit failed), ``exit(unit)`` (its process
+ended: inactive/dead while fleet says launched), ``fail_on_launch(*globs)``
 (matching units fail as soon as they launch), ``add_machine``/
 ``remove_machine``; ``requests`` lists every request received. ``api()`` is a
 tiny HTTP client for tests that want to see raw answers.
@@ -486,6 +487,7 @@ class Placement:
     target: str  # loaded | launched
     since: float
     failed: bool = False
+    exited: bool = False  # its process ended (systemd: inactive/dead) while fleet says launched
     before: str | None = None  # what shows until ``target`` is reached (loaded, or nothing)
     delay: float | None = None  # drawn launch delay (from ``since``)
     activation: float | None = None  # drawn activation delay (from reaching ``target``)
@@ -625,7 +627,7 @@ class Cluster:
         if placement.failed or (shown == "launched" and any(
                 fnmatch.fnmatchcase(unit.name, glob) for glob in self.failing)):
             return "failed", "failed"
-        if shown != "launched":
+        if shown != "launched" or placement.exited:
             return "inactive", "dead"
         if reached:
             if placement.activation is None:
@@ -694,7 +696,7 @@ class Cluster:
                 placement.before = placement.target if reached else placement.before
                 placement.delay = self.launch_delay
                 placement.since = now if state == "launched" else now - placement.delay
-                placement.target, placement.failed = state, False
+                placement.target, placement.failed, placement.exited = state, False, False
                 placement.activation = None
 
 
@@ -902,6 +904,12 @@ class FleetServer:
             for mid, placement in self.cluster.units[unit].placements.items():
                 if machine in (None, mid):
                     placement.failed = True
+
+    def exit(self, unit: str) -> None:
+        """``unit``'s process ends: systemd reports it inactive/dead, fleet still launched."""
+        with self.cluster.lock:
+            for placement in self.cluster.units[unit].placements.values():
+                placement.exited = True
 
     def fail_on_launch(self, *globs: str) -> None:
         """Units matching ``globs`` fail as soon as they are launched (a crashing process)."""
