@@ -44,6 +44,16 @@ def eventually(check: Callable[[], object], timeout: float = 5.0, what: str = ""
         time.sleep(0.05)
 
 
+def observation_window(seconds: float, why: str) -> None:
+    """Watch for ``seconds`` while something must *not* happen (a negative check).
+
+    Not a wait for something to happen (use :func:`eventually`): the test asserts
+    afterwards that nothing changed. ``why`` says what the window covers.
+    """
+    assert why, "say what the window must cover"
+    time.sleep(seconds)
+
+
 def process_records(state_dir: Path) -> list[dict]:
     """The process actuator's records under ``state_dir`` (every cluster)."""
     return [json.loads(p.read_text()) for p in sorted(state_dir.glob("**/processes/*/*.json"))]
