@@ -475,6 +475,7 @@ class _Seen:
     at: float  # when fleet last showed a state
     was_active: bool = False  # systemd reported it active at some point
     inactive_since: float | None = None  # systemd has reported it inactive since
+    missing: str = ""  # "remembered" or "unknown" while fleet shows no state (said once each)
 
 
 def _condition(desired: str, current: str | None, state: dict[str, Any] | None,
@@ -593,7 +594,10 @@ class FleetActuator(Actuator):
             if state:
                 if seen is None:
                     seen = self._seen[(unit, mid)] = _Seen(state, now)
-                seen.state, seen.at = state, now
+                if seen.missing:
+                    log.info("fleet shows the state of unit %s on machine %s again", unit,
+                             mid[:8])
+                seen.state, seen.at, seen.missing = state, now, ""
                 systemd = state.get("systemdActiveState")
                 if systemd == "active":
                     seen.was_active, seen.inactive_since = True, None
@@ -601,8 +605,20 @@ class FleetActuator(Actuator):
                     seen.inactive_since = seen.inactive_since or now
                 else:
                     seen.inactive_since = None
-            elif seen is None or now - seen.at > self.config.state_memory:
-                return None, False, False  # unknown: running, not healthy
+            elif seen is None:
+                return None, False, False
+            elif now - seen.at > self.config.state_memory:
+                if seen.missing != "unknown":
+                    seen.missing = "unknown"
+                    log.warning("fleet has shown no state for unit %s on machine %s for %gs: "
+                                "its state is unknown, so it is not healthy (it is not "
+                                "replaced for that)", unit, mid[:8], now - seen.at)
+                return None, False, False
+            elif not seen.missing:
+                seen.missing = "remembered"
+                log.warning("fleet shows no state for unit %s on machine %s (its etcd "
+                            "restarted?): keeping the last one seen, %s, for up to %gs",
+                            unit, mid[:8], _systemd(seen.state), self.config.state_memory)
             exited = seen.was_active or (seen.inactive_since is not None and now
                                          - seen.inactive_since >= self.config.launch_timeout)
             return seen.state, remembered, exited

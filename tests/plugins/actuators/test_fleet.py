@@ -246,7 +246,7 @@ def test_a_unit_that_was_active_and_exits_is_not_running(fleet, actuator):
     assert actuator.list()[0].running
 
 
-def test_lost_states_keep_the_last_one_seen_for_state_memory(fleet, actuator):
+def test_lost_states_keep_the_last_one_seen_for_state_memory(fleet, actuator, caplog):
     forgetful = make(fleet, actuator.context.store, actuator.context.state_dir,
                      state_memory=0.5)
     for slot in range(2):
@@ -260,10 +260,12 @@ def test_lost_states_keep_the_last_one_seen_for_state_memory(fleet, actuator):
     assert {i.name: i.host for i in listed} == before
     assert all(i.running and i.ref.active and i.ref.remembered for i in listed)
     assert [i.ref.systemd for i in listed] == ["loaded/active/running"] * 2
+    assert "fleet shows no state for unit fl-web-0-v1.service on machine" in caplog.text
     # past state_memory the state is unknown: still running (never replaced), not healthy
     eventually(lambda: not any(i.ref.active for i in forgetful.list()), timeout=30,
                what="the remembered states forgotten")
     assert all(i.running and not forgetful.healthy(i, None) for i in forgetful.list())
+    assert "its state is unknown, so it is not healthy" in caplog.text
 
 
 def test_a_global_unit_keeps_its_machines_while_fleet_lost_their_states(fleet, embedded_store,
