@@ -15,8 +15,8 @@ A timing may be a ``(low, high)`` range, drawn from by a seeded random.
   the unit unscheduled (no ``machineID``, ``currentState`` inactive) for
   ``schedule_delay`` (1 s); then ``machineID`` is set and ``launch_delay``
   (3.5 s) later ``currentState`` is ``launched`` and its state reads
-  loaded/active/running. ``activation_delay`` (0 by default: a loaded
-  machine's figure) is how long systemd then takes to start it: for its first
+  loaded/active/running. ``activation_delay`` (0 by default; seconds on a
+  loaded machine) is how long systemd then takes to start it: for its first
   half the state reads the transitional loaded/inactive/dead, then
   loaded/activating/start, while ``currentState`` already says launched.
   ``loaded`` gives loaded/inactive/dead after the launch delay.
@@ -426,7 +426,7 @@ Span = float | tuple[float, float]  # seconds, or a range drawn from uniformly e
 REALISTIC: dict[str, Span] = {
     "schedule_delay": 1.0,        # PUT launched -> machineID set
     "launch_delay": 3.5,          # machineID set -> currentState launched, systemd active
-    "activation_delay": 0.0,      # launched -> active; under load systemd shows its start
+    "activation_delay": 0.0,      # launched -> active: seconds under load (systemd starting)
     "linger": (1.0, 2.0),         # PUT inactive / DELETE -> the state entry is gone
     "etcd_error_delay": 1.0,      # each 500 while etcd is down takes this long to come
     "etcd_grace": (15.0, 25.0),   # etcd down -> 500s turn into 503s
