@@ -153,9 +153,10 @@ def shipmate_unconfigure() -> None:
     """Tear down what :func:`shipmate_configure` set up: flush, close clients.
 
     Called from the main thread when the agent stops (instances keep running),
-    and before each reload configures the plugins again. Called only after a
-    :func:`shipmate_configure` of the same agent; it should return within a
-    few seconds.
+    before each reload configures the plugins again, and when the
+    :func:`shipmate_configure` of any plugin failed: make it safe to call
+    without a configure before it (close only what is open). It should return
+    within a few seconds.
     """
 
 

@@ -180,26 +180,16 @@ class Plugins:
         return Hold(str(held), "(a wrapper)")  # a wrapper replaced the result
 
     def configure(self, blocks: Mapping[str, BaseModel], context: object) -> None:
-        """Call ``shipmate_configure`` of each plugin with its own block (None without one).
+        """Call ``shipmate_configure``: each plugin gets its own block (None without one).
 
-        :raises PluginError: naming the first plugin whose configure failed (the ones
-            configured before it are unconfigured again).
+        :raises PluginError: naming the plugin whose configure failed (every plugin is
+            then unconfigured: ``shipmate_unconfigure`` must be safe to call then).
         """
-        done = []
-        for name, plugin in self.pm.list_name_plugin():
-            if plugin is None or not hasattr(plugin, "shipmate_configure"):
-                continue
-            others = [p for n, p in self.pm.list_name_plugin() if p is not None and n != name]
-            call = self.pm.subset_hook_caller("shipmate_configure", others)
-            try:
-                call(config=blocks.get(name), context=context)
-            except PluginError:
-                self.pm.subset_hook_caller(
-                    "shipmate_unconfigure",
-                    [p for n, p in self.pm.list_name_plugin() if p is not None
-                     and n not in done])()
-                raise
-            done.append(name)
+        try:
+            self.pm.hook.shipmate_configure(config=PerPlugin(blocks), context=context)
+        except PluginError:
+            self.unconfigure()
+            raise
 
     def unconfigure(self) -> None:
         """Call every ``shipmate_unconfigure`` (each guarded: a failure is logged)."""
@@ -222,6 +212,11 @@ def _strict(model: type[BaseModel], plugin: str) -> type[BaseModel]:
 # ---------------------------------------------------------------- guards
 
 
+class PerPlugin(dict[str, Any]):
+    """A hook argument that each guarded implementation receives as the value of its own
+    plugin's name (None if absent): one pluggy call hands every plugin its own block."""
+
+
 def _guard(hook: str, plugin: str, impl: pluggy.HookImpl) -> Callable[..., Any]:
     """The guarded stand-in of one implementation's function (see the module docstring).
 
@@ -230,6 +225,9 @@ def _guard(hook: str, plugin: str, impl: pluggy.HookImpl) -> Callable[..., Any]:
     """
     how = LIFECYCLE.get(hook, "logged")
     function = impl.function
+
+    def own(args: Sequence[Any]) -> list[Any]:
+        return [a.get(plugin) if isinstance(a, PerPlugin) else a for a in args]
 
     def failed(exc: BaseException, args: Sequence[Any]) -> Any:
         if how == "named":
@@ -246,7 +244,7 @@ def _guard(hook: str, plugin: str, impl: pluggy.HookImpl) -> Callable[..., Any]:
     if impl.wrapper or impl.hookwrapper:
         @functools.wraps(function)
         def wrapper(*args: Any) -> Generator[None, Any, Any]:
-            gen = function(*args)
+            gen = function(*own(args))
             try:
                 next(gen)
             except StopIteration:
@@ -266,7 +264,7 @@ def _guard(hook: str, plugin: str, impl: pluggy.HookImpl) -> Callable[..., Any]:
     @functools.wraps(function)
     def guarded(*args: Any) -> Any:
         try:
-            result = function(*args)
+            result = function(*own(args))
         except Exception as exc:
             return failed(exc, args)
         if how == "veto" and result is not None:
