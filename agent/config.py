@@ -370,6 +370,7 @@ class _FileFields(BaseModel):
     agent: AgentConfig
     defaults: dict[str, Any] = {}
     services: dict[str, Any] = {}
+    plugins: dict[str, Any] = {}
 
 
 FILE_MODEL_FIELDS = _FileFields

@@ -599,6 +599,9 @@ class Loop:
         if not self.settings.dry_run and not self.leadership.campaign():
             log.error("another agent leads this cluster; --once changes nothing")
             return 1
+        if not self.settings.dry_run:
+            self._was_leading = True
+            self._emit("shipmate_leadership_gained", term=self.leadership.term)
         for name in self.services:
             self.poll_now(name)
         deadline = self.clock() + timeout

@@ -67,6 +67,8 @@ def test_listed_with_its_hooks_and_no_types(env):
     assert plugin["types"] == {} and plugin["kinds"] == []
     assert {"shipmate_config_model", "shipmate_configure", "shipmate_unconfigure",
             "shipmate_deploy_finished", "shipmate_crash_loop"} <= set(plugin["hooks"])
+    schema = json.loads(shipmate(env, "schema").stdout)
+    assert "datadog-events" in schema["$defs"]["PluginBlocks"]["properties"]
 
 
 def test_a_misspelled_key_of_its_block_is_a_config_error_with_its_line(env, write_config):

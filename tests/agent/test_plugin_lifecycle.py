@@ -55,6 +55,13 @@ class Notifier:
             return list(self.log)
 
 
+def _get(url: str) -> bytes | None:
+    try:
+        return urllib.request.urlopen(url, timeout=5).read()
+    except OSError:
+        return None  # not listening yet
+
+
 CONFIG = """
 agent: {{cluster: life, interval: 30s, http: "127.0.0.1:{http}"}}
 plugins:
@@ -69,8 +76,8 @@ def test_configure_reload_metrics_and_unconfigure(run_agent, write_config):
     http = free_port()
     agent = run_agent(CONFIG.format(http=http, channel="ops"), plugins=plugins)
     eventually(lambda: notifier.seen() == [("configure", "ops", "life")], 20, "configure")
-    metrics = urllib.request.urlopen(f"http://127.0.0.1:{http}/metrics", timeout=5).read()
-    assert b"notifier_sent_total 7.0" in metrics
+    assert b"notifier_sent_total 7.0" in eventually(lambda: _get(
+        f"http://127.0.0.1:{http}/metrics"), 20, "/metrics")
     write_config(CONFIG.format(http=http, channel="deploys"))
     agent.request_reload()
     eventually(lambda: len(notifier.seen()) == 3, 20, "the reload")
@@ -127,3 +134,21 @@ def test_a_failing_configure_stops_the_start_naming_the_plugin(write_config):
     finally:
         agent.store.close()
     assert refuses.seen() == [("unconfigure",)]
+
+
+def test_the_blocks_are_in_the_schema_and_a_misspelled_plugins_key_is_hinted(write_config):
+    from agent.config import file_model, load_config
+
+    plugins = load_plugins(extra=[("notifier", Notifier())])
+    schema = file_model(plugins).model_json_schema()
+    block = schema["$defs"]["PluginBlocks"]["properties"]["notifier"]["anyOf"][0]["$ref"]
+    notifier = schema["$defs"][block.rsplit("/", 1)[-1]]
+    assert notifier["required"] == ["channel"] and notifier["additionalProperties"] is False
+    path = write_config("""
+        agent: {cluster: life}
+        plugin:
+          notifier: {channel: ops}
+        """)
+    with pytest.raises(ConfigError, match=r":2: plugin: unknown key 'plugin' \(did you mean "
+                       r"'plugins'\?\)"):
+        load_config(path, plugins)
