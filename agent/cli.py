@@ -294,6 +294,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
         loops = {r.get("slot"): r for r in (recorded if isinstance(recorded, list) else [])
                  if isinstance(r, dict) and r.get("kind") == "crash-loop"
                  and isinstance(r.get("slot"), int)}
+        held = [{k: r.get(k) for k in ("verb", "slot", "plugin", "reason")}
+                for r in (recorded if isinstance(recorded, list) else [])
+                if isinstance(r, dict) and r.get("kind") == "held"]
         differs = yaml_differs(view.release, reconciler.services[name].yaml_release)
         if differs:
             problems.append(differs)
@@ -314,6 +317,7 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
                            "last_exit": (loops.get(i.slot) or {}).get("last_exit")}
                           for i in view.instances],
             "problems": problems,
+            "held": held,
             "backing_off": [{"slot": slot, "restarts": r.get("restarts", 0),
                              "last_exit": r.get("last_exit")} for slot, r in sorted(
                                  loops.items(), key=lambda item: str(item[0]))
@@ -512,22 +516,25 @@ def scale(config_path: str, service: str, count: int | None, auto: bool, force: 
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def plugins_cmd(as_json: bool) -> None:
-    """List every loaded plugin with its distribution, version, kinds and types."""
+    """List every loaded plugin with its distribution, version, types and hooks."""
     plugins = load_plugins(strict=False)
     infos = list(plugins.infos.values())
     if as_json:
         click.echo(json.dumps([{"name": i.name, "distribution": i.distribution,
                                 "version": i.version, "module": i.module,
-                                "kinds": sorted(i.types), "types": i.types} for i in infos]
+                                "kinds": sorted(i.types), "types": i.types,
+                                "hooks": i.hooks} for i in infos]
                               + [{"name": name, "broken": why}
                                  for name, why in plugins.broken.items()], indent=2))
         return
     table = Table()
-    for column in ("plugin", "distribution", "version", "types"):
+    for column in ("plugin", "distribution", "version", "types", "hooks"):
         table.add_column(column)
     for info in infos:
         types = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.types.items())
-        table.add_row(info.name, info.distribution, info.version, types or "(events only)")
+        hooks = ", ".join(h.removeprefix("shipmate_") for h in info.hooks
+                          if not h.endswith("_types"))
+        table.add_row(info.name, info.distribution, info.version, types or "-", hooks or "-")
     console.print(table)
     blocked = [name for name, plugin in plugins.pm.list_name_plugin() if plugin is None]
     if blocked:
