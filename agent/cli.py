@@ -64,6 +64,8 @@ class _LazyConsole:
         return self._console
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not a Console's: copy, pickle and the like probe these
+            raise AttributeError(name)
         return getattr(self.get(), name)
 
 
@@ -174,7 +176,7 @@ class ShipmateGroup(click.Group):
     built-in command, for shell completion, and in ``shipmate plugins`` and ``check``.
     ``shipmate --help`` lists the built-in commands and points to ``shipmate plugins``
     for the rest: importing every plugin (pydantic, then docker, boto3, datadog...)
-    costs several times what the help itself does, and ``--help`` stays instant.
+    costs several times what the help itself does.
     """
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
@@ -228,8 +230,9 @@ def plugin_commands(plugins: Plugins, taken: Iterable[str]
             continue  # nothing to wrap: each plugin's commands are collected on their own
         plugin = plugins.pm.get_name(impl.plugin) or repr(impl.plugin)
         group = click.Group(name=plugin)
+        offered = {"cli": group}
         try:
-            impl.function(**{name: group for name in impl.argnames if name == "cli"})
+            impl.function(**{arg: offered[arg] for arg in impl.argnames})
         except Exception as exc:  # noqa: BLE001 - reported by the plugin's name
             problems.setdefault(plugin, []).append(
                 f"shipmate_register_commands() failed: {type(exc).__name__}: {exc}")
