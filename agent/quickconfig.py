@@ -110,19 +110,17 @@ def _settings(data: Any, path: Path) -> QuickConfig:
     ceiling = _count(agent.get("max_instances", 100))
     if not 1 <= ceiling <= MAX_INSTANCES:
         raise _Unsure("max_instances out of range")
-    defaults = top.get("defaults") or {}
-    services = top.get("services") or {}
+    defaults, services = top.get("defaults", {}), top.get("services", {})
     if not isinstance(defaults, dict) or not isinstance(services, dict):
         raise _Unsure("defaults or services is not a mapping")
-    services_read = {}
+    policies = {}
     for name, service in services.items():
-        if not isinstance(name, str) or not NAME.fullmatch(name) or not isinstance(service,
-                                                                                    dict):
+        if not (isinstance(name, str) and NAME.fullmatch(name) and isinstance(service, dict)):
             raise _Unsure("a service name or body the model rejects")
-        services_read[name] = _policy(_merged(defaults.get("policy", MISSING),
+        policies[name] = _policy(_merged(defaults.get("policy", MISSING),
                                          service.get("policy", MISSING)))
     return QuickConfig(cluster=cluster, prefix=prefix, store_path=store_path,
-                       max_instances=ceiling, services=services_read)
+                       max_instances=ceiling, services=policies)
 
 
 def _merged(default: Any, own: Any) -> Any:

@@ -120,6 +120,8 @@ def test_what_the_quick_reader_does_not_vouch_for_goes_to_the_whole_config(write
     ("  worker:", "  web:"),  # a duplicate key
     ("policy: {max: 20}", "policy: {max: 20, mx: 3}"),
     ("policy: {max: 20}", "policy:"),
+    ("    defaults:\n      actuator: {type: process}\n      policy: {min: 1}\n",
+     "    defaults: []\n"),
 ])
 def test_the_quick_reader_is_unsure_of_what_the_model_may_read_otherwise(write_config,
                                                                         change):
