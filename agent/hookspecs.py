@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import click
     from prometheus_client import CollectorRegistry
     from pydantic import BaseModel
 
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 
 PROJECT = "shipmate"
 hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+"""Marks a function as the implementation of the hook spec of the same name."""
 
 
 # -------------------------------------------------------------------------
@@ -354,4 +357,37 @@ def shipmate_deploy_rolled_back(service: str, deploy: dict[str, Any], reason: st
     :param service: the service's name.
     :param deploy: the final journal.
     :param reason: the check or error that failed.
+    """
+
+
+# -------------------------------------------------------------------------
+# CLI: commands a plugin adds to ``shipmate``
+# -------------------------------------------------------------------------
+
+
+@hookspec
+def shipmate_register_commands(cli: click.Group) -> None:
+    """Add commands to the ``shipmate`` command line (like datasette's and llm's).
+
+    Called once per ``shipmate`` invocation, and only when it is needed: when
+    the command asked for is not a built-in one, for shell completion, and by
+    ``shipmate plugins`` (which lists each plugin's commands) and ``shipmate
+    check``. The built-in commands and ``shipmate --help`` never import a
+    plugin, so they stay fast; ``--help`` points to ``shipmate plugins``.
+
+    A command whose name is taken, by a built-in command or by another
+    plugin's, is an error naming both (fix or block one); so is an exception
+    raised here. Commands read the config themselves (the ``-c`` option is
+    theirs to offer) and use :mod:`agent`'s exports like any plugin code::
+
+        @hookimpl
+        def shipmate_register_commands(cli):
+            @cli.command()
+            @click.argument("service")
+            def notify(service):
+                '''Post SERVICE's status to the team's channel.'''
+
+    :param cli: a :class:`click.Group` that collects this plugin's commands
+        (``@cli.command()``, ``@cli.group()``, ``cli.add_command(cmd)``); each
+        becomes ``shipmate NAME``. It holds only this plugin's commands.
     """
