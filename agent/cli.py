@@ -1,4 +1,10 @@
-"""The ``shipmate`` command line."""
+"""The ``shipmate`` command line.
+
+Starting fast is part of the interface: ``shipmate --help`` and ``shipmate scale`` on the
+embedded store import neither pydantic nor a plugin nor an etcd client (a test keeps it
+so). Each command imports what it uses inside itself; ``console``, ``err`` and ``Table``
+stand in for rich's until first used.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,70 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
-from agent.config import ConfigError, file_model
-from agent.durations import format_duration
 from agent.keys import Keys, parse_object
-from agent.plugins import PluginError, load_plugins
 from agent.store import StoreError, StoreRefused
 
-console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
+    from agent.plugins import Plugins
+
+
+# Stand-ins that import on first call: the commands that need them pay for them.
+def load_plugins(**options: Any) -> Plugins:
+    from agent import plugins
+
+    return plugins.load_plugins(**options)
+
+
+def file_model(plugins: Plugins) -> Any:
+    from agent import config
+
+    return config.file_model(plugins)
+
+
+def format_duration(seconds: float) -> str:
+    from agent import durations
+
+    return durations.format_duration(seconds)
+
+
+class _LazyConsole:
+    """A rich Console made on first use: rich costs ~30 ms to import, plain output none."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not a Console's: copy, pickle and the like probe these
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+
+console = _LazyConsole(soft_wrap=True)
+err = _LazyConsole(stderr=True, soft_wrap=True)
+
+
+def Table(*args: Any, **kwargs: Any) -> RichTable:  # noqa: N802 - rich's Table, imported late
+    from rich.table import Table as RichTable
+
+    return RichTable(*args, **kwargs)
 
 
 def default_config() -> str:
@@ -47,19 +100,30 @@ def friendly(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except ConfigError as exc:
-            for line in exc.errors:
-                err.print(line, highlight=False, markup=False, soft_wrap=True)
-            n = len(exc.errors)
-            fail(f"{n} error{'s' if n != 1 else ''} in the config")
-        except PluginError as exc:
-            fail(str(exc))
-        except StoreRefused as exc:
-            fail(f"the store refused us: {exc}")
-        except StoreError as exc:
-            fail(f"store unreachable: {exc}")
+        except Exception as exc:
+            _fail_expected(exc)
+            raise
 
     return wrapper
+
+
+def _fail_expected(exc: Exception) -> None:
+    """Exit 1 with a one-line error for the failures a user can fix; return for the others.
+    (Imported here, on the way out, so that a command that fails on none pays nothing.)"""
+    from agent.config import ConfigError
+    from agent.plugins import PluginError
+
+    if isinstance(exc, ConfigError):
+        for line in exc.errors:
+            err.print(line, highlight=False, markup=False, soft_wrap=True)
+        n = len(exc.errors)
+        fail(f"{n} error{'s' if n != 1 else ''} in the config")
+    if isinstance(exc, PluginError):
+        fail(str(exc))
+    if isinstance(exc, StoreRefused):
+        fail(f"the store refused us: {exc}")
+    if isinstance(exc, StoreError):
+        fail(f"store unreachable: {exc}")
 
 
 def _setup_logging(verbose: int) -> None:
@@ -72,7 +136,7 @@ def _setup_logging(verbose: int) -> None:
         from rich.logging import RichHandler
 
         logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                            handlers=[RichHandler(console=err, show_path=False)])
+                            handlers=[RichHandler(console=err.get(), show_path=False)])
     else:
         logging.basicConfig(level=level, stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,7 +163,96 @@ def _report_broken(plugins) -> None:
                   markup=True, soft_wrap=True)
 
 
-@click.group()
+# ---------------------------------------------------------------- plugin commands
+
+PLUGIN_COMMANDS = "shipmate.plugin_commands"
+"""Where an invocation keeps its plugins' commands (the root context's ``meta``)."""
+
+
+class ShipmateGroup(click.Group):
+    """``shipmate``: the built-in commands, and those of plugins (``shipmate_register_commands``).
+
+    Plugins load only when their commands are needed: for a name that is not a
+    built-in command, for shell completion, and in ``shipmate plugins`` and ``check``.
+    ``shipmate --help`` lists the built-in commands and points to ``shipmate plugins``
+    for the rest: importing every plugin (pydantic, then docker, boto3, datadog...)
+    costs several times what the help itself does.
+    """
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        return _plugin_commands_of(ctx, quiet=ctx.resilient_parsing).get(cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        if ctx.resilient_parsing:  # shell completion: the plugins' commands too
+            names = sorted({*names, *_plugin_commands_of(ctx, quiet=True)})
+        return names
+
+
+def _plugin_commands_of(ctx: click.Context, quiet: bool = False) -> dict[str, click.Command]:
+    """This invocation's plugin commands, loaded on first use; a plugin that fails to load
+    is left out with a warning, a command that cannot be added is an error (exit 1)."""
+    meta = ctx.find_root().meta
+    if PLUGIN_COMMANDS not in meta:
+        from agent.plugins import PluginError
+
+        try:
+            plugins = load_plugins(strict=False)
+        except PluginError as exc:
+            if quiet:
+                return {}
+            fail(str(exc))
+        if not quiet:
+            _report_broken(plugins)
+        found, problems = plugin_commands(plugins, taken=main.commands)
+        if problems and not quiet:
+            fail("\n".join(problems.values()))
+        meta[PLUGIN_COMMANDS] = {name: command for name, (_, command) in found.items()}
+    return meta[PLUGIN_COMMANDS]
+
+
+def plugin_commands(plugins: Plugins, taken: Iterable[str]
+                    ) -> tuple[dict[str, tuple[str, click.Command]], dict[str, str]]:
+    """Call each plugin's ``shipmate_register_commands`` with a group of its own.
+
+    :param taken: the built-in command names, which no plugin may take.
+    :returns: command name -> (plugin, command), and plugin -> what is wrong with its
+        commands (a name already taken, or the hook failing); such commands are left out.
+    """
+    builtin = set(taken)
+    found: dict[str, tuple[str, click.Command]] = {}
+    problems: dict[str, list[str]] = {}
+    for impl in plugins.pm.hook.shipmate_register_commands.get_hookimpls():
+        if impl.hookwrapper or impl.wrapper:
+            continue  # nothing to wrap: each plugin's commands are collected on their own
+        plugin = plugins.pm.get_name(impl.plugin) or repr(impl.plugin)
+        group = click.Group(name=plugin)
+        offered = {"cli": group}
+        try:
+            impl.function(**{arg: offered[arg] for arg in impl.argnames})
+        except Exception as exc:  # noqa: BLE001 - reported by the plugin's name
+            problems.setdefault(plugin, []).append(
+                f"shipmate_register_commands() failed: {type(exc).__name__}: {exc}")
+            continue
+        for name, command in group.commands.items():
+            if name in builtin:
+                problems.setdefault(plugin, []).append(
+                    f"command {name!r} is a built-in command of shipmate; name it otherwise")
+            elif name in found:
+                problems.setdefault(plugin, []).append(
+                    f"command {name!r} is offered by both {found[name][0]!r} and {plugin!r}; "
+                    f"block one (SHIPMATE_BLOCK_PLUGINS={plugin})")
+            else:
+                found[name] = (plugin, command)
+    return found, {plugin: f"plugin {plugin!r}: " + "; ".join(why)
+                   for plugin, why in problems.items()}
+
+
+@click.group(cls=ShipmateGroup, epilog="Plugins can add commands: `shipmate plugins` "
+             "lists them, and `shipmate COMMAND --help` explains one.")
 @click.version_option(package_name="shipmate")
 def main() -> None:
     """Shipmate keeps containerized services at the right size, deploys them and
@@ -163,6 +316,9 @@ def check(config_path: str) -> None:
         fail(f"{config_path} is valid without {n} broken plugin{'s' if n != 1 else ''} "
              f"({', '.join(plugins.broken)}), but `shipmate run` refuses to start until "
              f"{'they are' if n != 1 else 'it is'} fixed or blocked (SHIPMATE_BLOCK_PLUGINS)")
+    _, problems = plugin_commands(plugins, taken=main.commands)
+    if problems:
+        fail("\n".join(problems.values()))
     console.print(f"{config_path}: ok: cluster {config.agent.cluster}, "
                   f"{len(config.services)} services, {len(plugins.infos)} plugins",
                   highlight=False)
@@ -294,6 +450,9 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
         loops = {r.get("slot"): r for r in (recorded if isinstance(recorded, list) else [])
                  if isinstance(r, dict) and r.get("kind") == "crash-loop"
                  and isinstance(r.get("slot"), int)}
+        held = [{k: r.get(k) for k in ("verb", "slot", "plugin", "reason")}
+                for r in (recorded if isinstance(recorded, list) else [])
+                if isinstance(r, dict) and r.get("kind") == "held"]
         differs = yaml_differs(view.release, reconciler.services[name].yaml_release)
         if differs:
             problems.append(differs)
@@ -314,6 +473,7 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
                            "last_exit": (loops.get(i.slot) or {}).get("last_exit")}
                           for i in view.instances],
             "problems": problems,
+            "held": held,
             "backing_off": [{"slot": slot, "restarts": r.get("restarts", 0),
                              "last_exit": r.get("last_exit")} for slot, r in sorted(
                                  loops.items(), key=lambda item: str(item[0]))
@@ -450,8 +610,6 @@ def _status_one(row: dict[str, Any], source_line: str) -> None:
 
 
 def _ago(when: float) -> str:
-    from agent.durations import format_duration
-
     return f"{format_duration(max(0.0, time.time() - when))} ago"
 
 
@@ -477,63 +635,90 @@ def scale(config_path: str, service: str, count: int | None, auto: bool, force: 
     A count outside the service's policy.min and policy.max is refused unless
     --force is given; the agent never runs more than agent.max_instances.
     """
-    from agent.runtime import connect
-
     if (count is None) == (not auto):
         fail("give either a COUNT or --auto")
-    config, _ = _open(config_path)
-    _known(config, service)
-    policy = config.services[service].policy
+    low, high, ceiling, prefix, open_store = _scale_settings(config_path, service)
     if count is not None and not force:
-        if policy.max is not None and count > policy.max:
-            fail(f"{service}: {count} is above its policy.max ({policy.max}); "
+        if high is not None and count > high:
+            fail(f"{service}: {count} is above its policy.max ({high}); "
                  "use --force to set it anyway")
-        if count < policy.min:
-            fail(f"{service}: {count} is below its policy.min ({policy.min}); "
+        if count < low:
+            fail(f"{service}: {count} is below its policy.min ({low}); "
                  "use --force to set it anyway")
-    ceiling = config.agent.max_instances
     if count is not None and count > ceiling:
         err.print(f"[yellow]{service}: the agent runs at most agent.max_instances "
                   f"({ceiling}) instances of a service[/yellow]", highlight=False)
-    store = connect(config)
-    key = Keys(config.key_prefix).service(service, "override")
+    store = open_store()
+    key = Keys(prefix).service(service, "override")
     try:
         if auto:
             store.delete(key)
-            console.print(f"{service}: override cleared, the source decides", highlight=False)
+            click.echo(f"{service}: override cleared, the source decides")
         else:
             store.put(key, str(count))
-            console.print(f"{service}: override set to {count}", highlight=False)
+            click.echo(f"{service}: override set to {count}")
     finally:
         store.close()
+
+
+def _scale_settings(config_path: str, service: str):
+    """(policy.min, policy.max, agent.max_instances, key prefix, a store opener) of SERVICE:
+    on the embedded store read quickly (agent.quickconfig), else from the whole config."""
+    from agent.quickconfig import read_quick
+
+    quick = read_quick(config_path)
+    if quick is not None:
+        _known(quick, service)
+        low, high = quick.services[service]
+        return low, high, quick.max_instances, quick.key_prefix, quick.open_store
+    from agent.runtime import connect
+
+    config, _ = _open(config_path)
+    _known(config, service)
+    policy = config.services[service].policy
+    return (policy.min, policy.max, config.agent.max_instances, config.key_prefix,
+            lambda: connect(config))
 
 
 @main.command("plugins")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @friendly
 def plugins_cmd(as_json: bool) -> None:
-    """List every loaded plugin with its distribution, version, kinds and types."""
+    """List every loaded plugin with its distribution, version, types and hooks."""
     plugins = load_plugins(strict=False)
     infos = list(plugins.infos.values())
+    found, problems = plugin_commands(plugins, taken=main.commands)
+    commands: dict[str, list[str]] = {}
+    for name, (plugin, _) in sorted(found.items()):
+        commands.setdefault(plugin, []).append(name)
     if as_json:
         click.echo(json.dumps([{"name": i.name, "distribution": i.distribution,
                                 "version": i.version, "module": i.module,
-                                "kinds": sorted(i.types), "types": i.types} for i in infos]
+                                "kinds": sorted(i.types), "types": i.types,
+                                "hooks": i.hooks, "commands": commands.get(i.name, []),
+                                **({"error": problems[i.name]} if i.name in problems else {})}
+                               for i in infos]
                               + [{"name": name, "broken": why}
                                  for name, why in plugins.broken.items()], indent=2))
         return
     table = Table()
-    for column in ("plugin", "distribution", "version", "types"):
+    for column in ("plugin", "distribution", "version", "types", "hooks"):
         table.add_column(column)
     for info in infos:
         types = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in info.types.items())
-        table.add_row(info.name, info.distribution, info.version, types or "(events only)")
+        if info.name in commands:
+            types += ("; " if types else "") + f"commands: {', '.join(commands[info.name])}"
+        hooks = ", ".join(h.removeprefix("shipmate_") for h in info.hooks
+                          if not h.endswith("_types"))
+        table.add_row(info.name, info.distribution, info.version, types or "-", hooks or "-")
     console.print(table)
     blocked = [name for name, plugin in plugins.pm.list_name_plugin() if plugin is None]
     if blocked:
         console.print(f"blocked: {', '.join(blocked)}")
     for name, why in plugins.broken.items():
         console.print(f"[red]broken[/red]: {name}: {why}", highlight=False)
+    for why in problems.values():
+        console.print(f"[red]error[/red]: {why}", highlight=False)
 
 
 @main.command()
@@ -557,7 +742,7 @@ def _follow(store, keys: Keys, service: str, deploy_id: str, timeout: float,
     warned = False
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[note]}"),
                TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
+    with Progress(*columns, console=err.get(), transient=True) as progress:
         task = progress.add_task(f"deploy {service}", total=None, note="requested")
         while True:
             entry = store.get(deploy_key)
@@ -893,6 +1078,12 @@ def _store_key(config, key: str) -> str:
 
 
 def _open_store(config_path: str):
+    """(the config, its store): on the embedded store without loading the whole config."""
+    from agent.quickconfig import read_quick
+
+    quick = read_quick(config_path)
+    if quick is not None:
+        return quick, quick.open_store()
     from agent.runtime import connect
 
     config, _ = _open(config_path)
@@ -937,7 +1128,7 @@ def store_put(config_path: str, key: str, value: str) -> None:
         store.put(full, value)
     finally:
         store.close()
-    console.print(f"{full} = {value}", highlight=False)
+    click.echo(f"{full} = {value}")
 
 
 @store_cmd.command("del")
@@ -957,9 +1148,9 @@ def store_del(config_path: str, prefix: bool, key: str) -> None:
     if not gone and not prefix:
         fail(f"no key {full}")
     for name in gone:
-        console.print(f"deleted {name}", highlight=False)
+        click.echo(f"deleted {name}")
     if prefix and not gone:
-        console.print(f"no keys under {full}", highlight=False)
+        click.echo(f"no keys under {full}")
 
 
 @store_cmd.command("watch")

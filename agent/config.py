@@ -10,7 +10,8 @@ line and key, and all of them together:
    differs from the default's replaces it whole).
 3. The data is validated by a pydantic model built from the registered plugin
    types, so plugin keys are checked (and appear in ``shipmate schema``) like
-   built-in ones.
+   built-in ones. The top-level ``plugins: {NAME: {...}}`` blocks are each
+   validated by the model that plugin declares (``shipmate_config_model``).
 """
 
 from __future__ import annotations
@@ -240,6 +241,8 @@ class Config(BaseModel):
     base_dir: Path
     warnings: list[str] = []
     "deprecations found in the file, each as ``file:line: key: message`` (also logged)"
+    plugins: dict[str, Any] = {}
+    "plugin name -> its ``plugins:`` block, validated by the plugin's own model"
 
     def resolve(self, path: Path) -> Path:
         """A path from the config, relative to the config file's folder."""
@@ -326,21 +329,54 @@ def service_model(plugins: Plugins) -> type[BaseModel]:
     return create_model("ServiceConfig", __base__=_SourcesRules, **fields)
 
 
+def plugin_blocks_model(plugins: Plugins) -> type[BaseModel]:
+    """The model of the top-level ``plugins:``: one optional block per plugin that
+    declares a model, keyed by the plugin's name."""
+    fields: dict[str, Any] = {
+        f"plugin_{i}": (model | None, Field(None, alias=name))
+        for i, (name, model) in enumerate(sorted(plugins.config_models.items()))}
+    return create_model("PluginBlocks", __base__=Model, **fields)
+
+
 def file_model(plugins: Plugins, service: type[BaseModel] | None = None) -> type[BaseModel]:
     """The model of the whole file (what ``shipmate schema`` prints)."""
     service = service or service_model(plugins)
+    blocks = plugin_blocks_model(plugins)
     return create_model(
         "ShipmateConfig", __base__=Model,
         agent=(AgentConfig, ...),
         defaults=(dict[str, Any], {}),
         services=(dict[Annotated[str, Field(pattern=NAME)], service], {}),
+        plugins=(blocks, Field(default_factory=blocks)),
     )
+
+
+def _plugin_blocks(data: dict[str, Any], plugins: Plugins,
+                   lines: dict[Path_, int]) -> tuple[dict[str, Any], list[tuple[int, str, str]]]:
+    """``data`` without the blocks of plugins left out on purpose (blocked, or autoload
+    off: their blocks wait for them), and an error for each block of a loaded plugin
+    that declares no model."""
+    blocks = data.get("plugins")
+    if not isinstance(blocks, dict):
+        return data, []
+    kept, problems = {}, []
+    for name, block in blocks.items():
+        if name in plugins.config_models:
+            kept[name] = {} if block is None else block  # `NAME:` alone: the defaults
+        elif name in plugins.infos:
+            problems.append((_line(lines, ("plugins", name)), f"plugins.{name}",
+                             f"plugin {name!r} takes no config block (it declares no "
+                             "shipmate_config_model)"))
+        elif name not in plugins.skipped:
+            kept[name] = block  # refused by the model as an unknown plugin
+    return {**data, "plugins": kept}, problems
 
 
 class _FileFields(BaseModel):
     agent: AgentConfig
     defaults: dict[str, Any] = {}
     services: dict[str, Any] = {}
+    plugins: dict[str, Any] = {}
 
 
 FILE_MODEL_FIELDS = _FileFields
@@ -531,7 +567,19 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
     for err in exc.errors(include_input=False, include_url=False):
         loc = _locate(tuple(err["loc"]), tags)
         msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "extra_forbidden" and loc[:1] == ("plugins",) and len(loc) == 2:
+            close = difflib.get_close_matches(str(loc[1]), list(plugins.infos), n=1)
+            msg = f"unknown plugin {loc[1]!r}" + (
+                f" (did you mean {close[0]!r}?)" if close else
+                " (`shipmate plugins` lists the installed ones)")
+        elif err["type"] == "extra_forbidden" and loc[:1] == ("plugins",):
+            model = plugins.config_models.get(str(loc[1]))
+            allowed = _model_keys(model, loc[2:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"unknown key {loc[-1]!r}" + (
+                f" (did you mean {close[0]!r}?)" if close
+                else f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif err["type"] == "extra_forbidden":
             allowed = _allowed_keys(service, loc[:-1], plugins, data)
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {loc[-1]!r}" + (
@@ -556,6 +604,16 @@ def _messages(exc: ValidationError, service: Any, plugins: Plugins,
             loc = ("defaults", *loc[2:])  # one error for the default, not one per service
         out.append((_line(lines, loc), _dotted(loc), msg))
     return list(dict.fromkeys(out))
+
+
+def _model_keys(model: Any, path: Path_) -> list[str]:
+    """The keys of ``model`` (or of its nested model at ``path``)."""
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return []
+        model = _unwrap(fields[part].annotation)
+    return [f.alias or name for name, f in getattr(model, "model_fields", {}).items()]
 
 
 STORE_REQUIRES = {"etcd": {"etcd3gw": "shipmate[etcd]"}, "etcd2": {"etcd": "shipmate[etcd]"}}
@@ -721,6 +779,8 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
     if isinstance(services, dict) and isinstance(defaults, dict):
         data = {**data, "services": {name: merge(_for_service(defaults, svc or {}), svc or {})
                                      for name, svc in services.items()}}
+    data, blocks_problems = _plugin_blocks(data, plugins, reader.lines)
+    problems += blocks_problems
     service = service_model(plugins)
     try:
         parsed = file_model(plugins, service).model_validate(data)
@@ -743,5 +803,8 @@ def load_config(path: str | os.PathLike[str], plugins: Plugins) -> Config:
         if warning not in _warned:
             _warned.add(warning)
             log.warning("%s", warning)
+    blocks = {name: getattr(parsed.plugins, field) for field, name in (
+        (f, info.alias) for f, info in type(parsed.plugins).model_fields.items())
+        if getattr(parsed.plugins, field) is not None}
     return Config(agent=parsed.agent, services=dict(parsed.services), path=path,
-                  base_dir=path.resolve().parent, warnings=warnings)
+                  base_dir=path.resolve().parent, warnings=warnings, plugins=blocks)

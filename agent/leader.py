@@ -103,6 +103,8 @@ class Leadership:
         self.term = 0
         "counts the times this agent won: a plan is good only for the term it was made in"
         self.value = ""
+        self.lost_why: str | None = None
+        "why this agent last lost the key (None while it leads or never lost it)"
         self._lease: Lease | None = None
         self._confirmed = float("-inf")  # when the last refresh that worked was sent
         self._lock = threading.Lock()
@@ -163,6 +165,7 @@ class Leadership:
                 lease.revoke()
                 return False
             self._lease, self._confirmed, self.value = lease, sent, value
+            self.lost_why = None
             self.term += 1
             log.info("this agent now leads (%s)", self.key)
             if self._thread is None:
@@ -223,6 +226,7 @@ class Leadership:
             if self._lease is not lease:
                 return
             self._lease = None
+            self.lost_why = why
         log.warning("lost leadership: %s", why)
         self._changed(False)
 

@@ -128,13 +128,14 @@ class Loop:
     def __init__(self, *, store: Store, keys: Keys, services: dict[str, ServiceRuntime],
                  leadership: Leadership, settings: Settings, metrics: Metrics | None = None,
                  emit: Callable[..., None] = lambda *a, **k: None,
+                 allow: Callable[[Action], str | None] = lambda action: None,
                  strategies: Callable[[str, str | None], Any] | None = None,
                  reload: Callable[[], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time, waker: Waker | None = None) -> None:
         self.store, self.keys, self.leadership = store, keys, leadership
         self.metrics = metrics or Metrics()
-        self.emit, self.clock, self.wall = emit, clock, wall
+        self.emit, self.allow, self.clock, self.wall = emit, allow, clock, wall
         self.on_reload = reload
         self.waker = waker or Waker()
         self.stop_requested = False
@@ -148,13 +149,16 @@ class Loop:
         self._unhealthy: dict[str, float] = {}  # instance -> unhealthy since (wall clock)
         self._exited: set[str] = set()  # exits already counted
         self._published: dict[str, str] = {}  # service -> the problems record last written
+        self._health: dict[str, bool] = {}  # instance -> healthy at the last pass
+        self._overrides: dict[str, int | None] = {}  # service -> override at the last pass
+        self._held: dict[str, list[dict[str, Any]]] = {}  # service -> actions plugins hold
         self._polls_running: set[str] = set()
         self._was_leading = False
         self._campaigner: threading.Thread | None = None
         self._stop_retry: dict[tuple[str, int], tuple[int, float]] = {}
         "slot -> (failed stops, when to try again): a stop that fails is retried ever later"
         self._poll_workers = DaemonWorkers(4, "poll")
-        self.restarts = Restarts(clock=clock, settings=self._restart_settings)
+        self.restarts = Restarts(clock=clock, settings=self._restart_settings, emit=self._emit)
         self.orphans = Orphans()  # issue 11: orphans (agent/orphans.py)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
                                    parallelism=lambda: self.settings.parallelism,
@@ -263,6 +267,10 @@ class Loop:
         """Stop deploys where they are and take no more actions (waits about a second)."""
         self.deploys.stop()
         self.actuation.close(timeout=1.0)
+        if self._was_leading and not self.settings.dry_run:
+            self._was_leading = False
+            self._emit("shipmate_leadership_lost", term=self.leadership.term,
+                       reason="the agent stopped")
 
     def turn(self) -> None:
         """One turn of the loop (tests call it directly)."""
@@ -275,8 +283,14 @@ class Loop:
             self.next_campaign = now + self.leadership.ttl / 3
             leading = self._campaign()
         if leading and not self._was_leading:  # newly won: read everything afresh
+            if not self.settings.dry_run:
+                self._emit("shipmate_leadership_gained", term=self.leadership.term)
+            self._overrides.clear()
             self.poll_all()
             self.next_pass = 0.0
+        elif self._was_leading and not leading:
+            self._emit("shipmate_leadership_lost", term=self.leadership.term,
+                       reason=self.leadership.lost_why or "its lease ran out unrefreshed")
         self._was_leading = leading
         self.metrics.leader.set(1 if leading else 0)
         if not leading:
@@ -341,13 +355,16 @@ class Loop:
                 if reading.decision.count is not None and name in views:
                     views[name].desired = reading.decision.count
         self._count_exits(views)
+        self._track_overrides(views)
         errors: list[str] = []
         if not dry and self.leadership.valid(term):
             # announce what passed its check before any stop below withdraws anything
             errors += self.reconciler.announce(views, self.actuation.stopping())
         busy = self.actuation.busy_slots(mark)
+        held_before, self._held = self._held, {}
         for action in self.reconciler.plan(views):
-            if self._hold(action, views[action.service], busy):
+            if (self._hold(action, views[action.service], busy)
+                    or self._vetoed(action, held_before)):
                 continue
             if dry:
                 log.info("would %s", action)
@@ -392,6 +409,22 @@ class Loop:
                 view.problems.append(f"slot {action.slot}: {problem}")
                 return True
         return False
+
+    def _vetoed(self, action: Action, before: dict[str, list[dict[str, Any]]]) -> bool:
+        """Whether a plugin holds ``action`` (``shipmate_allow_action``); a held one is
+        recorded for status and asked about again at the next pass."""
+        held = self.allow(action)
+        if held is None:
+            return False
+        plugin = getattr(held, "plugin", "?")
+        what = f"{action.verb} of slot {action.slot} ({action.reason})"
+        record = {"kind": "held", "verb": action.verb, "slot": action.slot,
+                  "plugin": plugin, "reason": str(held),
+                  "text": f"{what} held by plugin {plugin!r}: {held}"}
+        if record not in before.get(action.service, []):
+            log.info("%s: %s", action.service, record["text"])
+        self._held.setdefault(action.service, []).append(record)
+        return True
 
     def _port_problem(self, service: str, port: int) -> str | None:
         return slot_port_problem(service, port, self._claims, self.settings.http)
@@ -439,6 +472,17 @@ class Loop:
             self._stop_retry.pop((action.service, action.slot), None)
         self.request_pass()
 
+    def _track_overrides(self, views: dict[str, ServiceView]) -> None:
+        """``shipmate_override_changed`` where an override differs from the last pass's."""
+        for name, view in views.items():
+            now = None if view.override_invalid else view.override
+            if name in self._overrides and self._overrides[name] != now:
+                self._emit("shipmate_override_changed", service=name,
+                           old=self._overrides[name], new=now)
+            self._overrides[name] = now
+        for gone in self._overrides.keys() - views.keys():
+            del self._overrides[gone]
+
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()
         running: set[str] = set()
@@ -447,12 +491,16 @@ class Loop:
             for instance in view.running:
                 running.add(instance.name)
                 self._seen.setdefault(instance.name, now)
+                ok, before = instance.name in healthy, self._health.get(instance.name)
+                self._health[instance.name] = ok
+                if before is not None and before != ok:
+                    self._emit("shipmate_health_changed", instance=instance, healthy=ok)
                 if instance.name in healthy:
                     self._unhealthy.pop(instance.name, None)
                     self.restarts.healthy(name, instance.slot)
                 else:
                     self._unhealthy.setdefault(instance.name, wall)
-        for table in (self._seen, self._unhealthy):
+        for table in (self._seen, self._unhealthy, self._health):
             for gone in table.keys() - running:
                 del table[gone]
 
@@ -501,7 +549,7 @@ class Loop:
         key only when they change (``shipmate status`` shows them)."""
         for name, view in views.items():
             record = {"problems": [{"kind": "problem", "text": p} for p in view.problems]
-                      + self.restarts.problems(name, self.wall()),
+                      + self.restarts.problems(name, self.wall()) + self._held.get(name, []),
                       "unhealthy": {i.name: self._unhealthy[i.name] for i in view.running
                                     if i.name in self._unhealthy}}
             text = json.dumps(record, sort_keys=True)
@@ -551,6 +599,9 @@ class Loop:
         if not self.settings.dry_run and not self.leadership.campaign():
             log.error("another agent leads this cluster; --once changes nothing")
             return 1
+        if not self.settings.dry_run:
+            self._was_leading = True
+            self._emit("shipmate_leadership_gained", term=self.leadership.term)
         for name in self.services:
             self.poll_now(name)
         deadline = self.clock() + timeout

@@ -8,7 +8,8 @@ and healthy for ``restart.reset_after`` (10 min) the slot starts afresh.
 
 Each failure is logged once, at WARNING, with the exit code and the last lines
 of the instance's output where the actuator has them. :meth:`Restarts.problems`
-says it in words for ``shipmate status``.
+says it in words for ``shipmate status``. The first failure of a slot that was
+fine emits ``shipmate_crash_loop``.
 """
 
 from __future__ import annotations
@@ -48,21 +49,33 @@ class SlotState:
 class Restarts:
     """The backoff state of every failing slot, in memory (a new agent starts afresh)."""
 
-    def __init__(self, *, clock: Callable[[], float],
-                 settings: Callable[[str], Any]) -> None:
-        """``settings(service)`` -> that service's ``restart`` block (or None)."""
-        self.clock, self.settings = clock, settings
+    def __init__(self, *, clock: Callable[[], float], settings: Callable[[str], Any],
+                 emit: Callable[..., None] = lambda *a, **k: None) -> None:
+        """``settings(service)`` -> that service's ``restart`` block (or None); ``emit``
+        sends the ``shipmate_crash_loop`` event (outside the lock)."""
+        self.clock, self.settings, self.emit = clock, settings, emit
         self.slots: dict[tuple[str, int], SlotState] = {}
         self._lock = threading.RLock()  # the loop and the action workers both record
 
-    @_locked
     def failed(self, service: str, slot: int, what: str, *, code: int | None = None,
                output: str | None = None) -> float:
         """Record an exit or a failed start; return the delay before the slot's next try."""
+        delay, state = self._failed(service, slot, what, code=code, output=output)
+        if state is not None:  # the slot was fine: a crash loop begins
+            self.emit("shipmate_crash_loop", service=service, slot=slot,
+                      restarts=state.failures, last_exit=state.last_exit, next_try_in=delay)
+        return delay
+
+    @_locked
+    def _failed(self, service: str, slot: int, what: str, *, code: int | None,
+                output: str | None) -> tuple[float, SlotState | None]:
+        """The delay, and the slot's state if this failure starts a crash loop."""
         cfg = self.settings(service)
         if cfg is None:
-            return 0.0
+            return 0.0, None
         now = self.clock()
+        state = self.slots.get((service, slot))
+        begins = state is None or state.up_since is not None
         state = self.slots.setdefault((service, slot), SlotState())
         state.failures += 1
         state.up_since = None
@@ -74,7 +87,7 @@ class Restarts:
         log.warning("%s slot %d: %s; restart %d in %s%s", service, slot, state.last_exit,
                     state.failures, format_duration(delay),
                     f"; last output: {tail[:300]}" if tail else "")
-        return delay
+        return delay, (state if begins else None)
 
     @_locked
     def may_start(self, service: str, slot: int) -> bool:

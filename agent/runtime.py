@@ -135,20 +135,22 @@ class Agent:
         self.store = connect(self.config)
         self.keys = Keys(self.config.key_prefix)
         self.metrics = Metrics()
+        self.plugins.register_metrics(self.metrics.registry)
         self.leadership = Leadership(self.store, self.keys.leader,
                                      ttl=self.config.agent.leader_ttl,
                                      on_change=lambda leading: self.loop.request_pass())
         # what acts for the leader writes through the fence (the raw store stays for reads
         # of the CLI and for leadership itself); a dry run writes nothing
         acting = self.store if dry_run else FencedStore(self.store, self.leadership)
-        context = Context(cluster=self.config.agent.cluster, store=acting,
+        self.context = context = Context(cluster=self.config.agent.cluster, store=acting,
                           state_dir=self.config.resolve(self.config.agent.state_dir),
                           wake=lambda: self.loop.request_pass())
         self.builder = Builder(self.plugins, context)
         self.loop = Loop(store=acting, keys=self.keys,
                          services=self.builder.services(self.config),
                          leadership=self.leadership, settings=self._settings(),
-                         metrics=self.metrics, emit=self._emit, strategies=self._strategy,
+                         metrics=self.metrics, emit=self._emit, allow=self._allow,
+                         strategies=self._strategy,
                          reload=self.reload)
         # issue 11: orphans are withdrawn through the default announcer too (agent/orphans.py)
         self.loop.orphans.default = lambda: default_announcer(self.builder)
@@ -158,6 +160,9 @@ class Agent:
 
     def _emit(self, hook: str, **kwargs: Any) -> None:
         self.plugins.call_event(hook, **kwargs)  # the plugins of the config in force
+
+    def _allow(self, action: Any) -> str | None:
+        return self.plugins.allow_action(action)
 
     @property
     def services(self) -> dict[str, ServiceRuntime]:
@@ -185,7 +190,12 @@ class Agent:
             self.builder.plugins = self.plugins
             log.error("reload failed, keeping the running config:\n%s", exc)
             return
+        self.plugins.unconfigure()
         self.config, self.plugins = config, plugins
+        try:
+            plugins.configure(config.plugins, self.context)
+        except PluginError as exc:  # the others are configured: the agent runs on
+            log.error("reload: %s", exc)
         self.loop.configure(services, self._settings())
         self.loop.poll_all()
         log.info("config reloaded: %d services", len(services))
@@ -227,6 +237,7 @@ class Agent:
 
     def run(self) -> int:
         """Run until stopped (or one pass with ``once``); return the exit code."""
+        self.plugins.configure(self.config.plugins, self.context)  # PluginError: no start
         previous_fd = self._signals()
         server = watch = None
         try:
@@ -243,6 +254,7 @@ class Agent:
             return 0
         finally:
             self.loop.close()
+            self.plugins.unconfigure()
             if previous_fd is not None:
                 signal.set_wakeup_fd(previous_fd)
             if watch is not None:

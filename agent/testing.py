@@ -3,11 +3,18 @@
 Installed as a pytest plugin (the ``pytest11`` entry point), so any project
 with shipmate installed can use them:
 
-- ``shipmate_plugins``: a fresh plugin manager with every installed plugin;
-- ``embedded_store``: an empty embedded store in a temporary folder;
-- ``write_config``: writes YAML text to a file and returns its path;
-- ``load_test_config``: loads YAML text into a validated :class:`agent.config.Config`;
-- ``run_agent``: runs a real agent on YAML text in a thread until the test ends.
+- ``shipmate_plugins`` -> :class:`agent.plugins.Plugins`: a fresh plugin manager with
+  every installed plugin;
+- ``embedded_store`` -> :class:`agent.store.embedded.EmbeddedStore`: an empty embedded
+  store in a temporary folder;
+- ``write_config(text: str, name: str = "agent.yaml") -> Path``: writes dedented YAML
+  text to a file in ``tmp_path`` and returns its path;
+- ``load_test_config(text: str) -> Config``: loads YAML text into a validated
+  :class:`agent.config.Config`;
+- ``run_agent(text: str, plugins: Plugins | None = None) -> Agent``: runs a real agent
+  on YAML text in a thread until the test ends.
+
+docs/plugins.md has an example test.
 """
 
 from __future__ import annotations

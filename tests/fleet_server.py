@@ -6,34 +6,53 @@ answering (that page wins where fleet's own api-v1.md differs). It keeps a
 small in-memory cluster: a few fake machines (ids, primary IPs, metadata) and
 the units submitted to it, and plays fleet's engine and agents over time:
 
-- ``PUT`` with ``desiredState: launched`` schedules the unit at once
-  (``machineID`` set; ``currentState`` stays ``inactive`` with no state entry),
-  and ``launch_delay`` seconds later (3.5 s by default, like a real fleetd)
-  ``currentState`` is ``launched`` and its state reads loaded/active/running;
-  ``loaded`` gives loaded/inactive/dead after the same delay; ``inactive``
-  unschedules the unit and removes its state entries at once.
+Its timings (``Timings``; constructor arguments, and ``timings`` while it runs)
+default to a real fleetd's (``REALISTIC``) times ``time_scale``, so a test
+passes ``time_scale=0.05`` and keeps the behaviour at a twentieth of the wait.
+A timing may be a ``(low, high)`` range, drawn from by a seeded random.
+
+- Scheduling is asynchronous: ``PUT`` with ``desiredState: launched`` leaves
+  the unit unscheduled (no ``machineID``, ``currentState`` inactive) for
+  ``schedule_delay`` (1 s); then ``machineID`` is set and ``launch_delay``
+  (3.5 s) later ``currentState`` is ``launched`` and its state reads
+  loaded/active/running. ``activation_delay`` (0 by default; seconds on a
+  loaded machine) is how long systemd then takes to start it: for its first
+  half the state reads the transitional loaded/inactive/dead, then
+  loaded/activating/start, while ``currentState`` already says launched.
+  ``loaded`` gives loaded/inactive/dead after the launch delay.
+- ``PUT`` ``inactive`` unschedules the unit (``machineID`` gone at once) and
+  ``DELETE`` removes it, but its state entries linger for ``linger`` (1-2 s)
+  as they last read.
 - The scheduler honours ``[X-Fleet]`` ``Global`` (every matching machine, one
-  state per machine, no ``machineID``/``currentState`` on the unit),
-  ``MachineMetadata`` (keys ANDed, values of one key ORed), ``Conflicts``
-  (globs, both ways), ``MachineOf`` and ``MachineID``; among the candidates it
-  picks the least loaded machine, ties broken by machine id (fleet's
-  least-loaded scheduler). A unit that fits nowhere waits, unscheduled, and is
-  placed as soon as a machine frees up or joins.
+  state per machine; the unit shows ``currentState`` inactive and no
+  ``machineID``), ``MachineMetadata`` (keys ANDed, values of one key ORed),
+  ``Conflicts`` (globs, both ways), ``MachineOf`` and ``MachineID``; among the
+  candidates it picks the least loaded machine, ties broken by machine id
+  (fleet's least-loaded scheduler). A unit that fits nowhere waits,
+  unscheduled, and is placed as soon as a machine frees up or joins. Options
+  are validated as fleetd's ``ValidateOptions`` does, ``Replaces`` included
+  (not with ``MachineID``, ``Global`` or ``Conflicts``; a peer must not match it).
+- etcd trouble: with etcd down, every call that needs etcd answers 500 with an
+  empty message, each after ``etcd_error_delay`` (1 s: fleetd's etcd timeout),
+  for ``etcd_grace`` (15-25 s), then every call answers 503 "fleet server
+  unable to communicate with etcd" at once; once etcd is back fleetd goes on
+  answering so for ``recovery_lag`` (4-14 s). After an etcd restart
+  (``restart_etcd``) every unit state is gone for ``state_loss`` (24 s) while
+  the units run on and ``/units`` shows them as before.
 - The quirks: ``GET /state/NAME`` with no state drops the connection with an
   empty reply; a bogus ``desiredState`` on update is accepted (204) and from
   then on that unit answers 500 with an empty message to every call that names
   it (and drops out of ``GET /units``, which fleet's registry skips with a log
-  line); with etcd down, every call that needs etcd answers 500 with an empty
-  message for ``etcd_grace`` seconds (20 s by default), then every call
-  answers 503 "fleet server unable to communicate with etcd" until etcd is back;
-  paging is by ``token_limit`` (fleetd's ``--token_limit``, default 100) with
-  fleet's token format, including the full last page that still carries a token.
+  line); paging is by ``token_limit`` (fleetd's ``--token_limit``, default
+  100) with fleet's token format, including the full last page that still
+  carries a token.
 
-Test controls: ``launch_delay`` (settable), ``set_etcd_down(True/False)``,
-``outage(seconds)`` (down, then back by itself), ``fail(unit)`` (systemd
-reports the unit failed), ``fail_on_launch(*globs)`` (matching units fail as
-soon as they launch), ``add_machine``/``remove_machine``; ``requests`` lists
-every request received. ``api()`` is a
+Test controls: ``timings`` (settable fields), ``set_etcd_down(True/False)``,
+``outage(seconds)`` (down, then back by itself), ``restart_etcd(downtime)``,
+``fail(unit)`` (systemd reports the unit failed), ``exit(unit)`` (its process
+ended: inactive/dead while fleet says launched), ``fail_on_launch(*globs)``
+(matching units fail as soon as they launch), ``add_machine``/
+``remove_machine``; ``requests`` lists every request received. ``api()`` is a
 tiny HTTP client for tests that want to see raw answers.
 
 Served over TCP on a free loopback port (``endpoint``) and, optionally, over a
@@ -51,6 +70,7 @@ import http.client
 import http.server
 import json
 import os
+import random
 import re
 import shlex
 import socket
@@ -59,6 +79,7 @@ import struct
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +198,10 @@ class RequestError(Exception):
         self.code, self.message = code, message
 
 
+class EtcdTimeout(RequestError):
+    """A 500 because etcd did not answer: it comes after fleetd's etcd timeout."""
+
+
 class DropConnection(Exception):
     """The handler panicked: Go's http server closes the connection, no reply."""
 
@@ -267,6 +292,7 @@ class Requirements:
     metadata: dict[str, set[str]]
     conflicts: list[str]
     peers: list[str]
+    replaces: list[str]
     machine_id: str | None
 
     @classmethod
@@ -285,6 +311,7 @@ class Requirements:
                        for c in v.split()],
             peers=[p for v in fleet_values(options, "MachineOf", "X-ConditionMachineOf")
                    for p in v.split()],
+            replaces=[r for v in fleet_values(options, "Replaces") for r in v.split()],
             machine_id=ids[-1] if ids else None)
 
     def fits(self, machine: Machine) -> bool:
@@ -305,12 +332,20 @@ def validate_options(options: list[dict[str, str]]) -> None:
             if fnmatch.fnmatchcase(peer, conflict):
                 raise RequestError(400, f"unresolvable requirements: peer {go_quote(peer)} "
                                         f"matches conflict {go_quote(conflict)}")
+        for replace in req.replaces:
+            if fnmatch.fnmatchcase(peer, replace):
+                raise RequestError(400, f"unresolvable requirements: peer {go_quote(peer)} "
+                                        f"matches replace {go_quote(replace)}")
+    # fleetd's switch, in its order: the first pair that applies is the answer
     checks = [
         (req.machine_id and req.peers, "MachineID cannot be used with Peers"),
         (req.machine_id and req.conflicts, "MachineID cannot be used with Conflicts"),
         (req.machine_id and req.is_global, "MachineID cannot be used with Global"),
+        (req.machine_id and req.replaces, "MachineID cannot be used with Replaces"),
         (req.is_global and req.peers, "Global cannot be used with Peers"),
         (req.is_global and req.conflicts, "Global cannot be used with Conflicts"),
+        (req.is_global and req.replaces, "Global cannot be used with Replaces"),
+        (req.conflicts and req.replaces, "Conflicts cannot be used with Replaces"),
     ]
     for bad, message in checks:
         if bad:
@@ -385,6 +420,66 @@ class Machine:
                          primaryIP=self.primary_ip)
 
 
+Span = float | tuple[float, float]  # seconds, or a range drawn from uniformly each time
+
+# a real fleetd v1.0.0's timings, as measured against one (seconds)
+REALISTIC: dict[str, Span] = {
+    "schedule_delay": 1.0,        # PUT launched -> machineID set
+    "launch_delay": 3.5,          # machineID set -> currentState launched, systemd active
+    "activation_delay": 0.0,      # launched -> active: seconds under load (systemd starting)
+    "linger": (1.0, 2.0),         # PUT inactive / DELETE -> the state entry is gone
+    "etcd_error_delay": 1.0,      # each 500 while etcd is down takes this long to come
+    "etcd_grace": (15.0, 25.0),   # etcd down -> 500s turn into 503s
+    "recovery_lag": (4.0, 14.0),  # etcd back -> fleetd answers again
+    "state_loss": 24.0,           # etcd restarted -> every unit state is back
+}
+
+
+@dataclass
+class Timings:
+    """How long the stand-in takes for what a real fleetd does over time.
+
+    Every field is seconds, or a ``(low, high)`` range drawn from uniformly (by
+    the server's seeded random) each time it applies. Fields can be changed
+    while the server runs.
+    """
+
+    schedule_delay: Span
+    launch_delay: Span
+    activation_delay: Span
+    linger: Span
+    etcd_error_delay: Span
+    etcd_grace: Span
+    recovery_lag: Span
+    state_loss: Span
+
+    @classmethod
+    def scaled(cls, scale: float, **overrides: Span | None) -> Timings:
+        """The realistic timings times ``scale``, except those given (not None)."""
+        values: dict[str, Span] = {}
+        for name, real in REALISTIC.items():
+            given = overrides.get(name)
+            if given is not None:
+                values[name] = given
+            elif isinstance(real, tuple):
+                values[name] = (real[0] * scale, real[1] * scale)
+            else:
+                values[name] = real * scale
+        return cls(**values)
+
+
+def draw(span: Span, rng: random.Random) -> float:
+    return rng.uniform(*span) if isinstance(span, tuple) else float(span)
+
+
+@dataclass
+class Ghost:
+    """The state entry of a unit that was unscheduled: shown until ``until``."""
+
+    state: dict[str, Any]
+    until: float
+
+
 @dataclass
 class Placement:
     """A unit on one machine: what its agent was told, since when, and systemd's word."""
@@ -392,7 +487,10 @@ class Placement:
     target: str  # loaded | launched
     since: float
     failed: bool = False
+    exited: bool = False  # its process ended (systemd: inactive/dead) while fleet says launched
     before: str | None = None  # what shows until ``target`` is reached (loaded, or nothing)
+    delay: float | None = None  # drawn launch delay (from ``since``)
+    activation: float | None = None  # drawn activation delay (from reaching ``target``)
 
 
 @dataclass
@@ -402,6 +500,7 @@ class Unit:
     desired: str
     placements: dict[str, Placement] = field(default_factory=dict)
     bogus: bool = False
+    schedule_at: float = 0.0  # the engine places it from then on (scheduling is asynchronous)
 
     @property
     def requirements(self) -> Requirements:
@@ -433,30 +532,42 @@ def default_machines() -> list[Machine]:
 class Cluster:
     """fleet's registry, engine and agents, in memory. Call methods with ``lock`` held."""
 
-    def __init__(self, machines: list[Machine], launch_delay: float) -> None:
+    def __init__(self, machines: list[Machine], timings: Timings, rng: random.Random) -> None:
         self.machines = {m.id: m for m in machines}
         self.units: dict[str, Unit] = {}
-        self.launch_delay = launch_delay
+        self.timings = timings
+        self.rng = rng
         self.failing: list[str] = []  # globs of units whose process fails once launched
+        self.ghosts: dict[tuple[str, str], Ghost] = {}  # (unit, machine): a lingering state
+        self.states_lost_until: float | None = None  # after an etcd restart
+        self.changed_at = 0.0  # when a machine or a placement last changed
         self.lock = threading.RLock()
+
+    @property
+    def launch_delay(self) -> float:
+        return draw(self.timings.launch_delay, self.rng)
 
     # -- engine: place what waits, on each request (fleet's engine reconciles on a timer)
     def reconcile(self, now: float) -> None:
         for unit in self.units.values():
             for mid in [m for m in unit.placements if m not in self.machines]:
                 del unit.placements[mid]  # the machine left: its units are rescheduled
+                self.changed_at = now
         for unit in sorted(self.units.values(), key=lambda u: u.name):
             if unit.bogus or unit.desired not in ("loaded", "launched") or is_template(unit.name):
                 continue
+            if now < unit.schedule_at:
+                continue  # the engine has not got to it yet
+            since = min(now, max(unit.schedule_at, self.changed_at))
             req = unit.requirements
             if req.is_global:
                 for machine in self._sorted_machines():
                     if machine.id not in unit.placements and req.fits(machine):
-                        unit.placements[machine.id] = Placement(unit.desired, now)
+                        unit.placements[machine.id] = Placement(unit.desired, since)
             elif not unit.placements:
                 target = self._pick(unit, req)
                 if target is not None:
-                    unit.placements[target] = Placement(unit.desired, now)
+                    unit.placements[target] = Placement(unit.desired, since)
 
     def _sorted_machines(self) -> list[Machine]:
         return sorted(self.machines.values(), key=lambda m: m.id)
@@ -487,11 +598,13 @@ class Cluster:
 
     # -- what the API shows
     def reached(self, placement: Placement, now: float) -> bool:
-        return now - placement.since >= self.launch_delay
+        if placement.delay is None:
+            placement.delay = self.launch_delay
+        return now - placement.since >= placement.delay
 
-    def current_state(self, unit: Unit, now: float) -> str | None:
+    def current_state(self, unit: Unit, now: float) -> str:
         if unit.is_global:
-            return None  # fleet has no single schedule for a global unit
+            return "inactive"  # fleet has no single schedule for a global unit
         for placement in unit.placements.values():
             if self.reached(placement, now):
                 return placement.target
@@ -505,43 +618,86 @@ class Cluster:
                              omitempty(name=o["name"], section=o["section"], value=o["value"])
                              for o in unit.options])
 
+    def _systemd(self, unit: Unit, placement: Placement, now: float) -> tuple[str, str] | None:
+        """systemd's (active, sub) state of ``unit`` on one machine; None: no state entry."""
+        reached = self.reached(placement, now)
+        shown = placement.target if reached else placement.before
+        if shown is None:
+            return None
+        if placement.failed or (shown == "launched" and any(
+                fnmatch.fnmatchcase(unit.name, glob) for glob in self.failing)):
+            return "failed", "failed"
+        if shown != "launched" or placement.exited:
+            return "inactive", "dead"
+        if reached:
+            if placement.activation is None:
+                placement.activation = draw(self.timings.activation_delay, self.rng)
+            starting = now - placement.since - (placement.delay or 0.0)
+            if starting < placement.activation / 2:
+                return "inactive", "dead"  # loaded, systemd has not begun to start it
+            if starting < placement.activation:
+                return "activating", "start"
+        return "active", "running"
+
     def states(self, now: float) -> list[dict[str, Any]]:
-        out = []
-        for unit in sorted(self.units.values(), key=lambda u: u.name):
-            for mid in sorted(unit.placements):
-                placement = unit.placements[mid]
-                shown = placement.target if self.reached(placement, now) else placement.before
-                if shown is None:
-                    continue
-                if placement.failed or (shown == "launched" and any(
-                        fnmatch.fnmatchcase(unit.name, glob) for glob in self.failing)):
-                    active, sub = "failed", "failed"
-                elif shown == "launched":
-                    active, sub = "active", "running"
-                else:
-                    active, sub = "inactive", "dead"
-                out.append(omitempty(hash=unit.hash, machineID=mid, name=unit.name,
-                                     systemdActiveState=active, systemdLoadState="loaded",
-                                     systemdSubState=sub))
-        return out
+        if self.states_lost_until is not None:
+            if now < self.states_lost_until:
+                return []  # etcd restarted: the agents have not published their states again
+            self.states_lost_until = None
+        shown: dict[tuple[str, str], dict[str, Any]] = {}
+        for key, ghost in list(self.ghosts.items()):
+            if now >= ghost.until:
+                del self.ghosts[key]
+            else:
+                shown[key] = ghost.state
+        for unit in self.units.values():
+            for mid, placement in unit.placements.items():
+                systemd = self._systemd(unit, placement, now)
+                if systemd is not None:
+                    shown[(unit.name, mid)] = omitempty(
+                        hash=unit.hash, machineID=mid, name=unit.name,
+                        systemdActiveState=systemd[0], systemdLoadState="loaded",
+                        systemdSubState=systemd[1])
+        return [shown[key] for key in sorted(shown)]
 
     # -- changes
+    def unschedule(self, unit: Unit, now: float) -> None:
+        """Take ``unit`` off its machines; their state entries linger a while."""
+        for mid, placement in unit.placements.items():
+            systemd = self._systemd(unit, placement, now)
+            if systemd is not None:
+                self.ghosts[(unit.name, mid)] = Ghost(omitempty(
+                    hash=unit.hash, machineID=mid, name=unit.name,
+                    systemdActiveState=systemd[0], systemdLoadState="loaded",
+                    systemdSubState=systemd[1]), now + draw(self.timings.linger, self.rng))
+        unit.placements.clear()
+        self.changed_at = now
+
+    def schedule(self, unit: Unit, now: float) -> None:
+        """The engine will place ``unit`` after the scheduling delay."""
+        unit.schedule_at = now + draw(self.timings.schedule_delay, self.rng)
+
     def set_target(self, unit: Unit, state: str, now: float) -> None:
+        was = unit.desired
         unit.desired = state
         if state not in STATES:
             unit.bogus = True  # fleetd stores it, then cannot parse the unit again
             return
         if state == "inactive":
-            unit.placements.clear()
+            self.unschedule(unit, now)
             return
+        if was == "inactive":
+            self.schedule(unit, now)
         for placement in unit.placements.values():
             if placement.target != state:
                 # loaded -> launched starts the unit (another launch delay, showing
                 # loaded meanwhile); launched -> loaded stops it at once
                 reached = self.reached(placement, now)
                 placement.before = placement.target if reached else placement.before
-                placement.since = now if state == "launched" else now - self.launch_delay
-                placement.target, placement.failed = state, False
+                placement.delay = self.launch_delay
+                placement.since = now if state == "launched" else now - placement.delay
+                placement.target, placement.failed, placement.exited = state, False, False
+                placement.activation = None
 
 
 # ---------------------------------------------------------------- HTTP
@@ -613,18 +769,32 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class FleetServer:
     """A fake fleetd: ``start()``, then talk to ``endpoint`` or ``unix_endpoint``."""
 
-    def __init__(self, machines: list[Machine] | None = None, *, launch_delay: float = 3.5,
-                 token_limit: int = 100, etcd_grace: float = 20.0, version: str = VERSION,
+    def __init__(self, machines: list[Machine] | None = None, *, time_scale: float = 1.0,
+                 schedule_delay: Span | None = None, launch_delay: Span | None = None,
+                 activation_delay: Span | None = None, linger: Span | None = None,
+                 etcd_error_delay: Span | None = None, etcd_grace: Span | None = None,
+                 recovery_lag: Span | None = None, state_loss: Span | None = None,
+                 seed: int = 0, clock: Callable[[], float] = time.monotonic,
+                 token_limit: int = 100, version: str = VERSION,
                  unix_socket: str | os.PathLike[str] | None = None,
                  tls: Any = None) -> None:
+        """A stand-in whose timings are a real fleetd's (``REALISTIC``) times
+        ``time_scale``, except the ones given here (seconds, or a ``(low, high)`` range)."""
+        self.clock = clock  # what "now" is (a test may pass one it advances itself)
         self.tls = tls  # an ssl.SSLContext (server side): serve https on the TCP port
+        self.timings = Timings.scaled(
+            time_scale, schedule_delay=schedule_delay, launch_delay=launch_delay,
+            activation_delay=activation_delay, linger=linger, etcd_error_delay=etcd_error_delay,
+            etcd_grace=etcd_grace, recovery_lag=recovery_lag, state_loss=state_loss)
+        self.rng = random.Random(seed)
         self.cluster = Cluster(machines if machines is not None else default_machines(),
-                               launch_delay)
+                               self.timings, self.rng)
         self.token_limit = token_limit
-        self.etcd_grace = etcd_grace
         self.version = version
         self.unix_socket = Path(unix_socket) if unix_socket else None
-        self._down_since: float | None = None
+        self._down_since: float | None = None  # etcd lost (or not recovered from) since
+        self._grace = 0.0  # of this outage: 500s, then 503s
+        self._recovered_at: float | None = None  # etcd is back: fleetd answers from then on
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self._timers: list[threading.Timer] = []
@@ -680,25 +850,45 @@ class FleetServer:
 
     # -- test controls
     @property
-    def launch_delay(self) -> float:
-        return self.cluster.launch_delay
-
-    @launch_delay.setter
-    def launch_delay(self, seconds: float) -> None:
-        self.cluster.launch_delay = seconds
-
-    @property
     def machines(self) -> list[Machine]:
         with self.cluster.lock:
             return sorted(self.cluster.machines.values(), key=lambda m: m.id)
 
     def set_etcd_down(self, down: bool) -> None:
-        """Make fleetd lose (True) or regain (False) its etcd."""
+        """Make fleetd lose (True) or regain (False) its etcd.
+
+        fleetd answers again ``recovery_lag`` after etcd is back (until then as
+        while it was down)."""
         with self.cluster.lock:
+            now = self.clock()
             if not down:
-                self._down_since = None
-            elif self._down_since is None:
-                self._down_since = time.monotonic()
+                if self._down_since is not None and self._recovered_at is None:
+                    self._recovered_at = now + draw(self.timings.recovery_lag, self.rng)
+            else:
+                self._recovered_at = None
+                if self._down_since is None:
+                    self._down_since = now
+                    self._grace = draw(self.timings.etcd_grace, self.rng)
+
+    def restart_etcd(self, downtime: float = 0.0) -> None:
+        """fleet's etcd restarts: down for ``downtime`` seconds (0: fleetd does not
+        notice), then every unit state is gone for ``state_loss`` seconds while the
+        units go on running and ``/units`` shows them as before."""
+
+        def lose_states() -> None:
+            with self.cluster.lock:
+                self.set_etcd_down(False)
+                start = self._recovered_at or self.clock()
+                self.cluster.states_lost_until = start + draw(self.timings.state_loss, self.rng)
+
+        if downtime <= 0:
+            lose_states()
+            return
+        self.set_etcd_down(True)
+        timer = threading.Timer(downtime, lose_states)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
 
     def outage(self, seconds: float) -> None:
         """etcd is unreachable for ``seconds`` from now, then comes back by itself."""
@@ -715,6 +905,12 @@ class FleetServer:
                 if machine in (None, mid):
                     placement.failed = True
 
+    def exit(self, unit: str) -> None:
+        """``unit``'s process ends: systemd reports it inactive/dead, fleet still launched."""
+        with self.cluster.lock:
+            for placement in self.cluster.units[unit].placements.values():
+                placement.exited = True
+
     def fail_on_launch(self, *globs: str) -> None:
         """Units matching ``globs`` fail as soon as they are launched (a crashing process)."""
         with self.cluster.lock:
@@ -723,6 +919,7 @@ class FleetServer:
     def add_machine(self, machine: Machine) -> None:
         with self.cluster.lock:
             self.cluster.machines[machine.id] = machine
+            self.cluster.changed_at = self.clock()
 
     def remove_machine(self, mid: str) -> None:
         with self.cluster.lock:
@@ -783,19 +980,26 @@ class FleetServer:
                     raise RequestError(503, ETCD_MESSAGE)
                 return self._route(method, path, query, headers, body)
         except RequestError as err:
+            if isinstance(err, EtcdTimeout):  # fleetd's etcd client gives up after a while
+                time.sleep(draw(self.timings.etcd_error_delay, self.rng))
             payload = go_json({"error": {"code": err.code, "message": err.message}})
             return err.code, {"Content-Type": "application/json"}, payload
 
     def _etcd_phase(self) -> int:
+        """200 with etcd reachable; 500 while fleetd still tries it; then 503."""
         if self._down_since is None:
             return 200
-        return 500 if time.monotonic() - self._down_since < self.etcd_grace else 503
+        now = self.clock()
+        if self._recovered_at is not None and now >= self._recovered_at:
+            self._down_since = self._recovered_at = None
+            return 200
+        return 500 if now - self._down_since < self._grace else 503
 
     def _registry(self) -> float:
         """Touch etcd: 500 with an empty message while it is down; else the time."""
-        if self._down_since is not None:
-            raise RequestError(500)
-        now = time.monotonic()
+        if self._etcd_phase() != 200:
+            raise EtcdTimeout(500)
+        now = self.clock()
         self.cluster.reconcile(now)
         return now
 
@@ -909,7 +1113,7 @@ class FleetServer:
                 raise RequestError(400, "machine metadata path invalid")
             if operation != "remove" and not value:
                 raise RequestError(400, "invalid value: add and replace require a value")
-        self._registry()
+        self.cluster.changed_at = self._registry()
         for operation, path, value in parsed:
             match = METADATA_PATH.match(path)
             assert match is not None
@@ -932,10 +1136,11 @@ class FleetServer:
             return 200, {"Content-Type": "application/json"}, go_json(
                 self.cluster.unit_schema(unit, now))
         if method == "DELETE":
-            self._registry()
+            now = self._registry()
             unit = self._existing(name)
             if unit is None:
                 raise RequestError(404, "unit does not exist")
+            self.cluster.unschedule(unit, now)
             del self.cluster.units[name]
             return 204, {}, b""
         if method == "PUT":
@@ -970,15 +1175,18 @@ class FleetServer:
             validate_options(options)
             if desired and desired not in STATES:
                 raise RequestError(500)  # CreateUnit parses the state; the error is internal
-            self.cluster.units[name] = Unit(name, options, desired or "inactive")
+            unit = self.cluster.units[name] = Unit(name, options, desired or "inactive")
+            if unit.desired != "inactive":
+                self.cluster.schedule(unit, now)
             self.cluster.reconcile(now)
             return 201, {}, b""
         if options and unit_hash(options) != existing.hash:
             validate_options(options)
             if desired and desired not in STATES:
                 raise RequestError(500)
+            self.cluster.unschedule(existing, now)  # the new unit file is scheduled afresh
             existing.options = options
-            existing.placements.clear()  # the new unit file is scheduled afresh
+            existing.desired = "inactive"
             self.cluster.set_target(existing, desired or "inactive", now)
             self.cluster.reconcile(now)
             return 201, {}, b""

@@ -6,8 +6,12 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +48,16 @@ def eventually(check: Callable[[], object], timeout: float = 5.0, what: str = ""
         time.sleep(0.05)
 
 
+def observation_window(seconds: float, why: str) -> None:
+    """Watch for ``seconds`` while something must *not* happen (a negative check).
+
+    Not a wait for something to happen (use :func:`eventually`): the test asserts
+    afterwards that nothing changed. ``why`` says what the window covers.
+    """
+    assert why, "say what the window must cover"
+    time.sleep(seconds)
+
+
 def process_records(state_dir: Path) -> list[dict]:
     """The process actuator's records under ``state_dir`` (every cluster)."""
     return [json.loads(p.read_text()) for p in sorted(state_dir.glob("**/processes/*/*.json"))]
@@ -64,3 +78,36 @@ def kill_recorded(state_dir: Path) -> None:
             continue  # recorded before its spawn, or never ran
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(record["pid"], signal.SIGKILL)
+
+
+IMPORT_TIME = re.compile(r"import time:\s+\d+ \|\s+(\d+) \| (\s*)\S+")
+_MODULES_PROBE = """\
+import atexit, json, os, runpy, sys
+atexit.register(lambda: open(os.environ["SHIPMATE_MODULES_OUT"], "w").write(
+    json.dumps(sorted(sys.modules))))
+sys.argv[0] = "shipmate"
+runpy.run_module("agent", run_name="__main__", alter_sys=True)
+"""
+
+
+def shipmate_imports(*args: str, env: dict[str, str] | None = None
+                     ) -> tuple[subprocess.CompletedProcess[str], set[str], float]:
+    """Run ``shipmate ARGS`` in a subprocess: its result, every module it had imported at
+    exit (``sys.modules``: also what ``importlib.import_module`` loaded, which
+    ``-X importtime`` leaves out), and the milliseconds ``-X importtime`` counted."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "modules.json"
+        result = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", _MODULES_PROBE, *args],
+            capture_output=True, text=True, timeout=60,
+            env={**(env or os.environ), "SHIPMATE_MODULES_OUT": str(out)})
+        modules = set(json.loads(out.read_text())) if out.exists() else set()
+    total, kept = 0, []
+    for line in result.stderr.splitlines():
+        match = IMPORT_TIME.match(line)
+        if match is None:
+            kept.append(line)
+        elif not match.group(2):  # a top-level import: its cumulative time holds its children's
+            total += int(match.group(1))
+    result.stderr = "\n".join(kept) + ("\n" if kept else "")
+    return result, modules, total / 1000

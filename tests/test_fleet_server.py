@@ -16,16 +16,51 @@ import time
 
 import pytest
 
-from tests.fleet_server import ETCD_MESSAGE, FleetServer, Machine, machine_id
+from tests.fleet_server import (
+    ETCD_MESSAGE,
+    REALISTIC,
+    FleetServer,
+    Machine,
+    Timings,
+    machine_id,
+)
 from tests.helpers import eventually
 
 EXEC = [{"section": "Service", "name": "ExecStart", "value": "/usr/bin/sleep 1d"}]
 M1, M2, M3 = machine_id(1), machine_id(2), machine_id(3)
+FAST = 0.05  # every timing a twentieth of a real fleetd's
 
 
 @pytest.fixture
 def fleet(tmp_path):
-    with FleetServer(launch_delay=0.2, unix_socket=tmp_path / "fleet.sock") as server:
+    """Fast timings, placement at once (for the scheduler's rules; see ``slow``)."""
+    with FleetServer(time_scale=FAST, schedule_delay=0, launch_delay=0.2,
+                     unix_socket=tmp_path / "fleet.sock") as server:
+        yield server
+
+
+class Clock:
+    """A clock the test moves itself: a real fleetd's timings, without the waits."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def slow(clock):
+    """A real fleetd's timings (``REALISTIC``) on the test's ``clock``."""
+    with FleetServer(clock=clock, etcd_error_delay=0) as server:
         yield server
 
 
@@ -190,6 +225,11 @@ def test_options_are_validated(fleet):
         (fleet_x(Global="true", Conflicts="b*"), "Global cannot be used with Conflicts"),
         (fleet_x(Global="true", MachineOf="b.service"), "Global cannot be used with Peers"),
         (fleet_x(MachineID=M1, Conflicts="b*"), "MachineID cannot be used with Conflicts"),
+        (fleet_x(MachineID=M1, Replaces="b.service"), "MachineID cannot be used with Replaces"),
+        (fleet_x(Global="true", Replaces="b.service"), "Global cannot be used with Replaces"),
+        (fleet_x(Conflicts="c*", Replaces="b.service"), "Conflicts cannot be used with Replaces"),
+        (fleet_x(MachineOf="b.service", Replaces="b*"),
+         'unresolvable requirements: peer "b.service" matches replace "b*"'),
         (fleet_x(MachineOf="b.service", Conflicts="b*"),
          'unresolvable requirements: peer "b.service" matches conflict "b*"'),
         (EXEC + [{"section": "Service", "name": "Environment", "value": "x" * 3000}],
@@ -199,6 +239,7 @@ def test_options_are_validated(fleet):
         status, body = put(fleet, "a.service", options=options)
         assert (status, error(body)) == (400, (400, message))
     assert fleet.get("/units") == {}
+    assert put(fleet, "r.service", options=fleet_x(Replaces="b.service")) == (201, b"")  # alone
 
 
 def test_a_template_cannot_be_activated(fleet):
@@ -220,30 +261,68 @@ def test_a_bogus_desired_state_is_accepted_then_the_unit_answers_500_forever(fle
 # ---------------------------------------------------------------- states over time
 
 
-def test_launch_schedules_at_once_and_launches_after_the_delay(fleet):
-    fleet.launch_delay = 0.5
-    started = time.monotonic()
-    put(fleet, "a.service", "launched", EXEC)
-    unit = fleet.get("/units/a.service")
+def systemd(state: dict) -> str:
+    return "/".join(state[k] for k in ("systemdLoadState", "systemdActiveState",
+                                        "systemdSubState"))
+
+
+def test_the_default_timings_are_a_real_fleetds_and_scale_together():
+    assert FleetServer().timings == Timings(**REALISTIC)
+    assert (REALISTIC["schedule_delay"], REALISTIC["launch_delay"]) == (1.0, 3.5)
+    fast = FleetServer(time_scale=0.1, launch_delay=0.2).timings
+    assert fast.schedule_delay == pytest.approx(0.1) and fast.launch_delay == 0.2
+    assert fast.etcd_grace == pytest.approx((1.5, 2.5))  # a range stays a range
+    assert fast.state_loss == pytest.approx(2.4)
+
+
+def test_scheduling_is_asynchronous_and_launch_follows(clock, slow):
+    put(slow, "a.service", "launched", EXEC)
+    unit = slow.get("/units/a.service")
+    assert "machineID" not in unit and unit["currentState"] == "inactive"
+    clock.advance(0.9)
+    assert "machineID" not in slow.get("/units/a.service")
+    clock.advance(0.2)  # about 1 s after the PUT: scheduled, not launched yet
+    unit = slow.get("/units/a.service")
     assert unit["machineID"] == M1 and unit["currentState"] == "inactive"
-    assert fleet.get("/state") == {}
-    eventually(lambda: fleet.get("/units/a.service")["currentState"] == "launched")
-    assert time.monotonic() - started >= 0.5
+    assert slow.get("/state") == {}
+    clock.advance(3.3)
+    assert slow.get("/units/a.service")["currentState"] == "inactive"
+    clock.advance(0.2)  # 3.5 s after it was scheduled (at 1 s)
+    assert slow.get("/units/a.service")["currentState"] == "launched"
     serialized = "[Service]\nExecStart=/usr/bin/sleep 1d\n"
-    assert fleet.get("/state") == {"states": [{
+    assert slow.get("/state") == {"states": [{
         "hash": hashlib.sha1(serialized.encode()).hexdigest(), "machineID": M1,
         "name": "a.service", "systemdActiveState": "active", "systemdLoadState": "loaded",
         "systemdSubState": "running"}]}
 
 
-def test_the_default_launch_delay_is_a_real_fleetds():
-    with FleetServer() as fleet:
-        assert fleet.launch_delay == 3.5
-        put(fleet, "a.service", "launched", EXEC)
-        time.sleep(1.0)
-        assert fleet.get("/units/a.service")["currentState"] == "inactive"
-        fleet.launch_delay = 0  # test control: skip the rest of the wait
-        assert fleet.get("/units/a.service")["currentState"] == "launched"
+def test_under_load_systemd_shows_its_start_while_fleet_says_launched(clock, slow):
+    slow.timings.activation_delay = 2.0
+    put(slow, "a.service", "launched", EXEC)
+    clock.advance(1.0 + 3.5)
+    assert slow.get("/units/a.service")["currentState"] == "launched"
+    (state,) = slow.get("/state")["states"]
+    assert systemd(state) == "loaded/inactive/dead"  # the transitional state
+    clock.advance(1.0)
+    assert systemd(slow.get("/state")["states"][0]) == "loaded/activating/start"
+    clock.advance(1.0)
+    assert systemd(slow.get("/state")["states"][0]) == "loaded/active/running"
+
+
+def test_a_states_entry_lingers_after_inactive_and_delete(clock, slow):
+    for name in ("a.service", "b.service"):
+        put(slow, name, "launched", EXEC)
+    clock.advance(5)
+    assert len(slow.get("/state")["states"]) == 2
+    assert put(slow, "a.service", "inactive") == (204, b"")
+    assert slow.api("DELETE", "/fleet/v1/units/b.service")[0] == 204
+    assert "machineID" not in slow.get("/units/a.service")  # unscheduled at once
+    assert [u["name"] for u in slow.get("/units")["units"]] == ["a.service"]
+    clock.advance(0.9)  # fleet's agents have not caught up: the states read as they did
+    assert [(s["name"], systemd(s)) for s in slow.get("/state")["states"]] == [
+        ("a.service", "loaded/active/running"), ("b.service", "loaded/active/running")]
+    clock.advance(1.2)  # 1-2 s
+    assert slow.get("/state") == {}
 
 
 def test_loaded_then_inactive(fleet):
@@ -255,7 +334,7 @@ def test_loaded_then_inactive(fleet):
     assert put(fleet, "a.service", "inactive") == (204, b"")
     unit = fleet.get("/units/a.service")
     assert "machineID" not in unit and unit["currentState"] == "inactive"
-    assert fleet.get("/state") == {}
+    eventually(lambda: fleet.get("/state") == {}, what="the state entry gone")
 
 
 def test_state_filters_and_the_single_state_quirk(fleet):
@@ -298,7 +377,7 @@ def test_global_units_run_on_every_machine_that_matches(fleet):
     assert sorted(s["machineID"] for s in states if s["name"] == "all.service") == [M1, M2, M3]
     assert sorted(s["machineID"] for s in states if s["name"] == "web.service") == [M1, M2]
     unit = fleet.get("/units/all.service")
-    assert "machineID" not in unit and "currentState" not in unit
+    assert "machineID" not in unit and unit["currentState"] == "inactive"  # no single schedule
     fleet.add_machine(Machine(machine_id(4), "127.0.0.4", {"role": "web"}))
     eventually(lambda: len(fleet.get("/state?unitName=web.service").get("states", [])) == 3)
 
@@ -362,7 +441,7 @@ def test_paging_tokens_and_the_empty_last_page(fleet):
 
 
 def test_small_pages_and_bad_tokens():
-    with FleetServer(token_limit=2, launch_delay=0) as fleet:
+    with FleetServer(token_limit=2, time_scale=0) as fleet:
         for n in range(4):
             put(fleet, f"u{n}.service", "launched", EXEC)
         assert fleet.get("/state")["nextPageToken"] == "AgACAA=="
@@ -382,31 +461,68 @@ def test_small_pages_and_bad_tokens():
 # ---------------------------------------------------------------- etcd trouble
 
 
-def test_etcd_down_gives_500_then_503_and_recovers():
-    with FleetServer(launch_delay=0, etcd_grace=0.5) as fleet:
-        put(fleet, "a.service", "launched", EXEC)
-        fleet.set_etcd_down(True)
-        for method, path in (("GET", "/fleet/v1/units"), ("GET", "/fleet/v1/state"),
-                             ("GET", "/fleet/v1/machines"),
-                             ("DELETE", "/fleet/v1/units/a.service")):
-            status, _, body = fleet.api(method, path)
-            assert (status, error(body)) == (500, (500, "")), path
-        assert fleet.api("GET", "/fleet/v1/discovery")[0] == 200  # needs no etcd
-        time.sleep(0.5)
-        for path in ("/fleet/v1/units", "/fleet/v1/discovery", "/nothing"):
-            status, headers, body = fleet.api("GET", path)
-            assert (status, error(body)) == (503, (503, ETCD_MESSAGE)), path
-            assert headers["Server"] == "fleetd/1.0.0"
-        fleet.set_etcd_down(False)
-        assert fleet.get("/units/a.service")["currentState"] == "launched"  # nothing lost
+def test_etcd_down_gives_slow_500s_then_503s_and_recovers_late(clock, slow):
+    slow.timings.etcd_error_delay = 0.2
+    put(slow, "a.service", "launched", EXEC)
+    clock.advance(5)
+    slow.set_etcd_down(True)
+    for method, path in (("GET", "/fleet/v1/units"), ("GET", "/fleet/v1/state"),
+                         ("GET", "/fleet/v1/machines"),
+                         ("DELETE", "/fleet/v1/units/a.service")):
+        asked = time.monotonic()
+        status, _, body = slow.api(method, path)
+        assert (status, error(body)) == (500, (500, "")), path
+        assert time.monotonic() - asked >= 0.2  # each 500 waits for fleetd's etcd timeout
+    assert slow.api("GET", "/fleet/v1/discovery")[0] == 200  # needs no etcd
+    clock.advance(14.9)
+    assert slow.api("GET", "/fleet/v1/units")[0] == 500  # 15-25 s of 500s
+    clock.advance(10.2)
+    for path in ("/fleet/v1/units", "/fleet/v1/discovery", "/nothing"):
+        status, headers, body = slow.api("GET", path)
+        assert (status, error(body)) == (503, (503, ETCD_MESSAGE)), path
+        assert headers["Server"] == "fleetd/1.0.0"
+    slow.set_etcd_down(False)
+    assert slow.api("GET", "/fleet/v1/units")[0] == 503  # recovery lags 4-14 s
+    clock.advance(3.9)
+    assert slow.api("GET", "/fleet/v1/units")[0] == 503
+    clock.advance(10.2)
+    assert slow.get("/units/a.service")["currentState"] == "launched"  # nothing lost
 
 
 def test_an_outage_ends_by_itself():
-    with FleetServer(launch_delay=0, etcd_grace=0.2) as fleet:
+    with FleetServer(time_scale=0, etcd_grace=0.2) as fleet:
         fleet.outage(0.6)
         assert fleet.api("GET", "/fleet/v1/units")[0] == 500
-        eventually(lambda: fleet.api("GET", "/fleet/v1/units")[0] == 503, timeout=2)
-        eventually(lambda: fleet.api("GET", "/fleet/v1/units")[0] == 200, timeout=2)
+        eventually(lambda: fleet.api("GET", "/fleet/v1/units")[0] == 503, timeout=30)
+        eventually(lambda: fleet.api("GET", "/fleet/v1/units")[0] == 200, timeout=30)
+
+
+def test_after_an_etcd_restart_every_state_is_gone_for_a_while(clock, slow):
+    for name in ("a.service", "b.service"):
+        put(slow, name, "launched", EXEC)
+    clock.advance(5)
+    units = slow.get("/units")
+    slow.restart_etcd()
+    assert slow.get("/state") == {}
+    assert slow.get("/units") == units  # the units run on, launched where they were
+    with pytest.raises(http.client.RemoteDisconnected):
+        slow.api("GET", "/fleet/v1/state/a.service")
+    clock.advance(23.9)
+    assert slow.get("/state") == {}
+    clock.advance(0.2)  # about 24 s
+    assert [s["name"] for s in slow.get("/state")["states"]] == ["a.service", "b.service"]
+
+
+def test_an_etcd_restart_with_downtime_loses_the_states_once_fleetd_answers():
+    with FleetServer(time_scale=0, etcd_grace=60, recovery_lag=0, state_loss=60) as fleet:
+        put(fleet, "a.service", "launched", EXEC)
+        eventually(lambda: fleet.get("/state"), what="a state")
+        fleet.restart_etcd(downtime=0.3)
+        assert fleet.api("GET", "/fleet/v1/units")[0] == 500
+        eventually(lambda: fleet.api("GET", "/fleet/v1/units")[0] == 200, timeout=30,
+                   what="etcd back")
+        assert fleet.get("/state") == {}
+        assert fleet.get("/units/a.service")["currentState"] == "launched"
 
 
 # ---------------------------------------------------------------- unix socket

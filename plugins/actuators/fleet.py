@@ -38,13 +38,22 @@ freezes the service instead of acting on partial data: while fleet answers
 5xx (its etcd is down) nothing is started or stopped, and the agent carries on
 when fleet answers again. An instance's host is the ``primaryIP`` of the
 machine the unit runs on. A unit is *running* unless it failed
-(``systemdActiveState`` failed), exited (``currentState`` launched but systemd
-inactive) or is no longer meant to run (``desiredState`` not launched): those
-are reported as not running and the loop replaces them. A unit still on its way
-(not scheduled yet, or launched but activating) counts as running, so the loop
-never kills a launch in progress; it is healthy only once fleet reports it
-launched and systemd active, and then the service's ``health`` check (HTTP/TCP
-on primaryIP:port) decides.
+(``systemdActiveState`` failed), exited or is no longer meant to run
+(``desiredState`` not launched): those are reported as not running and the
+loop replaces them. A unit still on its way (not scheduled yet, or launched
+while systemd still starts it: activating, or the transitional
+loaded/inactive/dead a loaded machine shows first) counts as running, so the
+loop never kills a launch in progress nor counts it as a crash. A launched
+unit that systemd reports inactive has *exited* only if the agent saw it active
+before, or it has stayed inactive for longer than ``launch_timeout``. A unit
+is healthy only once fleet reports it launched and systemd active, and then
+the service's ``health`` check (HTTP/TCP on primaryIP:port) decides.
+
+**Lost states.** After fleet's etcd restarts, fleet shows no unit states for
+a while (about 24 s) although the units run on. A unit whose state goes
+missing keeps the last state the agent saw for up to ``state_memory`` (60 s),
+so its announcement stays and its health check goes on deciding; after that
+its state is unknown: still running (never replaced for it), but not healthy.
 
 **Start and stop.** ``start`` PUTs the unit with ``desiredState: launched``,
 then polls ``/units/NAME`` and ``/state?unitName=NAME`` until it is launched
@@ -83,6 +92,7 @@ import logging
 import shlex
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from collections import defaultdict
@@ -235,6 +245,8 @@ class FleetConfig(TypeConfig):
     "how long a start waits for the unit to be launched and active"
     poll: Duration = Field(0.5, gt=0)
     "how often a start or stop asks fleet how the unit is doing"
+    state_memory: Duration = Field(60.0, ge=0)
+    "how long a unit whose state fleet lost (its etcd restarted) keeps the last state seen"
     unit: str
     "systemd unit text; {port} {instance} {service} {slot} {version} {cluster} {image} {command}"
     global_: bool = Field(False, alias="global")
@@ -452,17 +464,33 @@ class FleetRef:
     systemd: str  # load/active/sub, or "" with no state yet
     active: bool
     is_global: bool
+    remembered: bool = False  # fleet lost the state: ``systemd`` is the last one seen
 
 
-def _condition(desired: str, current: str | None,
-               state: dict[str, Any] | None) -> tuple[bool, bool]:
-    """``(running, active)`` of a unit on one machine (see the module docstring)."""
+@dataclass
+class _Seen:
+    """What the actuator last saw of a unit on one machine."""
+
+    state: dict[str, Any]
+    at: float  # when fleet last showed a state
+    was_active: bool = False  # systemd reported it active at some point
+    inactive_since: float | None = None  # systemd has reported it inactive since
+    missing: str = ""  # "remembered" or "unknown" while fleet shows no state (said once each)
+
+
+def _condition(desired: str, current: str | None, state: dict[str, Any] | None,
+               exited: bool = False) -> tuple[bool, bool]:
+    """``(running, active)`` of a unit on one machine (see the module docstring).
+
+    ``exited``: a launched unit that systemd reports inactive has ended, rather
+    than not being started yet.
+    """
     systemd = (state or {}).get("systemdActiveState")
     if desired != "launched" or systemd == "failed":
         return False, False
     if current in ("launched", None) and systemd == "active":
         return True, True
-    if current == "launched" and systemd == "inactive":
+    if current == "launched" and systemd == "inactive" and exited:
         return False, False  # its process ended
     return True, False  # on its way
 
@@ -486,6 +514,8 @@ class FleetActuator(Actuator):
         self.template = parse_unit(config.unit)
         self.is_global = config.global_ or _is_global(self.template)
         self.parallelism = 8
+        self._seen: dict[tuple[str, str], _Seen] = {}  # (unit, machine): its last state
+        self._seen_lock = threading.Lock()
 
     # ---------------------------------------------------------------- names
     def unit_name(self, spec: InstanceSpec) -> str:
@@ -533,21 +563,75 @@ class FleetActuator(Actuator):
         states: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for state in self.api.pages("/state", "states"):
             states[state.get("name", "")].append(state)
+        now = time.monotonic()
         out: list[Instance] = []
         for unit in units:
             facts = self._facts(unit)
             if facts.get("Cluster") != self.context.cluster:
                 continue  # not ours: never touched
             try:
-                out += self._instances(unit, facts, machines, states[unit["name"]])
+                out += self._instances(unit, facts, machines, states[unit["name"]], now)
             except (KeyError, ValueError) as exc:
                 log.warning("fleet unit %s has unreadable [%s] facts (%s): left alone",
                             unit.get("name"), SECTION, exc)
+        listed = {unit.get("name") for unit in units}
+        with self._seen_lock:  # forget the units that are gone
+            for key in [k for k in self._seen if k[0] not in listed]:
+                del self._seen[key]
         return out
+
+    def _observe(self, unit: str, mid: str, state: dict[str, Any] | None,
+                 now: float) -> tuple[dict[str, Any] | None, bool, bool]:
+        """``(state, remembered, exited)`` of ``unit`` on machine ``mid``.
+
+        With no state from fleet, the last one seen stands in for up to
+        ``state_memory`` seconds (``remembered``). ``exited``: an inactive
+        reading means the unit ended, not that systemd has yet to start it.
+        """
+        with self._seen_lock:
+            seen = self._seen.get((unit, mid))
+            remembered = not state
+            if state:
+                if seen is None:
+                    seen = self._seen[(unit, mid)] = _Seen(state, now)
+                if seen.missing:
+                    log.info("fleet shows the state of unit %s on machine %s again", unit,
+                             mid[:8])
+                seen.state, seen.at, seen.missing = state, now, ""
+                systemd = state.get("systemdActiveState")
+                if systemd == "active":
+                    seen.was_active, seen.inactive_since = True, None
+                elif systemd == "inactive":
+                    seen.inactive_since = seen.inactive_since or now
+                else:
+                    seen.inactive_since = None
+            elif seen is None:
+                return None, False, False
+            elif now - seen.at > self.config.state_memory:
+                if seen.missing != "unknown":
+                    seen.missing = "unknown"
+                    log.warning("fleet has shown no state for unit %s on machine %s for %gs: "
+                                "its state is unknown, so it is not healthy (it is not "
+                                "replaced for that)", unit, mid[:8], now - seen.at)
+                return None, False, False
+            elif not seen.missing:
+                seen.missing = "remembered"
+                log.warning("fleet shows no state for unit %s on machine %s (its etcd "
+                            "restarted?): keeping the last one seen, %s, for up to %gs",
+                            unit, mid[:8], _systemd(seen.state), self.config.state_memory)
+            exited = seen.was_active or (seen.inactive_since is not None and now
+                                         - seen.inactive_since >= self.config.launch_timeout)
+            return seen.state, remembered, exited
+
+    def _remembered_machines(self, unit: str, now: float) -> list[str]:
+        """Machines ``unit`` had a state on within ``state_memory`` (for global units)."""
+        with self._seen_lock:
+            return [mid for (name, mid), seen in self._seen.items()
+                    if name == unit and now - seen.at <= self.config.state_memory]
 
     def _instances(self, unit: dict[str, Any], facts: dict[str, str],
                    machines: dict[str, dict[str, Any]],
-                   states: list[dict[str, Any]]) -> list[Instance]:
+                   states: list[dict[str, Any]], now: float) -> list[Instance]:
         name = unit["name"]
         stem = name.removesuffix(".service")
         port = int(facts["Port"]) if facts.get("Port") else None
@@ -556,13 +640,20 @@ class FleetActuator(Actuator):
                   "cluster": self.context.cluster}
         if _is_global([(o.get("section", ""), o.get("name", ""), o.get("value", ""))
                        for o in unit.get("options") or []]):
+            by_machine: dict[str, dict[str, Any] | None] = {
+                s.get("machineID", ""): s for s in states}
+            if desired == "launched":  # machines whose state fleet lost
+                for mid in self._remembered_machines(name, now):
+                    if mid in machines:
+                        by_machine.setdefault(mid, None)
             out = []
-            for slot, state in enumerate(sorted(states, key=lambda s: s.get("machineID", ""))):
-                mid = state.get("machineID", "")
+            for slot, mid in enumerate(sorted(by_machine)):
+                state, remembered, _ = self._observe(name, mid, by_machine[mid], now)
                 running, active = _condition(desired, None, state)
                 if desired == "launched":
                     running = True  # never replaced per machine (see the module docstring)
-                ref = FleetRef(name, mid, desired, None, _systemd(state), active, True)
+                ref = FleetRef(name, mid, desired, None, _systemd(state), active, True,
+                               remembered)
                 out.append(Instance(name=f"{self.context.cluster}-{facts['Service']}-{slot}-"
                                          f"{facts['Version']}", slot=slot,
                                     host=(machines.get(mid) or {}).get("primaryIP", ""),
@@ -570,8 +661,11 @@ class FleetActuator(Actuator):
             return out
         mid = unit.get("machineID")
         state = next((s for s in states if s.get("machineID") == mid), None) if mid else None
-        running, active = _condition(desired, current, state)
-        ref = FleetRef(name, mid, desired, current, _systemd(state), active, False)
+        remembered = exited = False
+        if mid:
+            state, remembered, exited = self._observe(name, mid, state, now)
+        running, active = _condition(desired, current, state, exited)
+        ref = FleetRef(name, mid, desired, current, _systemd(state), active, False, remembered)
         host = (machines.get(mid) or {}).get("primaryIP", "") if mid else ""
         return [Instance(name=stem, slot=int(facts["Slot"]), host=host, running=running,
                          ref=ref, **common)]
@@ -593,8 +687,16 @@ class FleetActuator(Actuator):
         retrying(self.api.request, "PUT", f"/units/{urllib.parse.quote(name)}", body,
                  what=f"unit {name}")
 
+    def _forget(self, unit: str) -> None:
+        """Drop what was seen of ``unit``: a unit started again begins afresh."""
+        with self._seen_lock:
+            for key in [k for k in self._seen if k[0] == unit]:
+                del self._seen[key]
+
     def start(self, spec: InstanceSpec) -> Instance:
         name = self.unit_name(spec)
+        if not self.is_global:  # a global unit's other machines keep theirs
+            self._forget(name)
         self._set(name, "launched", self.options(spec))
         if self.is_global:
             return self._await_global(name, spec)
@@ -686,7 +788,7 @@ class FleetActuator(Actuator):
                 {"name": name, "desiredState": "launched", "options": self.options(spec)},
                 {k: v for k, v in ((o["name"], o["value"]) for o in self.options(spec)
                                    if o["section"] == SECTION)},
-                {m["id"]: m for m in machines}, list(states.values()))
+                {m["id"]: m for m in machines}, list(states.values()), time.monotonic())
             return next((i for i in instances if i.slot == spec.slot), None)
 
         return self._wait(name, check)
@@ -700,6 +802,7 @@ class FleetActuator(Actuator):
                 f"fleet cannot stop global unit {name} on one machine ({instance.host}): it "
                 "runs on every matching machine; set the count to 0 to remove it everywhere, "
                 "or keep the count equal to the number of machines")
+        self._forget(name)
         try:
             self._set(name, "inactive")
         except FleetError as exc:

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -63,9 +62,9 @@ def test_run_scale_ctrl_c_and_adopt(config, tmp_path):
         assert web["desired"] == 2 and web["running"] == 2
         result = shipmate("scale", "web", "3", "-c", str(path), check=True)
         assert "override set to 3" in result.stdout
-        started = time.monotonic()
-        eventually(lambda: serving(port + 2), timeout=2, what="the third instance in 2 s")
-        assert time.monotonic() - started < 2
+        # within the 10 s interval: the store watch wakes the agent (it takes about a
+        # second on an idle machine; the deadline holds on a loaded one)
+        eventually(lambda: serving(port + 2), timeout=8, what="the third instance at once")
         agent.send_signal(signal.SIGINT)
         assert agent.wait(15) == 0
     finally:

@@ -17,7 +17,11 @@ def test_there_are_hooks_of_every_group():
     assert {"shipmate_source_types", "shipmate_actuator_types", "shipmate_announcer_types",
             "shipmate_strategy_types", "shipmate_desired_changed", "shipmate_instance_started",
             "shipmate_instance_stopped", "shipmate_deploy_started", "shipmate_deploy_progressed",
-            "shipmate_deploy_finished", "shipmate_deploy_rolled_back"} <= set(HOOKS)
+            "shipmate_deploy_finished", "shipmate_deploy_rolled_back",
+            "shipmate_config_model", "shipmate_configure", "shipmate_unconfigure",
+            "shipmate_allow_action", "shipmate_register_metrics", "shipmate_leadership_gained",
+            "shipmate_leadership_lost", "shipmate_override_changed", "shipmate_health_changed",
+            "shipmate_crash_loop"} <= set(HOOKS)
 
 
 @pytest.mark.parametrize("name", HOOKS)
@@ -27,8 +31,11 @@ def test_every_hook_is_documented(name):
     params = [p for p in inspect.signature(getattr(hookspecs, name)).parameters]
     for param in params:
         assert f":param {param}:" in doc, f"{name} does not document {param}"
-    if name.endswith("_types"):
+    if name.endswith("_types") or name == "shipmate_config_model":
         assert ":returns:" in doc
+    opts = getattr(getattr(hookspecs, name), f"{hookspecs.PROJECT}_spec", {})
+    if opts.get("firstresult"):
+        assert ":returns:" in doc and "first non-None result" in doc, name
 
 
 @pytest.mark.parametrize("name", HOOKS)

@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
+from tests.helpers import (
+    alive,
+    eventually,
+    kill_recorded,
+    observation_window,
+    port_block,
+    process_records,
+)
 from tests.services import free_port
 
 # serves $GREETING; with $BROKEN set it never listens (a version that never gets healthy)
@@ -152,7 +159,7 @@ def test_a_removed_service_is_withdrawn_at_once_listed_and_pruned(ops, tmp_path)
         ("api", True, [])]
     text = shipmate("status", "-c", str(path)).stdout
     assert "orphan: ops-api-0-" in text and "shipmate prune" in text
-    time.sleep(3)  # a few passes later it is still not announced again
+    observation_window(3, "a few passes (interval 1 s): the orphan is not announced again")
     assert store_get(path, key) is None
 
     pruned = shipmate("prune", "--yes", "-c", str(path))
@@ -187,11 +194,10 @@ def test_an_env_change_rolled_back_restores_the_old_env_and_stays(ops, tmp_path)
     assert rolled.returncode == 0, rolled.stderr
     assert serving(web, text="hello")
     # it stays: passes run every 2 s, and none deploys the YAML's version again
-    deadline = time.monotonic() + 8
-    while time.monotonic() < deadline:
+    for _ in range(16):
         assert store_get(path, "services/web/deploy") is None
         assert serving(web, text="hello")
-        time.sleep(0.5)
+        observation_window(0.5, "passes that must not deploy the YAML's version again")
     web_status = status(path)["services"][0]
     assert any("the YAML differs from what runs" in p for p in web_status["problems"])
 

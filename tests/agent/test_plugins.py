@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import types
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from pydantic import BaseModel
 
 from agent import Source, SourceConfig, hookimpl
 from agent.plugins import PluginError, load_plugins
+from agent.reconcile import Action
 
 
 def test_builtins_load_through_entry_points():
@@ -102,3 +106,196 @@ def test_event_hooks_are_called_and_a_failing_one_is_contained(caplog):
     plugins.call_event("shipmate_desired_changed", service="web", old=1, new=2, reason="test")
     assert seen == [("web", 1, 2, "test")]
     assert "plugin 'bad' failed in shipmate_desired_changed" in caplog.text
+
+
+# ---------------------------------------------------------------- calls through pluggy
+
+
+def test_event_wrappers_run_around_the_implementations_and_see_no_failure(caplog):
+    calls = []
+
+    @hookimpl(wrapper=True)
+    def around(service):
+        calls.append(f"before {service}")
+        result = yield
+        calls.append(f"after {service}")
+        return result
+
+    def observe(service):
+        calls.append("observed")
+
+    def broken(service):
+        raise RuntimeError("observer broke")
+
+    plugins = load_plugins(extra=[("observe", _plugin(shipmate_desired_changed=observe)),
+                                  ("broken", _plugin(shipmate_desired_changed=broken)),
+                                  ("around", types.SimpleNamespace(
+                                      shipmate_desired_changed=around))])
+    plugins.call_event("shipmate_desired_changed", service="web", old=1, new=2, reason="t")
+    assert calls == ["before web", "observed", "after web"]
+    assert "plugin 'broken' failed in shipmate_desired_changed" in caplog.text
+
+
+def test_a_failing_wrapper_is_named_and_the_implementations_still_run(caplog):
+    calls = []
+
+    @hookimpl(wrapper=True)
+    def fails_after(service):
+        yield
+        raise ValueError("teardown broke")
+
+    @hookimpl(wrapper=True)
+    def fails_before(service):
+        raise ValueError("setup broke")
+        yield  # pragma: no cover - a generator that fails before its yield
+
+    plugins = load_plugins(extra=[
+        ("observe", _plugin(shipmate_desired_changed=lambda service: calls.append(service))),
+        ("after", types.SimpleNamespace(shipmate_desired_changed=fails_after)),
+        ("before", types.SimpleNamespace(shipmate_desired_changed=fails_before))])
+    plugins.call_event("shipmate_desired_changed", service="web", old=1, new=2, reason="t")
+    assert calls == ["web"]
+    assert "plugin 'after' failed in shipmate_desired_changed: ValueError: teardown" in caplog.text
+    assert "plugin 'before' failed in shipmate_desired_changed: ValueError: setup" in caplog.text
+
+
+def test_trace_logs_every_hook_call_with_its_plugins_and_duration(monkeypatch, caplog):
+    monkeypatch.setenv("SHIPMATE_TRACE_PLUGINS", "1")
+    caplog.set_level("INFO", "shipmate.plugins.trace")
+    plugins = load_plugins(extra=[("observe", _plugin(
+        shipmate_instance_started=lambda instance: None))])
+    plugins.call_event("shipmate_instance_started", instance="web-0")
+    plugins.call_event("shipmate_leadership_gained", term=1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "shipmate.plugins.trace"]
+    assert len(lines) == 2, lines
+    assert re.fullmatch(r"hook shipmate_instance_started\(instance='web-0'\) by observe: "
+                        r"\d+\.\d\d ms", lines[0]), lines[0]
+    assert "shipmate_leadership_gained(term=1) by no plugin" in lines[1]
+
+
+def test_without_trace_nothing_is_traced(monkeypatch, caplog):
+    monkeypatch.delenv("SHIPMATE_TRACE_PLUGINS", raising=False)
+    caplog.set_level("DEBUG")
+    load_plugins().call_event("shipmate_leadership_gained", term=1)
+    assert not [r for r in caplog.records if r.name == "shipmate.plugins.trace"]
+
+
+def test_an_event_only_plugin_lists_its_hooks():
+    plugins = load_plugins(extra=[("notify", _plugin(
+        shipmate_deploy_finished=lambda service, deploy: None,
+        shipmate_crash_loop=lambda service, slot: None))])
+    assert plugins.infos["notify"].hooks == ["shipmate_crash_loop", "shipmate_deploy_finished"]
+    assert plugins.infos["notify"].types == {}
+    assert plugins.infos["static"].hooks == ["shipmate_source_types"]
+
+
+# ---------------------------------------------------------------- lifecycle
+
+
+class BlockModel(BaseModel):
+    url: str
+    retries: int = 3
+
+
+def test_a_config_model_that_is_not_a_pydantic_model_names_its_plugin():
+    with pytest.raises(PluginError, match="'odd'.*returned .*dict.*not a pydantic model"):
+        load_plugins(extra=[("odd", _plugin(shipmate_config_model=lambda: dict))])
+
+
+def test_configure_gives_each_plugin_its_own_block_and_none_without_one():
+    got = {}
+    plugins = load_plugins(extra=[
+        ("one", _plugin(shipmate_config_model=lambda: BlockModel,
+                        shipmate_configure=lambda config, context: got.update(one=config))),
+        ("two", _plugin(shipmate_configure=lambda config, context: got.update(
+            two=(config, context))))])
+    block = plugins.config_models["one"](url="http://x")
+    plugins.configure({"one": block}, context="ctx")
+    assert got == {"one": block, "two": (None, "ctx")}
+
+
+def test_a_failing_configure_names_its_plugin_and_unconfigures_every_plugin():
+    undone = []
+
+    def refuse(config):
+        raise ConnectionError("no route to the API")
+
+    plugins = load_plugins(extra=[
+        ("early", _plugin(shipmate_configure=lambda config: None,
+                          shipmate_unconfigure=lambda: undone.append("early"))),
+        ("refuses", _plugin(shipmate_configure=refuse,
+                            shipmate_unconfigure=lambda: undone.append("refuses")))])
+    with pytest.raises(PluginError, match="plugin 'refuses': shipmate_configure failed: "
+                       "ConnectionError: no route to the API"):
+        plugins.configure({}, context=None)
+    assert sorted(undone) == ["early", "refuses"]
+
+
+def test_a_failing_unconfigure_is_logged_and_the_others_still_run(caplog):
+    undone = []
+
+    def broken():
+        raise OSError("flush failed")
+
+    plugins = load_plugins(extra=[("a", _plugin(shipmate_unconfigure=lambda: undone.append(1))),
+                                  ("b", _plugin(shipmate_unconfigure=broken))])
+    plugins.unconfigure()
+    assert undone == [1]
+    assert "plugin 'b' failed in shipmate_unconfigure: OSError: flush failed" in caplog.text
+
+
+# ---------------------------------------------------------------- veto
+
+
+def _action(verb: str) -> Action:
+    return Action(verb, "web", 2, "scale down to 2" if verb == "stop" else "scale up to 3")
+
+
+def test_the_first_plugin_that_holds_an_action_is_named_with_its_reason():
+    asked = []
+
+    def allow(action):
+        asked.append(action.verb)
+
+    plugins = load_plugins(extra=[
+        ("allows", _plugin(shipmate_allow_action=allow)),
+        ("freeze", _plugin(shipmate_allow_action=lambda action: "change freeze"
+                           if action.verb == "stop" else None))])
+    held = plugins.allow_action(_action("stop"))
+    assert (held, held.plugin, held.failed) == ("change freeze", "freeze", False)
+    assert plugins.allow_action(_action("start")) is None
+    assert asked == ["start"]  # the stop was held before "allows" was asked (first result)
+
+
+def test_a_failing_veto_holds_stops_but_lets_starts_go(caplog):
+    def broken(action):
+        raise KeyError("calendar")
+
+    plugins = load_plugins(extra=[("freeze", _plugin(shipmate_allow_action=broken))])
+    held = plugins.allow_action(_action("stop"))
+    assert held.plugin == "freeze" and held.failed
+    assert held == "failed: KeyError: 'calendar'"
+    assert plugins.allow_action(_action("start")) is None
+    assert "plugin 'freeze' failed in shipmate_allow_action" in caplog.text
+
+
+def test_a_veto_answering_neither_none_nor_a_reason_counts_as_failed():
+    plugins = load_plugins(extra=[("yes", _plugin(shipmate_allow_action=lambda action: True))])
+    held = plugins.allow_action(_action("stop"))
+    assert held.failed and "returned True, not None or a reason" in held
+
+
+def test_metrics_are_registered_and_a_clash_is_logged(caplog):
+    registry = CollectorRegistry()
+
+    def mine(registry):
+        Counter("example_events", "events seen", registry=registry)
+
+    def clash(registry):
+        Counter("example_events", "the same name again", registry=registry)
+
+    plugins = load_plugins(extra=[("mine", _plugin(shipmate_register_metrics=mine)),
+                                  ("clash", _plugin(shipmate_register_metrics=clash))])
+    plugins.register_metrics(registry)
+    assert "example_events_total" in generate_latest(registry).decode()
+    assert "failed in shipmate_register_metrics" in caplog.text

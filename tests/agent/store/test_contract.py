@@ -20,6 +20,7 @@ import pytest
 
 from agent.store import Store, StoreError, WatchEvent
 from agent.store.embedded import EmbeddedStore
+from tests.helpers import observation_window
 from tests.services import Etcd, free_port
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -326,7 +327,7 @@ def test_watch_cancel_stops_callbacks(store: Store, prefix: str) -> None:
     watch.cancel()
     calls = len(seen.calls)
     store.put(prefix + "a", "2")
-    time.sleep(0.3)
+    observation_window(0.3, "a cancelled watch must call back no more")
     assert len(seen.calls) == calls
 
 
@@ -472,8 +473,8 @@ def test_embedded_store_is_shared_by_processes(tmp_path: Path) -> None:
         env = dict(os.environ, PYTHONPATH=path_var)
         subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT, check=True,
                        timeout=60)
-        seen.wait_event(WatchEvent("/shared/desired", "4"), timeout=2.0)
-        seen.wait_event(WatchEvent("/shared/lock", "child"), timeout=2.0)
+        seen.wait_event(WatchEvent("/shared/desired", "4"), timeout=15.0)
+        seen.wait_event(WatchEvent("/shared/lock", "child"), timeout=15.0)
         assert store.create("/shared/lock", "parent") is False
         assert store.get("/shared/desired").value == "4"  # type: ignore[union-attr]
     finally:
@@ -500,7 +501,7 @@ def test_watch_delivers_again_after_etcd_restarts(
             with pytest.raises(StoreError):
                 store.get(prefix + "before")  # etcd down: an error, never a half answer
             requests_before = store.round_trips
-            time.sleep(1.5)  # the watch notices, retries and backs off...
+            observation_window(1.5, "the watch notices, retries and backs off...")
             assert store.round_trips - requests_before <= 8  # ...without spinning
         finally:
             etcd.start()  # other tests share this etcd
@@ -508,7 +509,7 @@ def test_watch_delivers_again_after_etcd_restarts(
         assert seen.wait(lambda: seen.resyncs > resyncs, timeout=10.0), seen.calls
         # ...and delivers changes again
         store.put(prefix + "after", "2")
-        seen.wait_event(WatchEvent(prefix + "after", "2"), timeout=2.0)
+        seen.wait_event(WatchEvent(prefix + "after", "2"), timeout=15.0)
     finally:
         watch.cancel()
         store.close()

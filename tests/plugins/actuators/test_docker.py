@@ -452,16 +452,18 @@ def test_agent_replaces_a_killed_container_at_once_and_leaves_unowned_ones(
         labels={"shipmate.cluster": cluster, "shipmate.service": "ghost",
                 "shipmate.slot": "0", "shipmate.version": "x"})
     caplog.set_level(logging.INFO)
-    run_agent(agent_yaml(dockerd, cluster, tmp_path, count=2, interval="60s"))
+    agent = run_agent(agent_yaml(dockerd, cluster, tmp_path, count=2, interval="60s"))
     first = eventually(lambda: len(running_ids(dockerd, cluster)) == 3 and running_ids(
-        dockerd, cluster), timeout=10, what="2 web containers (and the ghost)")
-    time.sleep(2.5)  # both healthy: the agent's quick passes (1 s) are over
+        dockerd, cluster), timeout=30, what="2 web containers (and the ghost)")
+    # the pass that sees both healthy schedules the next one 60 s away (no quick passes)
+    eventually(lambda: agent.metrics.healthy.labels("web")._value.get() == 2, timeout=30,
+               what="both healthy")
     web = next(r for r in containers(dockerd, cluster)
                if r["Labels"]["shipmate.service"] == "web")
     dockerd.client().api.kill(web["Id"])
     # the next timed pass is 60 s away: the engine's "die" event wakes the agent
     eventually(lambda: len(running_ids(dockerd, cluster)) == 3
-               and web["Id"] not in running_ids(dockerd, cluster), timeout=5,
+               and web["Id"] not in running_ids(dockerd, cluster), timeout=30,
                what="the killed container replaced")
     assert len(containers(dockerd, cluster)) == 3  # the exited one was removed
     ghost.reload()

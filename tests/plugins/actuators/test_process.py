@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from agent import Context, InstanceSpec
 from plugins.actuators.process import ProcessActuator, ProcessConfig
 from tests.helpers import alive, eventually, kill_recorded
+
+
+def comm(pid: int) -> str:
+    """The name of process ``pid``'s program ('' once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 @pytest.fixture
@@ -46,7 +55,7 @@ def test_stop_kills_after_the_grace_period_and_reaches_the_whole_group(actuator,
     actuator.stop(stubborn, grace=0.5)
     assert 0.4 < time.monotonic() - started < 5
     assert not alive(stubborn.ref["pid"])
-    eventually(lambda: not alive(int(child.read_text())), timeout=2, what="the child's end")
+    eventually(lambda: not alive(int(child.read_text())), timeout=15, what="the child's end")
 
 
 def test_a_child_that_ignores_sigterm_dies_with_its_leader(actuator, tmp_path):
@@ -54,9 +63,11 @@ def test_a_child_that_ignores_sigterm_dies_with_its_leader(actuator, tmp_path):
     leader = actuator.start(spec(2, ["sh", "-c", f"(trap '' TERM; exec sleep 60) & "
                                                  f"echo $! > {child}; wait"]))
     eventually(lambda: child.exists() and child.read_text().strip())
-    time.sleep(0.2)  # let the child install its trap
+    # the child execs sleep once its trap is set
+    eventually(lambda: comm(int(child.read_text())) == "sleep", timeout=15,
+               what="the child's trap set")
     actuator.stop(leader, grace=1)
-    eventually(lambda: not alive(int(child.read_text())), timeout=2,
+    eventually(lambda: not alive(int(child.read_text())), timeout=15,
                what="the orphan to be killed with the group")
 
 
