@@ -249,6 +249,14 @@ class EmbeddedStore(Store):
             self._write(db, key, value, lease)
             return True
 
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        with self._tx() as db:
+            self._fenced(db, fence)
+            if self._revision(db, key) != revision:
+                return None
+            return self._write(db, key, value)
+
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:
         with self._tx() as db:

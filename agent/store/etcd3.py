@@ -536,6 +536,20 @@ class Etcd3Store(Store):
             fence,
         )
 
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        """Write only if ``key`` is at ``revision`` (None: absent); one transaction whose
+        header carries the new revision."""
+        if revision is not None and revision <= 0:
+            return None
+        k = _b64(key)
+        compare = ({"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}
+                   if revision is None else
+                   {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision})
+        reply = self._txn_reply([compare], [{"request_put": {"key": k, "value": _b64(value)}}],
+                                fence)
+        return int(reply["header"]["revision"]) if reply.get("succeeded") else None
+
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import Store, StoreError, WatchEvent
+from agent.store import Entry, Store, StoreError, WatchEvent
 from agent.store.embedded import EmbeddedStore
 from tests.services import Etcd, free_port
 
@@ -198,6 +198,21 @@ def test_replace(store: Store, prefix: str) -> None:
     entry = store.get(prefix + "k")
     assert entry is not None and entry.value == "v2" and entry.revision > revision
     assert store.replace(prefix + "k", "v4", 0) is False
+
+
+def test_put_if_returns_the_revision_the_next_compare_and_set_needs(
+        store: Store, prefix: str) -> None:
+    key = prefix + "k"
+    first = store.put_if(key, "v1", None)
+    assert first is not None and store.get(key) == Entry(key, "v1", first)
+    assert store.put_if(key, "again", None) is None  # exists: not created twice
+    second = store.put_if(key, "v2", first)
+    assert second is not None and second > first
+    assert store.put_if(key, "v3", first) is None  # lost race: stale revision
+    assert store.put_if(key, "v3", 0) is None
+    assert store.get(key) == Entry(key, "v2", second)
+    assert store.put_if(prefix + "absent", "x", 5) is None
+    assert store.get(prefix + "absent") is None
 
 
 def test_delete(store: Store, prefix: str) -> None:
