@@ -275,6 +275,7 @@ class Loop:
             self.next_campaign = now + self.leadership.ttl / 3
             leading = self._campaign()
         if leading and not self._was_leading:  # newly won: read everything afresh
+            self.scaler.forget()
             self.poll_all()
             self.next_pass = 0.0
         self._was_leading = leading

@@ -4,13 +4,21 @@ One :meth:`Scaler.poll` of a service:
 
 1. reads the source (an exception, None, NaN, an infinity or a negative
    number is a failure, never a count);
-2. reads the service's keys in one request: ``desired``, ``deploy`` and
-   ``policy`` (the state of :mod:`agent.policy`, JSON);
+2. takes the service's keys from memory: ``desired``, ``deploy`` and
+   ``policy`` (the state of :mod:`agent.policy`, JSON). They are read with one
+   prefix read for every service at start, and again for a service whose keys
+   another writer changed (the store watch says so) or whose write lost a race;
 3. asks :func:`agent.policy.decide`, unless a ``deploy`` key exists: then
    scaling is paused, whoever wrote the key;
-4. writes the new policy state, then the new desired count only if it
-   changed, each with compare-and-set against what step 2 read, and calls the
-   ``shipmate_desired_changed`` event hook with the reason.
+4. writes the new policy state if what decides later counts changed (a
+   cooldown, the stabilization window, a failure streak starting or ending, the
+   shadow's count: :meth:`agent.policy.PolicyState.durable`; not the reading
+   itself, which stays in memory for ``shipmate status``), then the new desired
+   count only if it changed, each with compare-and-set against what it knew,
+   and calls the ``shipmate_desired_changed`` event hook with the reason.
+
+An idle service (the same reading, nothing to change) therefore costs no store
+request at all.
 
 A service with several ``sources`` has a :class:`SourceGroup` as its source:
 the scaler is called at the shortest of their intervals and reads, each time,
@@ -22,15 +30,16 @@ decision is made against the shadow's own count and recorded in the state
 The policy state goes first: if the desired write then loses a race, the
 state only claims a change that did not happen, which makes the next decision
 wait longer (a cooldown), never act sooner. A lost race on the state itself
-(another writer) skips the desired write: the next poll decides afresh.
+(another writer) skips the desired write: the next poll reads and decides afresh.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent import history
@@ -50,7 +59,7 @@ from agent.policy import (
     record_sources,
     source_problem,
 )
-from agent.store import Entry, Store
+from agent.store import Entry, Store, WatchEvent
 
 log = logging.getLogger("shipmate.scaling")
 PAUSED = "paused: a deploy is in progress"
@@ -168,8 +177,36 @@ def read_state(store: Store, keys: Keys, name: str) -> PolicyState | None:
         return None
 
 
+RESYNC = 300.0
+"""Seconds after which the scaler reads every service's keys again (one request), whatever
+the store watch said: a bound on how long a missed watch event can mislead it."""
+WATCHED = ("desired", "policy", "deploy")
+"the keys of a service that the scaler reads"
+
+
+@dataclass
+class Known:
+    """What the scaler knows of one service's keys, as it last read or wrote them."""
+
+    desired: Entry | None
+    policy: Entry | None
+    deploy: Entry | None
+    state: PolicyState
+    "the policy state in memory: the stored one and every reading since"
+    durable: tuple[Any, ...] | None
+    "what of the stored state decides later counts (:meth:`PolicyState.durable`); None: none"
+
+
 class Scaler:
     """Polls sources and writes desired counts through the policy (compare-and-set).
+
+    It reads every service's keys with one prefix read when it starts (and after
+    :meth:`forget`, a watch resync, or :data:`RESYNC` seconds), then keeps them in
+    memory: it knows what it writes, and :meth:`changed` (the store watch) tells it
+    what others wrote, which it then reads again, one service at a time. A lost
+    compare-and-set reads the service again too. The policy state is written only
+    when what decides later counts changes (:meth:`PolicyState.durable`); the
+    readings stay in memory (:meth:`live`, the agent's ``/status``).
 
     ``clock`` is ``time.time`` unless a test hands in its own. With ``dry_run``
     nothing is written: ``poll`` only says what it would do (``shipmate plan``).
@@ -181,7 +218,115 @@ class Scaler:
         self.services, self.store, self.keys = services, store, keys
         self.emit, self.dry_run, self.clock = emit, dry_run, clock
         self.readings: dict[str, Reading] = {}
+        self._known: dict[str, Known] = {}
+        self._lock = threading.Lock()  # guards what follows; never held across store I/O
+        self._loading = threading.Lock()  # one full read at a time: the others wait for it
+        self._cold = True  # every service is to be read (one prefix read)
+        self._resyncs = 0
+        self._resync_at = 0.0
+        self._stale: set[str] = set()  # services to be read again
+        self._marks: dict[str, int] = {}  # changes seen per service (a read racing one is stale)
+        self._pending: dict[tuple[str, str], str] = {}  # (service, key) -> value being written
 
+    # ---------------------------------------------------------------- what it knows
+    def forget(self) -> None:
+        """Read every service's keys again before the next poll (leadership gained)."""
+        with self._lock:
+            self._cold = True
+            self._resyncs += 1
+
+    def changed(self, events: list[WatchEvent]) -> None:
+        """The store watch saw ``events`` (any thread): a service whose keys another writer
+        changed is read again at its next poll; an empty list (a resync) makes every
+        service read again. The scaler's own writes change nothing."""
+        if not events:
+            self.forget()
+            return
+        with self._lock:
+            for event in events:
+                parsed = self.keys.parse(event.key)
+                if parsed is None or parsed[1] not in WATCHED:
+                    continue
+                name, field = parsed
+                known = self._known.get(name)
+                held = getattr(known, field) if known is not None else None
+                if event.value in ((held.value if held else None),
+                                   self._pending.get((name, field), ...)):
+                    continue
+                self._stale.add(name)
+                self._marks[name] = self._marks.get(name, 0) + 1
+
+    def knows(self, name: str) -> bool:
+        """Whether service ``name``'s keys are known without reading the store."""
+        with self._lock:
+            return not self._cold and name in self._known and name not in self._stale
+
+    def live(self) -> dict[str, PolicyState]:
+        """Each polled service's policy state as of its last reading (the agent's /status)."""
+        return {name: reading.decision.state for name, reading in list(self.readings.items())}
+
+    def _known_of(self, name: str, now: float) -> Known:
+        with self._loading:
+            with self._lock:
+                full = self._cold or now >= self._resync_at
+            if full:
+                self._load_all(now)
+        with self._lock:
+            known = self._known.get(name)
+            if known is not None and name not in self._stale:
+                return known
+            mark = self._marks.get(name, 0)
+        got = self.store.get_prefix(f"{self.keys.services}{name}/")
+        with self._lock:
+            known = self._known[name] = self._absorb(name, got, now)
+            if self._marks.get(name, 0) == mark:
+                self._stale.discard(name)
+        return known
+
+    def _load_all(self, now: float) -> None:
+        """Every service's keys, in one prefix read."""
+        with self._lock:
+            marks, resyncs = dict(self._marks), self._resyncs
+        entries = self.store.get_prefix(self.keys.services)
+        per_service: dict[str, dict[str, Entry]] = {}
+        for key, entry in entries.items():
+            parsed = self.keys.parse(key)
+            if parsed is not None and parsed[1] in WATCHED:
+                per_service.setdefault(parsed[0], {})[key] = entry
+        with self._lock:
+            for name in self.services:
+                self._known[name] = self._absorb(name, per_service.get(name, {}), now)
+                if self._marks.get(name, 0) == marks.get(name, 0):
+                    self._stale.discard(name)
+            for gone in self._known.keys() - self.services.keys():
+                del self._known[gone]
+            if self._resyncs == resyncs:
+                self._cold = False
+            self._resync_at = now + RESYNC
+
+    def _absorb(self, name: str, got: dict[str, Entry], now: float) -> Known:
+        """What a read of service ``name``'s keys (``got``) says; the state in memory is kept
+        while the stored one is the one it last read or wrote (called holding the lock)."""
+        desired = got.get(self.keys.service(name, "desired"))
+        stored = got.get(self.keys.service(name, "policy"))
+        deploy = got.get(self.keys.service(name, "deploy"))
+        old = self._known.get(name)
+        if old is not None and old.policy == stored:
+            return Known(desired, stored, deploy, old.state, old.durable)
+        current = parse_count(desired.value) if desired else None
+        state, warning = load_state(stored, current, now)
+        if warning:
+            log.warning("%s: %s", name, warning)
+        durable = None
+        if stored is not None and not warning:
+            durable = state.taken_over(now).durable(self.services[name].config.policy)
+        return Known(desired, stored, deploy, state, durable)
+
+    def _read_again(self, name: str) -> None:
+        with self._lock:
+            self._stale.add(name)
+
+    # ---------------------------------------------------------------- polls
     def poll(self, name: str) -> Reading:
         """Read the source of service ``name`` and act on it.
 
@@ -198,18 +343,15 @@ class Scaler:
         else:
             value, error = read_source(source)
         now = self.clock()
-        got = self.store.get_prefix(f"{self.keys.services}{name}/")
-        desired = got.get(self.keys.service(name, "desired"))
-        stored = got.get(self.keys.service(name, "policy"))
+        known = self._known_of(name, now)
+        desired = known.desired
         current = parse_count(desired.value) if desired else None
-        state, warning = load_state(stored, current, now)
-        if warning:
-            log.warning("%s: %s", name, warning)
+        state = replace(known.state)  # the decisions below copy what they change
         if not policy.shadow:
             state.shadow = None
         # a shadow decides against its own count (the live one at first)
         acting = current if not policy.shadow or state.shadow is None else state.shadow
-        journal = got.get(self.keys.service(name, "deploy"))
+        journal = known.deploy
         if journal is not None and parse_object(journal.value).get("phase") != "refused":
             if group is not None:
                 paused = record_sources(state, now, polled)
@@ -230,13 +372,16 @@ class Scaler:
             error = decision.state.error or ("; ".join(errors) or None)
             value = decision.state.reading if decision.state.error is None else None
         reading = Reading(now, value, error, decision)
-        self.readings[name] = reading
         if self.dry_run:
+            known.state = decision.state
+            self.readings[name] = reading
             return reading
-        if not self._write_state(name, stored, decision.state):
+        kept = self._keep_state(name, known, decision.state, policy)
+        self.readings[name] = reading
+        if not kept:
             return reading
         if decision.count is not None:
-            self._write_desired(name, desired, current, decision)
+            self._write_desired(name, known, current, decision)
         elif error:
             log.warning("%s: %s", name, decision.reason)
         return reading
@@ -251,27 +396,48 @@ class Scaler:
             log.info("%s: shadow: would set %s (%s)", name, decision.count, decision.reason)
         return Decision(None, state.decision, state)
 
-    def _write_state(self, name: str, entry: Entry | None, state: PolicyState) -> bool:
-        key = self.keys.service(name, "policy")
-        raw = state.to_json()
-        ok = (self.store.create(key, raw) if entry is None
-              else self.store.replace(key, raw, entry.revision))
-        if not ok:
+    def _put(self, name: str, field: str, entry: Entry | None, value: str) -> Entry | None:
+        """Compare-and-set ``value`` at service ``name``'s ``field`` against ``entry`` (None:
+        absent); the new entry, or None if another writer came first."""
+        key = self.keys.service(name, field)
+        with self._lock:
+            self._pending[(name, field)] = value  # its own watch event is no change
+        try:
+            revision = self.store.put_if(key, value, entry.revision if entry else None)
+        finally:
+            with self._lock:
+                self._pending.pop((name, field), None)
+        if revision is None:
+            self._read_again(name)
+            return None
+        return Entry(key, value, revision)
+
+    def _keep_state(self, name: str, known: Known, state: PolicyState, policy: Any) -> bool:
+        """Keep ``state`` in memory, and write it if what decides later counts changed;
+        False if another writer changed the stored state first."""
+        durable = state.durable(policy)
+        if known.policy is not None and durable == known.durable:
+            known.state = state
+            return True
+        written = self._put(name, "policy", known.policy, state.to_json())
+        if written is None:
             log.warning("%s: policy state changed under us (another agent?); "
                         "desired count left alone until the next poll", name)
-        return ok
+            return False
+        with self._lock:
+            known.policy, known.state, known.durable = written, state, durable
+        return True
 
-    def _write_desired(self, name: str, entry: Entry | None, current: int | None,
+    def _write_desired(self, name: str, known: Known, current: int | None,
                        decision: Decision) -> None:
         assert decision.count is not None
-        key = self.keys.service(name, "desired")
-        value = str(decision.count)
-        ok = (self.store.create(key, value) if entry is None
-              else self.store.replace(key, value, entry.revision))
-        if not ok:
+        written = self._put(name, "desired", known.desired, str(decision.count))
+        if written is None:
             log.warning("%s: desired count changed under us; not written (%s)", name,
                         decision.reason)
             return
+        with self._lock:
+            known.desired = written
         log.info("%s: desired %s", name, decision.reason)
         self.emit("shipmate_desired_changed", service=name, old=current, new=decision.count,
                   reason=decision.reason)

@@ -15,6 +15,7 @@ import math
 import re
 import time
 import uuid
+from dataclasses import asdict
 
 import pytest
 from click.testing import CliRunner
@@ -64,7 +65,10 @@ class Clock:
 
 @pytest.fixture
 def scaling(write_config, embedded_store, tmp_path):
-    """``scaling(policy_yaml)`` -> a world with ``scaler``, ``source``, ``clock``, ``events``."""
+    """``scaling(policy_yaml)`` -> a world with ``scaler``, ``source``, ``clock``, ``events``.
+
+    The scaler is told of other writers' changes by a real store watch, as in the agent."""
+    watches = []
 
     class World:
         store = embedded_store
@@ -91,8 +95,21 @@ def scaling(write_config, embedded_store, tmp_path):
             services = Builder(self.plugins, Context(cluster="sc", store=store,
                                                      state_dir=tmp_path)).services(config)
             self.source = services["web"].source
-            return Scaler(services=services, store=store, keys=KEYS, clock=self.clock,
-                          emit=lambda hook, **kw: self.events.append({"hook": hook, **kw}))
+            scaler = Scaler(services=services, store=store, keys=KEYS, clock=self.clock,
+                            emit=lambda hook, **kw: self.events.append({"hook": hook, **kw}))
+            watches.append(store.watch(KEYS.services, scaler.changed))
+            return scaler
+
+        def write(self, field: str, value: str | None) -> None:
+            """Another writer (ops with etcdctl, the CLI) changes a key of ``web``; returns
+            once the scaler's watch has seen it."""
+            key = KEYS.service("web", field)
+            if value is None:
+                self.store.delete(key)
+            else:
+                self.store.put(key, value)
+            eventually(lambda: not self.scaler.knows("web"), timeout=30,
+                       what=f"the scaler sees {field} change")
 
         def poll(self, value: object, at: float | None = None):
             if at is not None:
@@ -105,10 +122,20 @@ def scaling(write_config, embedded_store, tmp_path):
             return entry.value if entry else None
 
         def policy(self) -> dict:
+            """The policy state in the store."""
             return json.loads(self.store.get(KEYS.service("web", "policy")).value)
 
+        def live(self) -> dict:
+            """The policy state in the scaler's memory (what the agent's /status shows)."""
+            return asdict(self.scaler.live()["web"])
+
+        def policy_revision(self) -> int:
+            return self.store.get(KEYS.service("web", "policy")).revision
+
     World.events = []
-    return World
+    yield World
+    for watch in watches:
+        watch.cancel()
 
 
 def test_the_first_reading_writes_desired_state_and_an_event(scaling):
@@ -131,7 +158,7 @@ def test_desired_is_written_only_when_it_changes(scaling):
         world.poll(2.5, at=t)
     assert world.store.get(KEYS.service("web", "desired")).revision == revision
     assert len(world.events) == 1
-    assert world.policy()["decision"] == "steady at 3: scripted reads 2.5"
+    assert world.live()["decision"] == "steady at 3: scripted reads 2.5"
     world.poll(7, at=4)
     assert world.desired() == "7"
     assert [e["new"] for e in world.events] == [3, 7]
@@ -164,14 +191,14 @@ def test_a_restarted_scaler_keeps_honouring_cooldown_and_stabilization(scaling, 
 def test_a_deploy_key_pauses_scaling_whoever_wrote_it(scaling):
     world = scaling("{}")
     world.poll(3, at=0)
-    world.store.put(KEYS.service("web", "deploy"), json.dumps({"phase": "rolling", "by": "ops"}))
+    world.write("deploy", json.dumps({"phase": "rolling", "by": "ops"}))
     world.poll(9, at=1)
     world.poll(9, at=2)
     assert world.desired() == "3"
-    state = world.policy()
+    state = world.live()
     assert state["decision"] == "paused: a deploy is in progress"
     assert state["reading"] == 9  # status still shows what the source says
-    world.store.delete(KEYS.service("web", "deploy"))
+    world.write("deploy", None)
     world.poll(9, at=3)
     assert world.desired() == "9"
 
@@ -183,16 +210,23 @@ def test_failures_hold_the_count_and_say_why(scaling, caplog):
     world.poll(SourceError("scripted answered 503"), at=2)
     world.poll(SourceError("scripted answered 503"), at=3)
     assert world.desired() == "5"
-    state = world.policy()
+    state = world.live()
     assert state["decision"] == "held at 5: scripted answered 503 (three times in a row)"
     assert state["failures"] == 3 and state["reading"] == 5 and state["reading_at"] == 1_000_000
     assert "held at 5: scripted answered 503 (three times in a row)" in caplog.text
+    # the store has the streak's start: that readings fail is what a takeover must know
+    stored = world.policy()
+    assert stored["failures"] == 1 and stored["error"] == "scripted answered 503"
+    revision = world.policy_revision()
     world.poll(RuntimeError("socket closed"), at=4)
-    assert world.policy()["error"] == "scripted failed: RuntimeError: socket closed"
+    assert world.live()["error"] == "scripted failed: RuntimeError: socket closed"
     for bad, said in ((math.nan, "NaN"), (None, "no value (null)"), ("7", "'7', not a number")):
         world.poll(bad, at=5)
-        assert world.policy()["error"] == f"scripted gave {said}"
+        assert world.live()["error"] == f"scripted gave {said}"
     assert world.desired() == "5" and len(world.events) == 1
+    assert world.policy_revision() == revision
+    world.poll(5, at=6)  # the streak ends: written
+    assert world.policy()["failures"] == 0 and world.policy()["reading_at"] == 1_000_006
 
 
 def test_fallback_after_repeated_failures(scaling):
@@ -206,17 +240,17 @@ def test_fallback_after_repeated_failures(scaling):
 
 
 class RacingStore(EmbeddedStore):
-    """The embedded store with another writer that strikes right after the scaler reads."""
+    """The embedded store with another writer that strikes right before the scaler writes
+    (after it last read)."""
 
     race: tuple[str, str] | None = None
 
-    def get_prefix(self, prefix: str):
-        got = super().get_prefix(prefix)
+    def put_if(self, key: str, value: str, revision: int | None, **kwargs):
         if self.race is not None:
-            key, value = self.race
+            other, written = self.race
             self.race = None
-            self.put(key, value)
-        return got
+            self.put(other, written)
+        return super().put_if(key, value, revision, **kwargs)
 
 
 def test_desired_is_written_with_compare_and_set(scaling, tmp_path, caplog):
@@ -250,6 +284,54 @@ def test_policy_state_is_written_with_compare_and_set(scaling, tmp_path, caplog)
         assert world.desired() == "3"
     finally:
         store.close()
+
+
+def test_an_idle_service_makes_no_store_request(scaling, tmp_path):
+    world = scaling("{stabilization: 30s, cooldown: 10s}")
+    world.poll(3, at=0)
+    revision, before = world.policy_revision(), world.store.round_trips
+    for t in range(1, 40):
+        world.poll(3.0 if t % 2 else 2.2, at=t)  # both recommend 3
+    assert world.store.round_trips == before  # neither a read nor a write
+    assert world.policy_revision() == revision
+    assert world.live()["reading_at"] == 1_000_039 and world.policy()["reading_at"] == 1_000_000
+    world.poll(9, at=40)  # a change is written, and read by a restarted agent
+    assert world.desired() == "9" and world.policy()["last_up"] == 1_000_040
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)
+        world.poll(9, at=41)
+        assert world.live()["last_up"] == 1_000_040 and world.policy_revision() > revision
+        assert store.round_trips == 1  # its first poll: one prefix read, no write
+    finally:
+        store.close()
+
+
+def test_a_takeover_waits_a_whole_window_after_the_last_stored_change(scaling, tmp_path):
+    world = scaling("{stabilization: 30s}")
+    world.poll(8, at=0)
+    for t in range(1, 60):
+        world.poll(8, at=t)  # not written: the newest recommendation renews in memory only
+    assert world.policy()["recommendations"] == [[1_000_000.0, 8]]
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)  # the agent dies; another takes over at 60
+        world.poll(2, at=60)
+        assert world.desired() == "8"  # 8 was recommended until the takeover, as far as it knows
+        world.poll(2, at=89)
+        assert world.desired() == "8"
+        world.poll(2, at=91)
+        assert world.desired() == "2"
+    finally:
+        store.close()
+
+
+def test_an_external_change_of_desired_is_read_again(scaling):
+    world = scaling("{}")
+    world.poll(3, at=0)
+    world.write("desired", "10")  # ops, by hand
+    world.poll(3, at=1)
+    assert world.desired() == "3" and world.events[-1]["old"] == 10
 
 
 def test_an_unreadable_state_is_rebuilt_safely(scaling, caplog):
