@@ -35,6 +35,7 @@ wait longer (a cooldown), never act sooner. A lost race on the state itself
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -175,6 +176,54 @@ def read_state(store: Store, keys: Keys, name: str) -> PolicyState | None:
         return PolicyState.from_json(entry.value)
     except (ValueError, TypeError):
         return None
+
+
+LIVE_TIMEOUT = 2.0  # seconds ``shipmate status`` waits for the agent's /status
+
+
+def fetch_live(http: str | None, timeout: float = LIVE_TIMEOUT
+               ) -> tuple[dict[str, PolicyState] | None, str]:
+    """The acting agent's policy states as of each service's last reading, from its
+    ``/status`` on ``http`` (``agent.http``); or None and why not (not set, no answer, a
+    standby)."""
+    if not http:
+        return None, "agent.http is not set"
+    import urllib.request  # only status needs it
+
+    host, _, port = http.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http only
+            data = json.loads(answer.read(64 * 1024 * 1024))
+    except (OSError, ValueError) as exc:
+        return None, f"the agent at {http} did not answer ({exc})"
+    if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
+        return None, f"the agent at {http} did not answer with its status"
+    if not data.get("leading"):
+        return None, f"the agent at {http} is a standby"
+    states = {}
+    for name, raw in data["services"].items():
+        try:
+            states[str(name)] = PolicyState.from_data(raw)
+        except (ValueError, TypeError):
+            continue
+    return states, ""
+
+
+def last_states(http: str | None, store: Store, keys: Keys, names: list[str]
+                ) -> tuple[dict[str, PolicyState | None], dict[str, Any]]:
+    """Each service's policy state as of its last reading, for ``shipmate status``: from the
+    acting agent's ``/status`` (see :func:`fetch_live`), else its record in the store (which
+    is written when a decision changes, not at each reading), and where they came from."""
+    live, why = fetch_live(http)
+    states = {name: live[name] if live is not None and name in live
+              else read_state(store, keys, name) for name in names}
+    if live is not None:
+        return states, {"from": "agent", "address": http}
+    return states, {"from": "store", "why": why}
 
 
 RESYNC = 300.0

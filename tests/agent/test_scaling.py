@@ -537,8 +537,11 @@ def test_an_asg_of_4_then_2_instances(moto, run_agent, tmp_path):
     assert shown.exit_code == 0, shown.output
     row = json.loads(shown.output)["services"][0]
     assert (row["source"], row["desired"], row["running"]) == ("asg", 2, 2)
+    # no agent.http: the readings are the store's, as of the last change (the scale-down)
+    assert json.loads(shown.output)["readings"] == {"from": "store",
+                                                    "why": "agent.http is not set"}
     assert row["policy"]["reading"] == 2 and row["policy"]["reading_age"] >= 0
-    assert row["policy"]["decision"] in ("down 4 -> 2: asg reads 2", "steady at 2: asg reads 2")
+    assert row["policy"]["decision"] == "down 4 -> 2: asg reads 2"
 
 
 def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_path,
@@ -546,11 +549,13 @@ def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_pat
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("DD_API_KEY", API_KEY)
     monkeypatch.setenv("DD_APP_KEY", APP_KEY)
+    from tests.services import free_port
+
     dd = DatadogStandIn()
     try:
         dd.answer("value", value=450)
         path_text = f"""
-            agent: {{cluster: dd, interval: 1s}}
+            agent: {{cluster: dd, interval: 1s, http: "127.0.0.1:{free_port()}"}}
             services:
               worker:
                 command: [sleep, "300"]
@@ -649,6 +654,9 @@ def test_a_static_and_a_datadog_source_combined_by_max_and_a_shadow_policy(
 
         eventually(lambda: desired() == "5", timeout=10, what="max(2, 450 / 100) -> 5")
         eventually(lambda: running(tmp_path) == 6, timeout=15, what="5 + 1 running instances")
+        assert json.loads(CliRunner().invoke(main, [
+            "status", "-c", str(agent.config_path), "--json"]).output)["readings"] == {
+                "from": "agent", "address": f"127.0.0.1:{port}"}
         row = status()["web"]
         assert row["sources"]["rps"]["reading"] == 4.5 and row["sources"]["rps"]["decided"]
         assert row["sources"]["floor"]["reading"] == 2 and not row["sources"]["floor"]["decided"]
