@@ -134,7 +134,7 @@ class PolicyState:
         more at most, never less."""
         if self.recommendations:
             at, count = self.recommendations[-1]
-            self.recommendations[-1] = (max(at, now), count)
+            self.recommendations[-1] = (now if at is None else max(at, now), count)
         return self
 
     @classmethod

@@ -267,6 +267,8 @@ class Scaler:
         self.services, self.store, self.keys = services, store, keys
         self.emit, self.dry_run, self.clock = emit, dry_run, clock
         self.readings: dict[str, Reading] = {}
+        self.polls = 0
+        "polls done (that got as far as a decision)"
         self._known: dict[str, Known] = {}
         self._lock = threading.Lock()  # guards what follows; never held across store I/O
         self._loading = threading.Lock()  # one full read at a time: the others wait for it
@@ -421,6 +423,8 @@ class Scaler:
             error = decision.state.error or ("; ".join(errors) or None)
             value = decision.state.reading if decision.state.error is None else None
         reading = Reading(now, value, error, decision)
+        with self._lock:
+            self.polls += 1
         if self.dry_run:
             known.state = decision.state
             self.readings[name] = reading

@@ -699,3 +699,50 @@ def test_a_static_and_a_datadog_source_combined_by_max_and_a_shadow_policy(
         assert status()["shadowed"]["running"] == 1
     finally:
         dd.close()
+
+
+# ---------------------------------------------------------------- an idle cluster
+
+
+@pytest.mark.parametrize("backend", ["embedded", "etcd"])
+def test_an_idle_agent_writes_nothing_but_lease_keep_alives(backend, request, run_agent,
+                                                            tmp_path):
+    cluster = f"idle{uuid.uuid4().hex[:8]}"
+    announced = f"/idle-{cluster}/"
+    store = "{backend: embedded}"
+    if backend == "etcd":
+        store = f'{{backend: etcd, endpoints: ["{request.getfixturevalue("etcd").endpoint}"]}}'
+    services = "".join(f"""
+          s{i:02}:
+            command: [sleep, "300"]
+            source: {{type: static, count: {1 if i < 3 else 0}, interval: 200ms}}
+            actuator: {{type: process}}
+            announce: {{type: etcd, key: "{announced}{{service}}/{{instance}}", ttl: 6s}}
+        """ for i in range(20))
+    agent = run_agent(f"""
+        agent: {{cluster: {cluster}, interval: 1s, store: {store}}}
+        services:{services}
+        """)
+    keys = Keys(f"/shipmate/{cluster}")
+
+    def settled() -> bool:
+        counts = [stored(agent, keys.service(f"s{i:02}", "desired")) for i in range(20)]
+        return (counts == ["1"] * 3 + ["0"] * 17 and running(tmp_path) == 3
+                and len(agent.store.get_prefix(announced)) == 3)
+
+    eventually(settled, timeout=30, what="20 services settled, 3 instances announced")
+    seen: list = []
+    watches = [agent.store.watch(prefix, seen.extend) for prefix in (keys.root + "/", announced)]
+    try:
+        loop = agent.loop
+        polls, passes = loop.scaler.polls, loop.passes
+        eventually(lambda: loop.scaler.polls >= polls + 5 * 20 and loop.passes >= passes + 3,
+                   timeout=30, what="5 more polls of each service and 3 passes")
+        assert seen == [], f"an idle agent wrote {seen[:5]}"
+        # the watches were alive: a write of ours shows
+        agent.store.put(keys.service("s05", "override"), "0")
+        eventually(lambda: seen, timeout=30, what="the watch sees a write")
+        assert [e.key for e in seen] == [keys.service("s05", "override")]
+    finally:
+        for watch in watches:
+            watch.cancel()
