@@ -246,6 +246,14 @@ class Known:
     "what of the stored state decides later counts (:meth:`PolicyState.durable`); None: none"
 
 
+def _newer(known: Entry | None, read: Entry | None) -> Entry | None:
+    """What a read found, unless what the scaler wrote since is newer (a read that started
+    before its write)."""
+    if known is not None and read is not None and known.revision > read.revision:
+        return known
+    return read
+
+
 class Scaler:
     """Polls sources and writes desired counts through the policy (compare-and-set).
 
@@ -299,6 +307,8 @@ class Scaler:
                 if parsed is None or parsed[1] not in WATCHED:
                     continue
                 name, field = parsed
+                if name not in self.services:
+                    continue
                 known = self._known.get(name)
                 held = getattr(known, field) if known is not None else None
                 if event.value in ((held.value if held else None),
@@ -358,10 +368,11 @@ class Scaler:
     def _absorb(self, name: str, got: dict[str, Entry], now: float) -> Known:
         """What a read of service ``name``'s keys (``got``) says; the state in memory is kept
         while the stored one is the one it last read or wrote (called holding the lock)."""
-        desired = got.get(self.keys.service(name, "desired"))
-        stored = got.get(self.keys.service(name, "policy"))
-        deploy = got.get(self.keys.service(name, "deploy"))
         old = self._known.get(name)
+        desired = _newer(old.desired if old else None,
+                         got.get(self.keys.service(name, "desired")))
+        stored = _newer(old.policy if old else None, got.get(self.keys.service(name, "policy")))
+        deploy = got.get(self.keys.service(name, "deploy"))
         if old is not None and old.policy == stored:
             return Known(desired, stored, deploy, old.state, old.durable)
         current = parse_count(desired.value) if desired else None

@@ -542,6 +542,8 @@ def test_an_asg_of_4_then_2_instances(moto, run_agent, tmp_path):
                                                     "why": "agent.http is not set"}
     assert row["policy"]["reading"] == 2 and row["policy"]["reading_age"] >= 0
     assert row["policy"]["decision"] == "down 4 -> 2: asg reads 2"
+    text = CliRunner().invoke(main, ["status", "-c", str(agent.config_path)]).output
+    assert "readings as of the last change, from the store: agent.http is not set" in text
 
 
 def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_path,
@@ -746,3 +748,48 @@ def test_an_idle_agent_writes_nothing_but_lease_keep_alives(backend, request, ru
     finally:
         for watch in watches:
             watch.cancel()
+
+
+def test_status_asks_the_acting_agent_and_says_when_it_cannot(run_agent, write_config,
+                                                              tmp_path):
+    import threading
+
+    from agent.scaling import fetch_live
+    from tests.services import free_port
+
+    ports = free_port(), free_port()
+
+    def config(n: int) -> str:
+        return f"""
+            agent: {{cluster: live, interval: 1s, http: "127.0.0.1:{ports[n]}",
+                     store: {{path: {tmp_path / "shared.db"}}}, state_dir: {tmp_path / f"s{n}"}}}
+            services:
+              web:
+                command: [sleep, "300"]
+                source: {{type: static, count: 0, interval: 200ms}}
+                actuator: {{type: process}}
+            """
+
+    acting = run_agent(config(0))
+    eventually(lambda: acting.loop.scaler.polls >= 3, timeout=30, what="polls of the leader")
+    standby = Agent(write_config(config(1), "standby.yaml"))
+    thread = threading.Thread(target=standby.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: standby.loop.metrics.last_pass > 0, timeout=30,
+                   what="the standby's first turn")
+        states, why = fetch_live(f"127.0.0.1:{ports[0]}")
+        assert why == "" and states["web"].reading == 0
+        assert states["web"].reading_at > time.time() - 10  # live: the store has the first
+        assert fetch_live(f"127.0.0.1:{ports[1]}") == (
+            None, f"the agent at 127.0.0.1:{ports[1]} is a standby")
+        text = CliRunner().invoke(main, ["status", "-c", str(standby.config_path)]).output
+        assert f"from the store: the agent at 127.0.0.1:{ports[1]} is a standby" in text
+        assert "web: static: last reading 0" in text
+    finally:
+        standby.stop()
+        thread.join(15)
+    acting.stop()
+    eventually(lambda: fetch_live(f"127.0.0.1:{ports[0]}")[0] is None, timeout=30,
+               what="the stopped agent's HTTP gone")
+    assert "did not answer" in fetch_live(f"127.0.0.1:{ports[0]}")[1]
