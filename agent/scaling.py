@@ -13,9 +13,10 @@ One :meth:`Scaler.poll` of a service:
 4. writes the new policy state if what decides later counts changed (a
    cooldown, the stabilization window, a failure streak starting or ending, the
    shadow's count: :meth:`agent.policy.PolicyState.durable`; not the reading
-   itself, which stays in memory for ``shipmate status``), then the new desired
-   count only if it changed, each with compare-and-set against what it knew,
-   and calls the ``shipmate_desired_changed`` event hook with the reason.
+   itself, which stays in memory for ``shipmate status``), and the new desired
+   count only if it changed: one transaction, compare-and-set on both against
+   what it knew (etcd v2: the state, then the count); then calls the
+   ``shipmate_desired_changed`` event hook with the reason.
 
 An idle service (the same reading, nothing to change) therefore costs no store
 request at all.
@@ -27,10 +28,10 @@ reading (in the policy state) until it expires. With ``policy.shadow`` the
 decision is made against the shadow's own count and recorded in the state
 (``shadow``), and ``desired`` is never written.
 
-The policy state goes first: if the desired write then loses a race, the
-state only claims a change that did not happen, which makes the next decision
-wait longer (a cooldown), never act sooner. A lost race on the state itself
-(another writer) skips the desired write: the next poll reads and decides afresh.
+A lost race (another writer) writes neither: the next poll reads and decides
+afresh. On etcd v2 (no transactions) the state goes first: if the desired write
+then loses a race, the state only claims a change that did not happen, which
+makes the next decision wait longer (a cooldown), never act sooner.
 """
 
 from __future__ import annotations
@@ -440,13 +441,9 @@ class Scaler:
             known.state = decision.state
             self.readings[name] = reading
             return reading
-        kept = self._keep_state(name, known, decision.state, policy)
         self.readings[name] = reading
-        if not kept:
-            return reading
-        if decision.count is not None:
-            self._write_desired(name, known, current, decision)
-        elif error:
+        self._write(name, known, decision, policy, current)
+        if decision.count is None and error:
             log.warning("%s: %s", name, decision.reason)
         return reading
 
@@ -460,54 +457,59 @@ class Scaler:
             log.info("%s: shadow: would set %s (%s)", name, decision.count, decision.reason)
         return Decision(None, state.decision, state)
 
-    def _put(self, name: str, field: str, entry: Entry | None, value: str) -> Entry | None:
-        """Compare-and-set ``value`` at service ``name``'s ``field`` against ``entry`` (None:
-        absent); the new entry, or None if another writer came first."""
-        key = self.keys.service(name, field)
-        with self._lock:
-            self._pending[(name, field)] = value  # its own watch event is no change
-        try:
-            revision = self.store.put_if(key, value, entry.revision if entry else None)
-        finally:
-            with self._lock:
-                self._pending.pop((name, field), None)
-        if revision is None:
-            self._read_again(name)
-            return None
-        return Entry(key, value, revision)
-
-    def _keep_state(self, name: str, known: Known, state: PolicyState, policy: Any) -> bool:
-        """Keep ``state`` in memory, and write it if what decides later counts changed;
-        False if another writer changed the stored state first."""
-        durable = state.durable(policy)
-        if known.policy is not None and durable == known.durable:
-            known.state = state
-            return True
-        written = self._put(name, "policy", known.policy, state.to_json())
-        if written is None:
-            log.warning("%s: policy state changed under us (another agent?); "
-                        "desired count left alone until the next poll", name)
-            return False
-        with self._lock:
-            known.policy, known.state, known.durable = written, state, durable
-        return True
-
-    def _write_desired(self, name: str, known: Known, current: int | None,
-                       decision: Decision) -> None:
-        assert decision.count is not None
-        written = self._put(name, "desired", known.desired, str(decision.count))
-        if written is None:
-            log.warning("%s: desired count changed under us; not written (%s)", name,
-                        decision.reason)
+    def _write(self, name: str, known: Known, decision: Decision, policy: Any,
+               current: int | None) -> None:
+        """Keep the new state in memory; write it if what decides later counts changed, and
+        the new count if there is one, in one transaction (compare-and-set on both)."""
+        state, durable = decision.state, decision.state.durable(policy)
+        writes = []
+        if known.policy is None or durable != known.durable:
+            writes.append(("policy", known.policy, state.to_json()))
+        if decision.count is not None:
+            writes.append(("desired", known.desired, str(decision.count)))
+        if writes and not self._put(name, known, writes):
+            if decision.count is None:
+                log.warning("%s: policy state changed under us (another agent?); read "
+                            "again at the next poll", name)
+            else:
+                log.warning("%s: desired count or policy state changed under us (another "
+                            "agent?); not written (%s)", name, decision.reason)
             return
         with self._lock:
-            known.desired = written
+            known.state = state
+            if writes and writes[0][0] == "policy":
+                known.durable = durable
+        if decision.count is None:
+            return
         log.info("%s: desired %s", name, decision.reason)
         self.emit("shipmate_desired_changed", service=name, old=current, new=decision.count,
                   reason=decision.reason)
         history.append(self.store, self.keys, name, "scaling", {
             "when": self.clock(), "from": current, "to": decision.count,
             "reason": decision.reason})
+
+    def _put(self, name: str, known: Known, writes: list[tuple[str, Entry | None, str]]
+             ) -> bool:
+        """Compare-and-set each ``(field, entry as known, value)`` of service ``name`` in one
+        transaction, and know what it wrote; False if another writer came first (the
+        service is then read again)."""
+        with self._lock:  # its own watch events are no change
+            self._pending.update({(name, field): value for field, _, value in writes})
+        try:
+            revisions = self.store.put_all_if([
+                (self.keys.service(name, field), value, entry.revision if entry else None)
+                for field, entry, value in writes])
+        finally:
+            with self._lock:
+                for field, _, _ in writes:
+                    self._pending.pop((name, field), None)
+        if revisions is None:
+            self._read_again(name)
+            return False
+        with self._lock:
+            for (field, _, value), revision in zip(writes, revisions, strict=True):
+                setattr(known, field, Entry(self.keys.service(name, field), value, revision))
+        return True
 
 
 # ---------------------------------------------------------------- for status and plan

@@ -540,15 +540,27 @@ class Etcd3Store(Store):
                fence: Fence | None = None) -> int | None:
         """Write only if ``key`` is at ``revision`` (None: absent); one transaction whose
         header carries the new revision."""
-        if revision is not None and revision <= 0:
+        written = self.put_all_if([(key, value, revision)], fence=fence)
+        return written[0] if written else None
+
+    def put_all_if(self, writes: list[tuple[str, str, int | None]], *,
+                   fence: Fence | None = None) -> list[int] | None:
+        """Every write in one transaction (etcd's ``--max-txn-ops``, 128 by default, bounds
+        how many); they all get the transaction's revision."""
+        if any(revision is not None and revision <= 0 for _, _, revision in writes):
             return None
-        k = _b64(key)
-        compare = ({"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}
-                   if revision is None else
-                   {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision})
-        reply = self._txn_reply([compare], [{"request_put": {"key": k, "value": _b64(value)}}],
-                                fence)
-        return int(reply["header"]["revision"]) if reply.get("succeeded") else None
+        compare, success = [], []
+        for key, value, revision in writes:
+            k = _b64(key)
+            compare.append(
+                {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}
+                if revision is None else
+                {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision})
+            success.append({"request_put": {"key": k, "value": _b64(value)}})
+        reply = self._txn_reply(compare, success, fence)
+        if not reply.get("succeeded"):
+            return None
+        return [int(reply["header"]["revision"])] * len(writes)
 
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:

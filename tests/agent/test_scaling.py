@@ -245,12 +245,12 @@ class RacingStore(EmbeddedStore):
 
     race: tuple[str, str] | None = None
 
-    def put_if(self, key: str, value: str, revision: int | None, **kwargs):
+    def put_all_if(self, writes, **kwargs):
         if self.race is not None:
             other, written = self.race
             self.race = None
             self.put(other, written)
-        return super().put_if(key, value, revision, **kwargs)
+        return super().put_all_if(writes, **kwargs)
 
 
 def test_desired_is_written_with_compare_and_set(scaling, tmp_path, caplog):
@@ -263,7 +263,8 @@ def test_desired_is_written_with_compare_and_set(scaling, tmp_path, caplog):
         world.poll(5, at=1)
         assert world.desired() == "7"  # not clobbered
         assert [e["new"] for e in world.events] == [3]
-        assert "desired count changed under us; not written" in caplog.text
+        assert "desired count or policy state changed under us (another agent?); not " \
+            "written (up 3 -> 5: scripted reads 5)" in caplog.text
         world.poll(5, at=2)  # the next poll decides from what is there
         assert world.desired() == "5"
     finally:

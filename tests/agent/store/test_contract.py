@@ -215,6 +215,22 @@ def test_put_if_returns_the_revision_the_next_compare_and_set_needs(
     assert store.get(prefix + "absent") is None
 
 
+def test_put_all_if_writes_all_or_nothing(store: Store, prefix: str) -> None:
+    a, b, c = prefix + "a", prefix + "b", prefix + "c"
+    first = store.put_if(a, "a1", None)
+    written = store.put_all_if([(a, "a2", first), (b, "b1", None)])
+    assert written is not None and len(written) == 2 and min(written) > first
+    assert [store.get(a), store.get(b)] == [Entry(a, "a2", written[0]), Entry(b, "b1", written[1])]
+    assert store.put_all_if([(a, "a3", written[0]), (b, "b2", None)]) is None  # b exists
+    assert store.get(b) == Entry(b, "b1", written[1])
+    if store.fences:  # a backend with transactions: the first write did not happen either
+        assert store.get(a) == Entry(a, "a2", written[0])
+    assert store.put_all_if([(c, "c1", None), (a, "a4", first)]) is None  # a is stale
+    assert store.get(a).value in ("a2", "a3")  # type: ignore[union-attr]
+    if store.fences:
+        assert store.get(c) is None
+
+
 def test_delete(store: Store, prefix: str) -> None:
     assert store.delete(prefix + "absent") is False
     revision = store.put(prefix + "k", "v1")
