@@ -202,17 +202,17 @@ def _views(config_path: str, *, health: bool = True):
 @friendly
 def plan(config_path: str) -> None:
     """Show what one pass would do now, changing nothing."""
-    from agent.scaling import Scaler, describe, expiry, read_state
+    from agent.scaling import Scaler, describe, expiry, last_states
 
     config, store, keys, builder, reconciler, views = _views(config_path)
 
     try:
         scaler = Scaler(services=reconciler.services, store=store, keys=keys, dry_run=True)
+        states, _ = last_states(config.agent.http, store, keys, list(reconciler.services))
         for name, runtime in reconciler.services.items():
             view = views[name]
             source = runtime.source
-            last = describe(source.type_name, read_state(store, keys, name), time.time(),
-                            expiry(source))
+            last = describe(source.type_name, states[name], time.time(), expiry(source))
             decision = scaler.poll(name).decision  # reads the source now, writes nothing
             if decision.count is not None:
                 view.desired = decision.count  # plan as the next pass would see it
