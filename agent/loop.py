@@ -247,6 +247,8 @@ class Loop:
             log.exception("%s: the poll failed; the desired count is unchanged", name)
 
     def poll_all(self) -> None:
+        """Poll every service (leadership won, a reload), its keys read afresh first."""
+        self.scaler.forget()
         for name in self.services:
             self.poll(name)
 
@@ -275,7 +277,6 @@ class Loop:
             self.next_campaign = now + self.leadership.ttl / 3
             leading = self._campaign()
         if leading and not self._was_leading:  # newly won: read everything afresh
-            self.scaler.forget()
             self.poll_all()
             self.next_pass = 0.0
         self._was_leading = leading
