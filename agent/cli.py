@@ -358,17 +358,17 @@ def _views(config_path: str, *, health: bool = True):
 @friendly
 def plan(config_path: str) -> None:
     """Show what one pass would do now, changing nothing."""
-    from agent.scaling import Scaler, describe, expiry, read_state
+    from agent.scaling import Scaler, describe, expiry, last_states
 
     config, store, keys, builder, reconciler, views = _views(config_path)
 
     try:
         scaler = Scaler(services=reconciler.services, store=store, keys=keys, dry_run=True)
+        states, _ = last_states(config.agent.http, store, keys, list(reconciler.services))
         for name, runtime in reconciler.services.items():
             view = views[name]
             source = runtime.source
-            last = describe(source.type_name, read_state(store, keys, name), time.time(),
-                            expiry(source))
+            last = describe(source.type_name, states[name], time.time(), expiry(source))
             decision = scaler.poll(name).decision  # reads the source now, writes nothing
             if decision.count is not None:
                 view.desired = decision.count  # plan as the next pass would see it
@@ -402,7 +402,7 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
         describe,
         describe_sources,
         expiry,
-        read_state,
+        last_states,
         sources_summary,
         summary,
     )
@@ -417,7 +417,7 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             holder = parse_object(leader.value)
             holder = {k: holder.get(k) for k in ("host", "pid", "since", "ttl")}
             holder["lease_left"] = store.lease_left(keys.leader)
-        states = {name: read_state(store, keys, name) for name in views}
+        states, readings = last_states(config.agent.http, store, keys, list(views))
         announced = {}
         for name, view in views.items():
             announcer = reconciler.services[name].announcer
@@ -486,13 +486,17 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             rows[-1]["sources"] = sources_summary(group, states[name], now)
     if as_json:
         click.echo(json.dumps({"cluster": config.agent.cluster,
-                               "leader": holder if leader else None,
+                               "leader": holder if leader else None, "readings": readings,
                                "services": rows, "orphans": orphans}, indent=2))
         return
+    stored = ("" if readings["from"] == "agent" else
+              f"readings as of the last change, from the store: {readings['why']}")
     if service is not None:
         _status_one(rows[0], describe(reconciler.services[service].source.type_name,
                                       states[service], now,
                                       expiry(reconciler.services[service].source)))
+        if stored:
+            console.print(f"  [dim]{stored}[/dim]", highlight=False, soft_wrap=True)
         return
     table = Table(title=f"cluster {config.agent.cluster}")
     for column in ("service", "desired", "override", "running", "healthy", "release", "deploy"):
@@ -517,6 +521,8 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             highlight=False)
     if not leader:
         console.print("[yellow]no agent is acting for this cluster[/yellow]")
+    if stored:
+        console.print(f"[dim]{stored}[/dim]", highlight=False, soft_wrap=True)
     for name, runtime in reconciler.services.items():
         line = describe(runtime.source.type_name, states[name], now, expiry(runtime.source))
         console.print(f"{name}: {line}", highlight=False, soft_wrap=True)

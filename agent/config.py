@@ -116,7 +116,7 @@ class AgentConfig(Model):
     interval: Interval = 10.0
     "a full pass at least this often"
     http: str | None = Field(None, pattern=r"^[^:]*:\d+$")
-    "host:port of /healthz and /metrics"
+    "host:port of /healthz, /metrics and /status (the last readings, for status)"
     state_dir: Path = Path(".shipmate")
     "local state (process records, logs); relative to the config file's folder"
     plugins: PluginsConfig = PluginsConfig()

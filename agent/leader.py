@@ -323,6 +323,14 @@ class FencedStore(Store):
                fence: Fence | None = None) -> bool:
         return self.inner.delete(key, revision, fence=fence or self.leadership.fence())
 
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        return self.inner.put_if(key, value, revision, fence=fence or self.leadership.fence())
+
+    def put_all_if(self, writes: list[tuple[str, str, int | None]], *,
+                   fence: Fence | None = None) -> list[int] | None:
+        return self.inner.put_all_if(writes, fence=fence or self.leadership.fence())
+
     def lease(self, ttl: float) -> Lease:
         self.leadership.fence()
         return FencedLease(self.inner.lease(ttl), self.leadership)

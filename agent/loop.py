@@ -251,6 +251,8 @@ class Loop:
             log.exception("%s: the poll failed; the desired count is unchanged", name)
 
     def poll_all(self) -> None:
+        """Poll every service (leadership won, a reload), its keys read afresh first."""
+        self.scaler.forget()
         for name in self.services:
             self.poll(name)
 

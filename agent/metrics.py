@@ -1,10 +1,13 @@
-"""/metrics (Prometheus) and /healthz on ``agent.http``."""
+"""/metrics (Prometheus), /healthz and /status on ``agent.http``."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
@@ -59,16 +62,23 @@ class _ThreadingServer(ThreadingWSGIServer):
     daemon_threads = True
 
 
-def serve(address: str, metrics: Metrics, stale_after: float) -> WSGIServer:
-    """Serve /metrics and /healthz on ``host:port`` from a daemon thread.
+def serve(address: str, metrics: Metrics, stale_after: float,
+          status: Callable[[], dict[str, Any]] | None = None) -> WSGIServer:
+    """Serve /metrics, /healthz and /status on ``host:port`` from a daemon thread.
 
     /healthz answers 200 while passes complete (or the agent is a standby), 503
-    when none completed for ``stale_after`` seconds.
+    when none completed for ``stale_after`` seconds. /status answers ``status()``
+    as JSON (the scaler's last readings: ``shipmate status`` shows them).
     """
     host, port = address.rsplit(":", 1)
     prometheus = make_wsgi_app(metrics.registry)
 
     def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/status" and status is not None:
+            body = json.dumps(status()).encode()
+            start_response("200 OK", [("Content-Type", "application/json"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
         if environ.get("PATH_INFO") == "/healthz":
             age = time.time() - metrics.last_pass
             ok = age < stale_after

@@ -33,7 +33,9 @@ In shadow mode the scaler calls the same functions with the shadow's own count
 
 :class:`PolicyState` is what the policy remembers; the scaler keeps it as JSON
 in the store (``<prefix>/<cluster>/services/<service>/policy``) so that a
-restarted agent keeps honouring cooldowns and the stabilization window.
+restarted agent, or a standby that takes over, keeps honouring cooldowns and the
+stabilization window. It is written only when what decides later counts changes
+(:meth:`PolicyState.durable`), not at every reading.
 """
 
 from __future__ import annotations
@@ -106,10 +108,44 @@ class PolicyState:
         """The state as stored (a JSON object)."""
         return json.dumps(asdict(self), separators=(",", ":"))
 
+    def durable(self, policy: PolicyConfig) -> tuple[Any, ...]:
+        """What of the state decides later counts, and so must be in the store for an
+        agent that takes over: the state is written only when this changes.
+
+        In it: when the count last rose and fell (the cooldowns), the stabilization
+        window (every recommendation with its time, but the newest one's time, which
+        every reading renews: :meth:`taken_over` makes up for it), failed readings in
+        a row up to the count that matters (one; ``fallback_after`` with ``on_error:
+        fallback``), which sources fail, and the shadow's count. Not in it: the
+        readings, their times and the words of the decision; they live in the
+        agent's memory (``shipmate status`` asks the agent for them).
+        """
+        window = [*self.recommendations[:-1],
+                  *(("newest", n) for _, n in self.recommendations[-1:])]
+        enough = policy.fallback_after if policy.on_error == "fallback" else 1
+        failing = sorted(name for name, one in self.sources.items() if one.failures)
+        return (self.last_up, self.last_down, window, min(self.failures, enough), failing,
+                self.shadow)
+
+    def taken_over(self, now: float) -> PolicyState:
+        """A stored state, as an agent that has just read it must use it: the newest
+        recommendation taken to hold until ``now`` (the state is not written for each
+        reading that renews it), so a scale-down waits a whole stabilization window
+        more at most, never less."""
+        if self.recommendations:
+            at, count = self.recommendations[-1]
+            self.recommendations[-1] = (now if at is None else max(at, now), count)
+        return self
+
     @classmethod
     def from_json(cls, raw: str) -> PolicyState:
         """Parse a stored state; ValueError (saying what is wrong) if it is not one."""
-        data = load_json(raw)
+        return cls.from_data(load_json(raw))
+
+    @classmethod
+    def from_data(cls, data: Any) -> PolicyState:
+        """A state from its parsed JSON (as stored, or as the agent's /status shows it);
+        ValueError (saying what is wrong) if it is not one. Unknown fields are ignored."""
         if not isinstance(data, dict):
             raise ValueError("not a JSON object")
         state = cls()

@@ -56,6 +56,7 @@ class Restarts:
         self.clock, self.settings, self.emit = clock, settings, emit
         self.slots: dict[tuple[str, int], SlotState] = {}
         self._lock = threading.RLock()  # the loop and the action workers both record
+        self._offset: float | None = None  # wall clock minus ``clock``, as last anchored
 
     def failed(self, service: str, slot: int, what: str, *, code: int | None = None,
                output: str | None = None) -> float:
@@ -127,6 +128,11 @@ class Restarts:
         """The crash-looping slots of ``service`` (times on the wall clock ``wall``), as
         records that change only with a new exit: :func:`describe` words them."""
         now = self.clock()
+        # one offset between the clocks, kept while they agree within a second: the same
+        # record from pass to pass (the ``problems`` key is written only when it changes)
+        if self._offset is None or abs(wall - now - self._offset) > 1.0:
+            self._offset = wall - now
+        offset = self._offset
         out = []
         for (name, slot), state in sorted(self.slots.items()):
             recent = [t for t in state.exits if now - t <= WINDOW]
@@ -134,9 +140,9 @@ class Restarts:
                 continue
             out.append({"kind": "crash-loop", "slot": slot, "exits": len(recent),
                         "restarts": state.failures, "last_exit": state.last_exit,
-                        "since": round(wall - (now - recent[0]), 3),
-                        "last_at": round(wall - (now - recent[-1]), 3),
-                        "next_try_at": round(wall + max(0.0, state.next_try - now), 3)})
+                        "since": round(recent[0] + offset, 3),
+                        "last_at": round(recent[-1] + offset, 3),
+                        "next_try_at": round(state.next_try + offset, 3)})
         return out
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -208,7 +209,9 @@ class Agent:
 
     def _on_watch(self, events: list[Any]) -> None:
         # an empty list is a resync (the watch reconnected, or fell behind): look again.
-        # The agent's own policy and problems writes need no pass.
+        # The agent's own policy and problems writes need no pass. The scaler reads again
+        # what others changed.
+        self.loop.scaler.changed(events)
         if events and all((self.keys.parse(e.key) or ("", ""))[1] in ("policy", "problems")
                           for e in events):
             return
@@ -267,10 +270,17 @@ class Agent:
             self.store.close()
             log.info("agent stopped; instances left running")
 
+    def _status(self) -> dict[str, Any]:
+        """What /status answers: whether this agent acts, and the scaler's last readings."""
+        return {"leading": self.dry_run or self.leadership.is_leader,
+                "services": {name: asdict(state)
+                             for name, state in self.loop.scaler.live().items()}}
+
     def _serve(self) -> Any:
         address = self.config.agent.http
         try:
-            return serve(address, self.metrics, stale_after=max(3 * self.config.agent.interval, 30))
+            return serve(address, self.metrics, stale_after=max(3 * self.config.agent.interval, 30),
+                         status=self._status)
         except OSError as exc:
             raise ConfigError([f"{self.config.path}: agent.http {address}: cannot listen: "
                                f"{exc.strerror or exc}"]) from None

@@ -4,13 +4,22 @@ One :meth:`Scaler.poll` of a service:
 
 1. reads the source (an exception, None, NaN, an infinity or a negative
    number is a failure, never a count);
-2. reads the service's keys in one request: ``desired``, ``deploy`` and
-   ``policy`` (the state of :mod:`agent.policy`, JSON);
+2. takes the service's keys from memory: ``desired``, ``deploy`` and
+   ``policy`` (the state of :mod:`agent.policy`, JSON). They are read with one
+   prefix read for every service at start, and again for a service whose keys
+   another writer changed (the store watch says so) or whose write lost a race;
 3. asks :func:`agent.policy.decide`, unless a ``deploy`` key exists: then
    scaling is paused, whoever wrote the key;
-4. writes the new policy state, then the new desired count only if it
-   changed, each with compare-and-set against what step 2 read, and calls the
+4. writes the new policy state if what decides later counts changed (a
+   cooldown, the stabilization window, a failure streak starting or ending, the
+   shadow's count: :meth:`agent.policy.PolicyState.durable`; not the reading
+   itself, which stays in memory for ``shipmate status``), and the new desired
+   count only if it changed: one transaction, compare-and-set on both against
+   what it knew (etcd v2: the state, then the count); then calls the
    ``shipmate_desired_changed`` event hook with the reason.
+
+An idle service (the same reading, nothing to change) therefore costs no store
+request at all.
 
 A service with several ``sources`` has a :class:`SourceGroup` as its source:
 the scaler is called at the shortest of their intervals and reads, each time,
@@ -19,18 +28,20 @@ reading (in the policy state) until it expires. With ``policy.shadow`` the
 decision is made against the shadow's own count and recorded in the state
 (``shadow``), and ``desired`` is never written.
 
-The policy state goes first: if the desired write then loses a race, the
-state only claims a change that did not happen, which makes the next decision
-wait longer (a cooldown), never act sooner. A lost race on the state itself
-(another writer) skips the desired write: the next poll decides afresh.
+A lost race (another writer) writes neither: the next poll reads and decides
+afresh. On etcd v2 (no transactions) the state goes first: if the desired write
+then loses a race, the state only claims a change that did not happen, which
+makes the next decision wait longer (a cooldown), never act sooner.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from agent import history
@@ -50,7 +61,7 @@ from agent.policy import (
     record_sources,
     source_problem,
 )
-from agent.store import Entry, Store
+from agent.store import Entry, Store, WatchEvent
 
 log = logging.getLogger("shipmate.scaling")
 PAUSED = "paused: a deploy is in progress"
@@ -168,8 +179,92 @@ def read_state(store: Store, keys: Keys, name: str) -> PolicyState | None:
         return None
 
 
+LIVE_TIMEOUT = 2.0  # seconds ``shipmate status`` waits for the agent's /status
+
+
+def fetch_live(http: str | None, timeout: float = LIVE_TIMEOUT
+               ) -> tuple[dict[str, PolicyState] | None, str]:
+    """The acting agent's policy states as of each service's last reading, from its
+    ``/status`` on ``http`` (``agent.http``); or None and why not (not set, no answer, a
+    standby)."""
+    if not http:
+        return None, "agent.http is not set"
+    import urllib.request  # only status needs it
+
+    host, _, port = http.rpartition(":")
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}.get(host, host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    url = f"http://{host}:{port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as answer:  # noqa: S310 - http only
+            data = json.loads(answer.read(64 * 1024 * 1024))
+    except (OSError, ValueError) as exc:
+        return None, f"the agent at {http} did not answer ({exc})"
+    if not isinstance(data, dict) or not isinstance(data.get("services"), dict):
+        return None, f"the agent at {http} did not answer with its status"
+    if not data.get("leading"):
+        return None, f"the agent at {http} is a standby"
+    states = {}
+    for name, raw in data["services"].items():
+        try:
+            states[str(name)] = PolicyState.from_data(raw)
+        except (ValueError, TypeError):
+            continue
+    return states, ""
+
+
+def last_states(http: str | None, store: Store, keys: Keys, names: list[str]
+                ) -> tuple[dict[str, PolicyState | None], dict[str, Any]]:
+    """Each service's policy state as of its last reading, for ``shipmate status``: from the
+    acting agent's ``/status`` (see :func:`fetch_live`), else its record in the store (which
+    is written when a decision changes, not at each reading), and where they came from."""
+    live, why = fetch_live(http)
+    states = {name: live[name] if live is not None and name in live
+              else read_state(store, keys, name) for name in names}
+    if live is not None:
+        return states, {"from": "agent", "address": http}
+    return states, {"from": "store", "why": why}
+
+
+RESYNC = 300.0
+"""Seconds after which the scaler reads every service's keys again (one request), whatever
+the store watch said: a bound on how long a missed watch event can mislead it."""
+WATCHED = ("desired", "policy", "deploy")
+"the keys of a service that the scaler reads"
+
+
+@dataclass
+class Known:
+    """What the scaler knows of one service's keys, as it last read or wrote them."""
+
+    desired: Entry | None
+    policy: Entry | None
+    deploy: Entry | None
+    state: PolicyState
+    "the policy state in memory: the stored one and every reading since"
+    durable: tuple[Any, ...] | None
+    "what of the stored state decides later counts (:meth:`PolicyState.durable`); None: none"
+
+
+def _newer(known: Entry | None, read: Entry | None) -> Entry | None:
+    """What a read found, unless what the scaler wrote since is newer (a read that started
+    before its write)."""
+    if known is not None and read is not None and known.revision > read.revision:
+        return known
+    return read
+
+
 class Scaler:
     """Polls sources and writes desired counts through the policy (compare-and-set).
+
+    It reads every service's keys with one prefix read when it starts (and after
+    :meth:`forget`, a watch resync, or :data:`RESYNC` seconds), then keeps them in
+    memory: it knows what it writes, and :meth:`changed` (the store watch) tells it
+    what others wrote, which it then reads again, one service at a time. A lost
+    compare-and-set reads the service again too. The policy state is written only
+    when what decides later counts changes (:meth:`PolicyState.durable`); the
+    readings stay in memory (:meth:`live`, the agent's ``/status``).
 
     ``clock`` is ``time.time`` unless a test hands in its own. With ``dry_run``
     nothing is written: ``poll`` only says what it would do (``shipmate plan``).
@@ -181,7 +276,120 @@ class Scaler:
         self.services, self.store, self.keys = services, store, keys
         self.emit, self.dry_run, self.clock = emit, dry_run, clock
         self.readings: dict[str, Reading] = {}
+        self.polls = 0
+        "polls done (that got as far as a decision)"
+        self._known: dict[str, Known] = {}
+        self._lock = threading.Lock()  # guards what follows; never held across store I/O
+        self._loading = threading.Lock()  # one full read at a time: the others wait for it
+        self._cold = True  # every service is to be read (one prefix read)
+        self._resyncs = 0
+        self._resync_at = 0.0
+        self._stale: set[str] = set()  # services to be read again
+        self._marks: dict[str, int] = {}  # changes seen per service (a read racing one is stale)
+        self._pending: dict[tuple[str, str], str] = {}  # (service, key) -> value being written
 
+    # ---------------------------------------------------------------- what it knows
+    def forget(self) -> None:
+        """Read every service's keys again before the next poll (leadership gained)."""
+        with self._lock:
+            self._cold = True
+            self._resyncs += 1
+
+    def changed(self, events: list[WatchEvent]) -> None:
+        """The store watch saw ``events`` (any thread): a service whose keys another writer
+        changed is read again at its next poll; an empty list (a resync) makes every
+        service read again. The scaler's own writes change nothing."""
+        if not events:
+            self.forget()
+            return
+        with self._lock:
+            for event in events:
+                parsed = self.keys.parse(event.key)
+                if parsed is None or parsed[1] not in WATCHED:
+                    continue
+                name, field = parsed
+                if name not in self.services:
+                    continue
+                known = self._known.get(name)
+                held = getattr(known, field) if known is not None else None
+                if event.value in ((held.value if held else None),
+                                   self._pending.get((name, field), ...)):
+                    continue
+                self._stale.add(name)
+                self._marks[name] = self._marks.get(name, 0) + 1
+
+    def knows(self, name: str) -> bool:
+        """Whether service ``name``'s keys are known without reading the store."""
+        with self._lock:
+            return not self._cold and name in self._known and name not in self._stale
+
+    def live(self) -> dict[str, PolicyState]:
+        """Each polled service's policy state as of its last reading (the agent's /status)."""
+        return {name: reading.decision.state for name, reading in list(self.readings.items())}
+
+    def _known_of(self, name: str, now: float) -> Known:
+        with self._loading:
+            with self._lock:
+                full = self._cold or now >= self._resync_at
+            if full:
+                self._load_all(now)
+        with self._lock:
+            known = self._known.get(name)
+            if known is not None and name not in self._stale:
+                return known
+            mark = self._marks.get(name, 0)
+        got = self.store.get_prefix(f"{self.keys.services}{name}/")
+        with self._lock:
+            known = self._known[name] = self._absorb(name, got, now)
+            if self._marks.get(name, 0) == mark:
+                self._stale.discard(name)
+        return known
+
+    def _load_all(self, now: float) -> None:
+        """Every service's keys, in one prefix read."""
+        with self._lock:
+            marks, resyncs = dict(self._marks), self._resyncs
+        entries = self.store.get_prefix(self.keys.services)
+        per_service: dict[str, dict[str, Entry]] = {}
+        for key, entry in entries.items():
+            parsed = self.keys.parse(key)
+            if parsed is not None and parsed[1] in WATCHED:
+                per_service.setdefault(parsed[0], {})[key] = entry
+        with self._lock:
+            for name in self.services:
+                self._known[name] = self._absorb(name, per_service.get(name, {}), now)
+                if self._marks.get(name, 0) == marks.get(name, 0):
+                    self._stale.discard(name)
+            for gone in self._known.keys() - self.services.keys():
+                del self._known[gone]
+            if self._resyncs == resyncs:
+                self._cold = False
+            self._resync_at = now + RESYNC
+
+    def _absorb(self, name: str, got: dict[str, Entry], now: float) -> Known:
+        """What a read of service ``name``'s keys (``got``) says; the state in memory is kept
+        while the stored one is the one it last read or wrote (called holding the lock)."""
+        old = self._known.get(name)
+        desired = _newer(old.desired if old else None,
+                         got.get(self.keys.service(name, "desired")))
+        stored = _newer(old.policy if old else None, got.get(self.keys.service(name, "policy")))
+        deploy = got.get(self.keys.service(name, "deploy"))
+        if old is not None and old.policy == stored:
+            return Known(desired, stored, deploy, old.state, old.durable)
+        current = parse_count(desired.value) if desired else None
+        state, warning = load_state(stored, current, now)
+        if warning:
+            log.warning("%s: %s", name, warning)
+        durable = None
+        if stored is not None and not warning:
+            durable = state.taken_over(now).durable(self.services[name].config.policy)
+        return Known(desired, stored, deploy, state, durable)
+
+    def _read_again(self, name: str) -> None:
+        with self._lock:
+            self._stale.add(name)
+
+    # ---------------------------------------------------------------- polls
     def poll(self, name: str) -> Reading:
         """Read the source of service ``name`` and act on it.
 
@@ -198,18 +406,15 @@ class Scaler:
         else:
             value, error = read_source(source)
         now = self.clock()
-        got = self.store.get_prefix(f"{self.keys.services}{name}/")
-        desired = got.get(self.keys.service(name, "desired"))
-        stored = got.get(self.keys.service(name, "policy"))
+        known = self._known_of(name, now)
+        desired = known.desired
         current = parse_count(desired.value) if desired else None
-        state, warning = load_state(stored, current, now)
-        if warning:
-            log.warning("%s: %s", name, warning)
+        state = replace(known.state)  # the decisions below copy what they change
         if not policy.shadow:
             state.shadow = None
         # a shadow decides against its own count (the live one at first)
         acting = current if not policy.shadow or state.shadow is None else state.shadow
-        journal = got.get(self.keys.service(name, "deploy"))
+        journal = known.deploy
         if journal is not None and parse_object(journal.value).get("phase") != "refused":
             if group is not None:
                 paused = record_sources(state, now, polled)
@@ -230,14 +435,15 @@ class Scaler:
             error = decision.state.error or ("; ".join(errors) or None)
             value = decision.state.reading if decision.state.error is None else None
         reading = Reading(now, value, error, decision)
-        self.readings[name] = reading
+        with self._lock:
+            self.polls += 1
         if self.dry_run:
+            known.state = decision.state
+            self.readings[name] = reading
             return reading
-        if not self._write_state(name, stored, decision.state):
-            return reading
-        if decision.count is not None:
-            self._write_desired(name, desired, current, decision)
-        elif error:
+        self.readings[name] = reading
+        self._write(name, known, decision, policy, current)
+        if decision.count is None and error:
             log.warning("%s: %s", name, decision.reason)
         return reading
 
@@ -251,26 +457,29 @@ class Scaler:
             log.info("%s: shadow: would set %s (%s)", name, decision.count, decision.reason)
         return Decision(None, state.decision, state)
 
-    def _write_state(self, name: str, entry: Entry | None, state: PolicyState) -> bool:
-        key = self.keys.service(name, "policy")
-        raw = state.to_json()
-        ok = (self.store.create(key, raw) if entry is None
-              else self.store.replace(key, raw, entry.revision))
-        if not ok:
-            log.warning("%s: policy state changed under us (another agent?); "
-                        "desired count left alone until the next poll", name)
-        return ok
-
-    def _write_desired(self, name: str, entry: Entry | None, current: int | None,
-                       decision: Decision) -> None:
-        assert decision.count is not None
-        key = self.keys.service(name, "desired")
-        value = str(decision.count)
-        ok = (self.store.create(key, value) if entry is None
-              else self.store.replace(key, value, entry.revision))
-        if not ok:
-            log.warning("%s: desired count changed under us; not written (%s)", name,
-                        decision.reason)
+    def _write(self, name: str, known: Known, decision: Decision, policy: Any,
+               current: int | None) -> None:
+        """Keep the new state in memory; write it if what decides later counts changed, and
+        the new count if there is one, in one transaction (compare-and-set on both)."""
+        state, durable = decision.state, decision.state.durable(policy)
+        writes = []
+        if known.policy is None or durable != known.durable:
+            writes.append(("policy", known.policy, state.to_json()))
+        if decision.count is not None:
+            writes.append(("desired", known.desired, str(decision.count)))
+        if writes and not self._put(name, known, writes):
+            if decision.count is None:
+                log.warning("%s: policy state changed under us (another agent?); read "
+                            "again at the next poll", name)
+            else:
+                log.warning("%s: desired count or policy state changed under us (another "
+                            "agent?); not written (%s)", name, decision.reason)
+            return
+        with self._lock:
+            known.state = state
+            if writes and writes[0][0] == "policy":
+                known.durable = durable
+        if decision.count is None:
             return
         log.info("%s: desired %s", name, decision.reason)
         self.emit("shipmate_desired_changed", service=name, old=current, new=decision.count,
@@ -278,6 +487,29 @@ class Scaler:
         history.append(self.store, self.keys, name, "scaling", {
             "when": self.clock(), "from": current, "to": decision.count,
             "reason": decision.reason})
+
+    def _put(self, name: str, known: Known, writes: list[tuple[str, Entry | None, str]]
+             ) -> bool:
+        """Compare-and-set each ``(field, entry as known, value)`` of service ``name`` in one
+        transaction, and know what it wrote; False if another writer came first (the
+        service is then read again)."""
+        with self._lock:  # its own watch events are no change
+            self._pending.update({(name, field): value for field, _, value in writes})
+        try:
+            revisions = self.store.put_all_if([
+                (self.keys.service(name, field), value, entry.revision if entry else None)
+                for field, entry, value in writes])
+        finally:
+            with self._lock:
+                for field, _, _ in writes:
+                    self._pending.pop((name, field), None)
+        if revisions is None:
+            self._read_again(name)
+            return False
+        with self._lock:
+            for (field, _, value), revision in zip(writes, revisions, strict=True):
+                setattr(known, field, Entry(self.keys.service(name, field), value, revision))
+        return True
 
 
 # ---------------------------------------------------------------- for status and plan

@@ -7,7 +7,9 @@ Semantics every backend keeps (the contract suite in tests/agent/store checks th
   embedded file), so a caller can compare-and-set against what it read.
 - ``create`` succeeds only if the key is absent; ``replace`` only if the key's
   revision still equals the one given; ``delete`` with a revision likewise.
-  They return False on a lost race and never raise for it.
+  They return False on a lost race and never raise for it. ``put_if`` is either
+  (by its revision, None: absent) and returns the new revision, or None;
+  ``put_all_if`` does several in one transaction (etcd v2: one after another).
 - A :class:`Lease` gives keys a time to live. Keys written with a lease vanish
   when it expires unless ``refresh`` is called in time; ``revoke`` removes them at
   once. (etcd v3 has real leases; v2 and the embedded store keep the same promise
@@ -132,6 +134,38 @@ class Store(ABC):
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""
+
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        """Write only if ``key`` is at ``revision`` (None: only if absent), in one request;
+        the new revision (so the next compare-and-set needs no read), or None on a lost race.
+
+        This default costs a second request (a read); the backends answer in one.
+        """
+        ok = (self.create(key, value, fence=fence) if revision is None
+              else self.replace(key, value, revision, fence=fence))
+        if not ok:
+            return None
+        entry = self.get(key)
+        return entry.revision if entry is not None and entry.value == value else 0
+
+    def put_all_if(self, writes: list[tuple[str, str, int | None]], *,
+                   fence: Fence | None = None) -> list[int] | None:
+        """Write each ``(key, value, revision)`` only if every key is at its revision (None:
+        absent): one transaction, all or nothing, on backends with transactions. The new
+        revisions (one per write), or None on a lost race.
+
+        This default, for backends without multi-key transactions (etcd v2), writes
+        one key after another with :meth:`put_if`: a lost race stops there, with the
+        keys before it written.
+        """
+        revisions = []
+        for key, value, revision in writes:
+            written = self.put_if(key, value, revision, fence=fence)
+            if written is None:
+                return None
+            revisions.append(written)
+        return revisions
 
     def lease_left(self, key: str) -> float | None:
         """Seconds until the lease ``key`` is written on ends (None: no lease, or unknown)."""

@@ -249,6 +249,22 @@ class EmbeddedStore(Store):
             self._write(db, key, value, lease)
             return True
 
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        with self._tx() as db:
+            self._fenced(db, fence)
+            if self._revision(db, key) != revision:
+                return None
+            return self._write(db, key, value)
+
+    def put_all_if(self, writes: list[tuple[str, str, int | None]], *,
+                   fence: Fence | None = None) -> list[int] | None:
+        with self._tx() as db:
+            self._fenced(db, fence)
+            if any(self._revision(db, key) != revision for key, _, revision in writes):
+                return None
+            return [self._write(db, key, value) for key, value, _ in writes]
+
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:
         with self._tx() as db:

@@ -529,6 +529,22 @@ class Etcd2Store(Store):
         self._lease_write(key, lease, result.modifiedIndex)
         return True
 
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        """Write only if ``key`` is at ``revision`` (``prevIndex``; None: ``prevExist=false``);
+        the new modifiedIndex."""
+        if revision is not None and revision <= 0:
+            return None
+        path = _path(key)
+        condition: dict[str, Any] = ({"prevExist": False} if revision is None
+                                     else {"prevIndex": revision})
+        try:
+            result = self._call(lambda c: c.write(path, value, **condition), idempotent=False)
+        except _Gone:
+            return None
+        self._lease_write(key, None, result.modifiedIndex)
+        return result.modifiedIndex
+
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given, via ``prevIndex``)."""

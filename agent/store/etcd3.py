@@ -536,6 +536,32 @@ class Etcd3Store(Store):
             fence,
         )
 
+    def put_if(self, key: str, value: str, revision: int | None, *,
+               fence: Fence | None = None) -> int | None:
+        """Write only if ``key`` is at ``revision`` (None: absent); one transaction whose
+        header carries the new revision."""
+        written = self.put_all_if([(key, value, revision)], fence=fence)
+        return written[0] if written else None
+
+    def put_all_if(self, writes: list[tuple[str, str, int | None]], *,
+                   fence: Fence | None = None) -> list[int] | None:
+        """Every write in one transaction (etcd's ``--max-txn-ops``, 128 by default, bounds
+        how many); they all get the transaction's revision."""
+        if any(revision is not None and revision <= 0 for _, _, revision in writes):
+            return None
+        compare, success = [], []
+        for key, value, revision in writes:
+            k = _b64(key)
+            compare.append(
+                {"key": k, "target": "CREATE", "result": "EQUAL", "create_revision": 0}
+                if revision is None else
+                {"key": k, "target": "MOD", "result": "EQUAL", "mod_revision": revision})
+            success.append({"request_put": {"key": k, "value": _b64(value)}})
+        reply = self._txn_reply(compare, success, fence)
+        if not reply.get("succeeded"):
+            return None
+        return [int(reply["header"]["revision"])] * len(writes)
+
     def delete(self, key: str, revision: int | None = None, *,
                fence: Fence | None = None) -> bool:
         """Delete ``key`` (only at ``revision`` if given); False if absent or changed."""

@@ -458,3 +458,39 @@ def test_counts_from_the_store_are_bounded():
     assert parse_count("999999999999") == 999_999_999_999  # the loop holds it at max_instances
     for raw in ("1" * 4301, "1" * 13, "1e3", "true", "-1", "٣", "3.0", "x" * 10_000):
         assert parse_count(raw) is None, raw
+
+
+# ---------------------------------------------------------------- what is stored, and when
+
+
+def test_only_what_decides_later_counts_is_durable():
+    """The scaler writes the state when ``durable`` changes: not for a reading that changes
+    nothing, but for a cooldown, the window, a failure streak, up to fallback_after."""
+    cfg = policy(stabilization=60, on_error="fallback", fallback=2, fallback_after=3)
+    state = decide(cfg, PolicyState(), None, 0.0, 4).state  # sets 4: last_up
+    seen = [state.durable(cfg)]
+    for t, value in ((10, 3.6), (20, 3.1)):  # both recommend 4: nothing to write
+        state = decide(cfg, state, 4, t, value).state
+        seen.append(state.durable(cfg))
+    assert seen[0] == seen[1] == seen[2]
+    state = decide(cfg, state, 4, 30, 2).state  # the window gains a lower count
+    assert state.durable(cfg) != seen[-1]
+    seen = [state.durable(cfg)]
+    for t in (40, 41, 42, 43, 44):
+        state = decide(cfg, state, 4, t, None, "down").state
+        seen.append(state.durable(cfg))
+    # failures 1, 2, 3 change it (the fallback counts them); 4 and 5 do not
+    changed = [a != b for a, b in zip(seen, seen[1:], strict=False)]
+    assert changed == [True, True, True, False, False]
+    assert state.failures == 5
+    state = decide(cfg, state, 4, 50, 4).state  # the streak ends
+    assert state.durable(cfg) != seen[-1]
+
+
+def test_a_taken_over_state_renews_only_its_newest_recommendation():
+    state = PolicyState.from_json('{"recommendations": [[10, 8], [20, 3]], "last_up": 5, '
+                                  '"failures": 1, "unknown": "ignored"}')
+    assert state.taken_over(100.0).recommendations == [(10.0, 8), (100.0, 3)]
+    assert PolicyState.from_json('{"recommendations": [[500, 3]]}').taken_over(
+        100.0).recommendations == [(500.0, 3)]  # never moved back
+    assert PolicyState().taken_over(100.0).recommendations == []

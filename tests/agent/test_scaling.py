@@ -15,6 +15,7 @@ import math
 import re
 import time
 import uuid
+from dataclasses import asdict
 
 import pytest
 from click.testing import CliRunner
@@ -64,7 +65,10 @@ class Clock:
 
 @pytest.fixture
 def scaling(write_config, embedded_store, tmp_path):
-    """``scaling(policy_yaml)`` -> a world with ``scaler``, ``source``, ``clock``, ``events``."""
+    """``scaling(policy_yaml)`` -> a world with ``scaler``, ``source``, ``clock``, ``events``.
+
+    The scaler is told of other writers' changes by a real store watch, as in the agent."""
+    watches = []
 
     class World:
         store = embedded_store
@@ -91,8 +95,21 @@ def scaling(write_config, embedded_store, tmp_path):
             services = Builder(self.plugins, Context(cluster="sc", store=store,
                                                      state_dir=tmp_path)).services(config)
             self.source = services["web"].source
-            return Scaler(services=services, store=store, keys=KEYS, clock=self.clock,
-                          emit=lambda hook, **kw: self.events.append({"hook": hook, **kw}))
+            scaler = Scaler(services=services, store=store, keys=KEYS, clock=self.clock,
+                            emit=lambda hook, **kw: self.events.append({"hook": hook, **kw}))
+            watches.append(store.watch(KEYS.services, scaler.changed))
+            return scaler
+
+        def write(self, field: str, value: str | None) -> None:
+            """Another writer (ops with etcdctl, the CLI) changes a key of ``web``; returns
+            once the scaler's watch has seen it."""
+            key = KEYS.service("web", field)
+            if value is None:
+                self.store.delete(key)
+            else:
+                self.store.put(key, value)
+            eventually(lambda: not self.scaler.knows("web"), timeout=30,
+                       what=f"the scaler sees {field} change")
 
         def poll(self, value: object, at: float | None = None):
             if at is not None:
@@ -105,10 +122,20 @@ def scaling(write_config, embedded_store, tmp_path):
             return entry.value if entry else None
 
         def policy(self) -> dict:
+            """The policy state in the store."""
             return json.loads(self.store.get(KEYS.service("web", "policy")).value)
 
+        def live(self) -> dict:
+            """The policy state in the scaler's memory (what the agent's /status shows)."""
+            return asdict(self.scaler.live()["web"])
+
+        def policy_revision(self) -> int:
+            return self.store.get(KEYS.service("web", "policy")).revision
+
     World.events = []
-    return World
+    yield World
+    for watch in watches:
+        watch.cancel()
 
 
 def test_the_first_reading_writes_desired_state_and_an_event(scaling):
@@ -131,7 +158,7 @@ def test_desired_is_written_only_when_it_changes(scaling):
         world.poll(2.5, at=t)
     assert world.store.get(KEYS.service("web", "desired")).revision == revision
     assert len(world.events) == 1
-    assert world.policy()["decision"] == "steady at 3: scripted reads 2.5"
+    assert world.live()["decision"] == "steady at 3: scripted reads 2.5"
     world.poll(7, at=4)
     assert world.desired() == "7"
     assert [e["new"] for e in world.events] == [3, 7]
@@ -164,14 +191,14 @@ def test_a_restarted_scaler_keeps_honouring_cooldown_and_stabilization(scaling, 
 def test_a_deploy_key_pauses_scaling_whoever_wrote_it(scaling):
     world = scaling("{}")
     world.poll(3, at=0)
-    world.store.put(KEYS.service("web", "deploy"), json.dumps({"phase": "rolling", "by": "ops"}))
+    world.write("deploy", json.dumps({"phase": "rolling", "by": "ops"}))
     world.poll(9, at=1)
     world.poll(9, at=2)
     assert world.desired() == "3"
-    state = world.policy()
+    state = world.live()
     assert state["decision"] == "paused: a deploy is in progress"
     assert state["reading"] == 9  # status still shows what the source says
-    world.store.delete(KEYS.service("web", "deploy"))
+    world.write("deploy", None)
     world.poll(9, at=3)
     assert world.desired() == "9"
 
@@ -183,16 +210,23 @@ def test_failures_hold_the_count_and_say_why(scaling, caplog):
     world.poll(SourceError("scripted answered 503"), at=2)
     world.poll(SourceError("scripted answered 503"), at=3)
     assert world.desired() == "5"
-    state = world.policy()
+    state = world.live()
     assert state["decision"] == "held at 5: scripted answered 503 (three times in a row)"
     assert state["failures"] == 3 and state["reading"] == 5 and state["reading_at"] == 1_000_000
     assert "held at 5: scripted answered 503 (three times in a row)" in caplog.text
+    # the store has the streak's start: that readings fail is what a takeover must know
+    stored = world.policy()
+    assert stored["failures"] == 1 and stored["error"] == "scripted answered 503"
+    revision = world.policy_revision()
     world.poll(RuntimeError("socket closed"), at=4)
-    assert world.policy()["error"] == "scripted failed: RuntimeError: socket closed"
+    assert world.live()["error"] == "scripted failed: RuntimeError: socket closed"
     for bad, said in ((math.nan, "NaN"), (None, "no value (null)"), ("7", "'7', not a number")):
         world.poll(bad, at=5)
-        assert world.policy()["error"] == f"scripted gave {said}"
+        assert world.live()["error"] == f"scripted gave {said}"
     assert world.desired() == "5" and len(world.events) == 1
+    assert world.policy_revision() == revision
+    world.poll(5, at=6)  # the streak ends: written
+    assert world.policy()["failures"] == 0 and world.policy()["reading_at"] == 1_000_006
 
 
 def test_fallback_after_repeated_failures(scaling):
@@ -206,17 +240,17 @@ def test_fallback_after_repeated_failures(scaling):
 
 
 class RacingStore(EmbeddedStore):
-    """The embedded store with another writer that strikes right after the scaler reads."""
+    """The embedded store with another writer that strikes right before the scaler writes
+    (after it last read)."""
 
     race: tuple[str, str] | None = None
 
-    def get_prefix(self, prefix: str):
-        got = super().get_prefix(prefix)
+    def put_all_if(self, writes, **kwargs):
         if self.race is not None:
-            key, value = self.race
+            other, written = self.race
             self.race = None
-            self.put(key, value)
-        return got
+            self.put(other, written)
+        return super().put_all_if(writes, **kwargs)
 
 
 def test_desired_is_written_with_compare_and_set(scaling, tmp_path, caplog):
@@ -229,7 +263,8 @@ def test_desired_is_written_with_compare_and_set(scaling, tmp_path, caplog):
         world.poll(5, at=1)
         assert world.desired() == "7"  # not clobbered
         assert [e["new"] for e in world.events] == [3]
-        assert "desired count changed under us; not written" in caplog.text
+        assert "desired count or policy state changed under us (another agent?); not " \
+            "written (up 3 -> 5: scripted reads 5)" in caplog.text
         world.poll(5, at=2)  # the next poll decides from what is there
         assert world.desired() == "5"
     finally:
@@ -250,6 +285,54 @@ def test_policy_state_is_written_with_compare_and_set(scaling, tmp_path, caplog)
         assert world.desired() == "3"
     finally:
         store.close()
+
+
+def test_an_idle_service_makes_no_store_request(scaling, tmp_path):
+    world = scaling("{stabilization: 30s, cooldown: 10s}")
+    world.poll(3, at=0)
+    revision, before = world.policy_revision(), world.store.round_trips
+    for t in range(1, 40):
+        world.poll(3.0 if t % 2 else 2.2, at=t)  # both recommend 3
+    assert world.store.round_trips == before  # neither a read nor a write
+    assert world.policy_revision() == revision
+    assert world.live()["reading_at"] == 1_000_039 and world.policy()["reading_at"] == 1_000_000
+    world.poll(9, at=40)  # a change is written, and read by a restarted agent
+    assert world.desired() == "9" and world.policy()["last_up"] == 1_000_040
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)
+        world.poll(9, at=41)
+        assert world.live()["last_up"] == 1_000_040 and world.policy_revision() > revision
+        assert store.round_trips == 1  # its first poll: one prefix read, no write
+    finally:
+        store.close()
+
+
+def test_a_takeover_waits_a_whole_window_after_the_last_stored_change(scaling, tmp_path):
+    world = scaling("{stabilization: 30s}")
+    world.poll(8, at=0)
+    for t in range(1, 60):
+        world.poll(8, at=t)  # not written: the newest recommendation renews in memory only
+    assert world.policy()["recommendations"] == [[1_000_000.0, 8]]
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        world.scaler = world.new_scaler(store)  # the agent dies; another takes over at 60
+        world.poll(2, at=60)
+        assert world.desired() == "8"  # 8 was recommended until the takeover, as far as it knows
+        world.poll(2, at=89)
+        assert world.desired() == "8"
+        world.poll(2, at=91)
+        assert world.desired() == "2"
+    finally:
+        store.close()
+
+
+def test_an_external_change_of_desired_is_read_again(scaling):
+    world = scaling("{}")
+    world.poll(3, at=0)
+    world.write("desired", "10")  # ops, by hand
+    world.poll(3, at=1)
+    assert world.desired() == "3" and world.events[-1]["old"] == 10
 
 
 def test_an_unreadable_state_is_rebuilt_safely(scaling, caplog):
@@ -455,8 +538,13 @@ def test_an_asg_of_4_then_2_instances(moto, run_agent, tmp_path):
     assert shown.exit_code == 0, shown.output
     row = json.loads(shown.output)["services"][0]
     assert (row["source"], row["desired"], row["running"]) == ("asg", 2, 2)
+    # no agent.http: the readings are the store's, as of the last change (the scale-down)
+    assert json.loads(shown.output)["readings"] == {"from": "store",
+                                                    "why": "agent.http is not set"}
     assert row["policy"]["reading"] == 2 and row["policy"]["reading_age"] >= 0
-    assert row["policy"]["decision"] in ("down 4 -> 2: asg reads 2", "steady at 2: asg reads 2")
+    assert row["policy"]["decision"] == "down 4 -> 2: asg reads 2"
+    text = CliRunner().invoke(main, ["status", "-c", str(agent.config_path)]).output
+    assert "readings as of the last change, from the store: agent.http is not set" in text
 
 
 def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_path,
@@ -464,11 +552,13 @@ def test_datadog_readings_errors_and_the_stabilization_window(run_agent, tmp_pat
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("DD_API_KEY", API_KEY)
     monkeypatch.setenv("DD_APP_KEY", APP_KEY)
+    from tests.services import free_port
+
     dd = DatadogStandIn()
     try:
         dd.answer("value", value=450)
         path_text = f"""
-            agent: {{cluster: dd, interval: 1s}}
+            agent: {{cluster: dd, interval: 1s, http: "127.0.0.1:{free_port()}"}}
             services:
               worker:
                 command: [sleep, "300"]
@@ -567,6 +657,9 @@ def test_a_static_and_a_datadog_source_combined_by_max_and_a_shadow_policy(
 
         eventually(lambda: desired() == "5", timeout=10, what="max(2, 450 / 100) -> 5")
         eventually(lambda: running(tmp_path) == 6, timeout=15, what="5 + 1 running instances")
+        assert json.loads(CliRunner().invoke(main, [
+            "status", "-c", str(agent.config_path), "--json"]).output)["readings"] == {
+                "from": "agent", "address": f"127.0.0.1:{port}"}
         row = status()["web"]
         assert row["sources"]["rps"]["reading"] == 4.5 and row["sources"]["rps"]["decided"]
         assert row["sources"]["floor"]["reading"] == 2 and not row["sources"]["floor"]["decided"]
@@ -609,3 +702,95 @@ def test_a_static_and_a_datadog_source_combined_by_max_and_a_shadow_policy(
         assert status()["shadowed"]["running"] == 1
     finally:
         dd.close()
+
+
+# ---------------------------------------------------------------- an idle cluster
+
+
+@pytest.mark.parametrize("backend", ["embedded", "etcd"])
+def test_an_idle_agent_writes_nothing_but_lease_keep_alives(backend, request, run_agent,
+                                                            tmp_path):
+    cluster = f"idle{uuid.uuid4().hex[:8]}"
+    announced = f"/idle-{cluster}/"
+    store = "{backend: embedded}"
+    if backend == "etcd":
+        store = f'{{backend: etcd, endpoints: ["{request.getfixturevalue("etcd").endpoint}"]}}'
+    services = "".join(f"""
+          s{i:02}:
+            command: [sleep, "300"]
+            source: {{type: static, count: {1 if i < 3 else 0}, interval: 200ms}}
+            actuator: {{type: process}}
+            announce: {{type: etcd, key: "{announced}{{service}}/{{instance}}", ttl: 6s}}
+        """ for i in range(20))
+    agent = run_agent(f"""
+        agent: {{cluster: {cluster}, interval: 1s, store: {store}}}
+        services:{services}
+        """)
+    keys = Keys(f"/shipmate/{cluster}")
+
+    def settled() -> bool:
+        counts = [stored(agent, keys.service(f"s{i:02}", "desired")) for i in range(20)]
+        return (counts == ["1"] * 3 + ["0"] * 17 and running(tmp_path) == 3
+                and len(agent.store.get_prefix(announced)) == 3)
+
+    eventually(settled, timeout=30, what="20 services settled, 3 instances announced")
+    seen: list = []
+    watches = [agent.store.watch(prefix, seen.extend) for prefix in (keys.root + "/", announced)]
+    try:
+        loop = agent.loop
+        polls, passes = loop.scaler.polls, loop.passes
+        eventually(lambda: loop.scaler.polls >= polls + 5 * 20 and loop.passes >= passes + 3,
+                   timeout=30, what="5 more polls of each service and 3 passes")
+        assert seen == [], f"an idle agent wrote {seen[:5]}"
+        # the watches were alive: a write of ours shows
+        agent.store.put(keys.service("s05", "override"), "0")
+        eventually(lambda: seen, timeout=30, what="the watch sees a write")
+        assert [e.key for e in seen] == [keys.service("s05", "override")]
+    finally:
+        for watch in watches:
+            watch.cancel()
+
+
+def test_status_asks_the_acting_agent_and_says_when_it_cannot(run_agent, write_config,
+                                                              tmp_path):
+    import threading
+
+    from agent.scaling import fetch_live
+    from tests.services import free_port
+
+    ports = free_port(), free_port()
+
+    def config(n: int) -> str:
+        return f"""
+            agent: {{cluster: live, interval: 1s, http: "127.0.0.1:{ports[n]}",
+                     store: {{path: {tmp_path / "shared.db"}}}, state_dir: {tmp_path / f"s{n}"}}}
+            services:
+              web:
+                command: [sleep, "300"]
+                source: {{type: static, count: 0, interval: 200ms}}
+                actuator: {{type: process}}
+            """
+
+    acting = run_agent(config(0))
+    eventually(lambda: acting.loop.scaler.polls >= 3, timeout=30, what="polls of the leader")
+    standby = Agent(write_config(config(1), "standby.yaml"))
+    thread = threading.Thread(target=standby.run, daemon=True)
+    thread.start()
+    try:
+        eventually(lambda: standby.loop.metrics.last_pass > 0, timeout=30,
+                   what="the standby's first turn")
+        states, why = fetch_live(f"127.0.0.1:{ports[0]}")
+        assert why == "" and states["web"].reading == 0
+        assert states["web"].reading_at > time.time() - 10  # live: the store has the first
+        assert fetch_live(f"127.0.0.1:{ports[1]}") == (
+            None, f"the agent at 127.0.0.1:{ports[1]} is a standby")
+        text = CliRunner().invoke(main, ["status", "-c", str(standby.config_path)]).output
+        assert f"from the store: the agent at 127.0.0.1:{ports[1]} is a standby" in text
+        assert "web: static: last reading 0" in text
+    finally:
+        standby.stop()
+        thread.join(15)
+    acting.stop()
+    eventually(lambda: fetch_live(f"127.0.0.1:{ports[0]}")[0] is None, timeout=30,
+               what="the stopped agent's HTTP gone")
+    assert "did not answer" in fetch_live(f"127.0.0.1:{ports[0]}")[1]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import Store, StoreError, WatchEvent
+from agent.store import Entry, Store, StoreError, WatchEvent
 from agent.store.embedded import EmbeddedStore
 from tests.helpers import observation_window
 from tests.services import Etcd, free_port
@@ -199,6 +199,37 @@ def test_replace(store: Store, prefix: str) -> None:
     entry = store.get(prefix + "k")
     assert entry is not None and entry.value == "v2" and entry.revision > revision
     assert store.replace(prefix + "k", "v4", 0) is False
+
+
+def test_put_if_returns_the_revision_the_next_compare_and_set_needs(
+        store: Store, prefix: str) -> None:
+    key = prefix + "k"
+    first = store.put_if(key, "v1", None)
+    assert first is not None and store.get(key) == Entry(key, "v1", first)
+    assert store.put_if(key, "again", None) is None  # exists: not created twice
+    second = store.put_if(key, "v2", first)
+    assert second is not None and second > first
+    assert store.put_if(key, "v3", first) is None  # lost race: stale revision
+    assert store.put_if(key, "v3", 0) is None
+    assert store.get(key) == Entry(key, "v2", second)
+    assert store.put_if(prefix + "absent", "x", 5) is None
+    assert store.get(prefix + "absent") is None
+
+
+def test_put_all_if_writes_all_or_nothing(store: Store, prefix: str) -> None:
+    a, b, c = prefix + "a", prefix + "b", prefix + "c"
+    first = store.put_if(a, "a1", None)
+    written = store.put_all_if([(a, "a2", first), (b, "b1", None)])
+    assert written is not None and len(written) == 2 and min(written) > first
+    assert [store.get(a), store.get(b)] == [Entry(a, "a2", written[0]), Entry(b, "b1", written[1])]
+    assert store.put_all_if([(a, "a3", written[0]), (b, "b2", None)]) is None  # b exists
+    assert store.get(b) == Entry(b, "b1", written[1])
+    if store.fences:  # a backend with transactions: the first write did not happen either
+        assert store.get(a) == Entry(a, "a2", written[0])
+    assert store.put_all_if([(c, "c1", None), (a, "a4", first)]) is None  # a is stale
+    assert store.get(a).value in ("a2", "a3")  # type: ignore[union-attr]
+    if store.fences:
+        assert store.get(c) is None
 
 
 def test_delete(store: Store, prefix: str) -> None:
