@@ -109,7 +109,8 @@ class Store(ABC):
 
     @abstractmethod
     def get_prefix(self, prefix: str) -> dict[str, Entry]:
-        """Every entry whose key starts with ``prefix``, in one request."""
+        """Every entry whose key starts with ``prefix``, as one consistent read: one
+        request (etcd v3: one per ``page_size`` keys, all at one revision)."""
 
     @abstractmethod
     def put(self, key: str, value: str, *, lease: Lease | None = None,
