@@ -56,6 +56,8 @@ QUICK_PASS = 1.0  # seconds between passes while instances settle
 MIN_WAIT = 0.05  # the loop never waits less, whatever is due
 MAX_ACTIONS = 64  # actions one pass plans per service, whatever the count
 CAMPAIGN_WAIT = 1.0  # seconds a turn waits for a campaign before going on without it
+_NOTHING = json.dumps({"problems": [], "unhealthy": {}}, sort_keys=True)
+"the problems record of a service with none"
 
 
 @dataclass
@@ -148,6 +150,8 @@ class Loop:
         self._unhealthy: dict[str, float] = {}  # instance -> unhealthy since (wall clock)
         self._exited: set[str] = set()  # exits already counted
         self._published: dict[str, str] = {}  # service -> the problems record last written
+        self._followed: dict[str, tuple[Any, list[str]]] = {}
+        "service -> (store state, running versions) for which the YAML needed nothing"
         self._polls_running: set[str] = set()
         self._was_leading = False
         self._campaigner: threading.Thread | None = None
@@ -172,15 +176,20 @@ class Loop:
         """Take a (re)built set of services and settings."""
         self.services, self.settings = services, settings
         self.deploys.grace = settings.grace
+        previous = getattr(self, "reconciler", None)
         self.reconciler = Reconciler(services=services, store=self.store, keys=self.keys,
                                      emit=self._emit, grace=settings.grace,
-                                     ceiling=settings.max_instances, limit=MAX_ACTIONS)
+                                     ceiling=settings.max_instances, limit=MAX_ACTIONS,
+                                     resync=settings.interval, clock=self.clock)
+        if previous is not None and previous._watched:  # the watch feeds the new one
+            self.reconciler.store_changed([])
         self.scaler = Scaler(services=services, store=self.store, keys=self.keys,
                              emit=self._emit, dry_run=settings.dry_run)
         self.scheduler = schedule.Scheduler()
         for name, runtime in services.items():
             self.scheduler.every(runtime.source.config.interval).seconds.do(self.poll, name)
         self.restarts.forget(set(services))
+        self._followed = {}  # a new YAML may ask for another release
         self._claims = claims({name: rt.config for name, rt in services.items()})
 
     def _emit(self, hook: str, **kwargs: Any) -> None:
@@ -203,6 +212,11 @@ class Loop:
         """The leader key is vacant (any thread): a standby campaigns at once."""
         self.next_campaign = 0.0
         self.waker.wake()
+
+    def store_changed(self, events: list[Any]) -> None:
+        """The store watch saw ``events`` (any thread; ``[]``: re-read everything): the
+        next pass re-reads the services they name (:meth:`Reconciler.store_changed`)."""
+        self.reconciler.store_changed(events)
 
     def request_pass(self) -> None:
         """Ask for a pass as soon as possible (any thread)."""
@@ -488,10 +502,16 @@ class Loop:
                 if problem:
                     view.problems.append(problem)
                 continue
+            seen = (view.state, [i.version for i in view.running])
+            last = self._followed.get(name)
+            if last is not None and last[0] is view.state and last[1] == seen[1]:
+                continue  # the same release and versions: the YAML was followed already
             try:
                 if follow_yaml(self.store, self.keys, name, view, runtime.yaml_release):
                     log.info("%s: the config changed: deploying it", name)
                     self.request_pass()
+                elif view.state is not None:
+                    self._followed[name] = seen
             except (DeployError, StoreError) as exc:
                 errors.append(f"{name}: {exc}")
         return errors
@@ -499,13 +519,18 @@ class Loop:
     def _publish(self, views: dict[str, ServiceView], dry: bool) -> None:
         """Log each new problem once, and write a service's problems to its ``problems``
         key only when they change (``shipmate status`` shows them)."""
+        troubled = {service for service, _ in self.restarts.slots}
+        unhealthy = self._unhealthy
         for name, view in views.items():
-            record = {"problems": [{"kind": "problem", "text": p} for p in view.problems]
-                      + self.restarts.problems(name, self.wall()),
-                      "unhealthy": {i.name: self._unhealthy[i.name] for i in view.running
-                                    if i.name in self._unhealthy}}
-            text = json.dumps(record, sort_keys=True)
             before = self._published.get(name)
+            if (before == _NOTHING and not view.problems and name not in troubled
+                    and not any(i.name in unhealthy for i in view.running)):
+                continue  # nothing to say, and nothing was said
+            record = {"problems": [{"kind": "problem", "text": p} for p in view.problems]
+                      + (self.restarts.problems(name, self.wall()) if name in troubled else []),
+                      "unhealthy": {i.name: unhealthy[i.name] for i in view.running
+                                    if i.name in unhealthy}}
+            text = json.dumps(record, sort_keys=True)
             if before is None and view.reported is not None:  # an earlier agent's record
                 before = json.dumps(view.reported, sort_keys=True)
             if before == text or (before is None and not record["problems"]
@@ -533,12 +558,13 @@ class Loop:
             del self._published[gone]
 
     def _record_metrics(self, views: dict[str, ServiceView], started: float) -> None:
+        unknown = math.nan  # an actuator that could not list: unknown, not zero
         for name, view in views.items():
-            self.metrics.desired.labels(name).set(
-                view.effective if view.effective is not None else math.nan)
-            unknown = math.nan  # an actuator that could not list: unknown, not zero
-            self.metrics.running.labels(name).set(len(view.running) if view.listed else unknown)
-            self.metrics.healthy.labels(name).set(len(view.healthy) if view.listed else unknown)
+            effective = view.effective
+            self.metrics.service(name).set(
+                effective if effective is not None else unknown,
+                len(view.running) if view.listed else unknown,
+                len(view.healthy) if view.listed else unknown)
         self.passes += 1
         self.metrics.passes.inc()
         self.metrics.pass_seconds.set(self.clock() - started)

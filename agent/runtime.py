@@ -196,7 +196,9 @@ class Agent:
 
     def _on_watch(self, events: list[Any]) -> None:
         # an empty list is a resync (the watch reconnected, or fell behind): look again.
+        # The next pass re-reads only the services named (agent/reconcile.py).
         # The agent's own policy and problems writes need no pass.
+        self.loop.store_changed(events)
         if events and all((self.keys.parse(e.key) or ("", ""))[1] in ("policy", "problems")
                           for e in events):
             return
