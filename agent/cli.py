@@ -457,7 +457,9 @@ def _ago(when: float) -> str:
 
 def _known(config, service: str) -> None:
     if service not in config.services:
-        fail(f"unknown service {service!r}; known: {', '.join(sorted(config.services))}")
+        from agent.counted import listed
+
+        fail(f"unknown service {service!r}; known: {listed(config.services, 'service')}")
 
 
 def _n(value: int | None, missing: str = "-") -> str:

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from agent.counted import counted
 from agent.instances import (
     LABEL_CLUSTER,
     LABEL_SERVICE,
@@ -495,5 +496,5 @@ class Reconciler:
             try:
                 announcer.sync(healthy)
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"announce {', '.join(sorted(healthy))}: {exc}")
+                errors.append(f"announce {counted(healthy, 'service')}: {exc}")
         return errors
