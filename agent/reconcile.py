@@ -323,6 +323,11 @@ class Reconciler:
             raise
         return self._entries
 
+    def entry(self, service: str, name: str) -> Entry | None:
+        """``service``'s key ``name`` as the last observe read it (any of
+        :data:`agent.keys.FIELDS`: ``shipmate status`` reads policies from there)."""
+        return self._entries.get(service, {}).get(name)
+
     def _state(self, name: str, got: dict[str, Entry]) -> StoreState:
         """``name``'s keys parsed, reusing the last parse while their revisions hold."""
         state = self._states.get(name)
