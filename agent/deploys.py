@@ -236,8 +236,11 @@ def follow_yaml(store: Store, keys: Keys, service: str, view: Any, wanted: Relea
     if todo == "record":
         record = wanted.to_json(by="config")
         if store.create(keys.service(service, "release"), json.dumps(record)):
+            read = getattr(getattr(view, "state", None), "entries", None)  # this pass's read
+            known = {} if read is None else {"current": read.get("history")}
             history.append(store, keys, service, "releases", _entry(
-                record, None, wanted, {"result": "recorded", "reason": "running the YAML"}))
+                record, None, wanted, {"result": "recorded", "reason": "running the YAML"}),
+                **known)
         return False
     if todo == "deploy":
         request_deploy(store, keys, service, image=wanted.image, by="config",
