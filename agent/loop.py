@@ -481,6 +481,8 @@ class Loop:
         for name, view in views.items():
             if self.deploys.busy(name):
                 return QUICK_PASS
+            if len(view.healthy) >= len(view.running):
+                continue  # every running instance passed: nothing young to look at again
             window = getattr(getattr(self.services[name].strategy, "config", None),
                              "health_timeout", 60.0)
             healthy = {i.name for i in view.healthy}

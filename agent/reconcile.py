@@ -144,6 +144,7 @@ class ServiceView:
     "why the store's release may not run (the service is then left as it is)"
     state: Any = field(default=None, repr=False, compare=False)
     "the :class:`StoreState` this view was made from (its parse is reused)"
+    _running: Any = field(default=None, repr=False, compare=False)
 
     @property
     def effective(self) -> int | None:
@@ -153,7 +154,12 @@ class ServiceView:
 
     @property
     def running(self) -> list[Instance]:
-        return [i for i in self.instances if i.running]
+        memo = self._running  # a pass asks often; the instances only grow while observed
+        instances = self.instances
+        if memo is None or memo[0] is not instances or memo[1] != len(instances):
+            memo = self._running = (instances, len(instances),
+                                    [i for i in instances if i.running])
+        return memo[2]
 
     @property
     def kept(self) -> set[str]:
