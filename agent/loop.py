@@ -455,6 +455,7 @@ class Loop:
 
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()
+        slots = self.restarts.slots
         running: set[str] = set()
         for name, view in views.items():
             healthy = {i.name for i in view.healthy}
@@ -463,7 +464,8 @@ class Loop:
                 self._seen.setdefault(instance.name, now)
                 if instance.name in healthy:
                     self._unhealthy.pop(instance.name, None)
-                    self.restarts.healthy(name, instance.slot)
+                    if (name, instance.slot) in slots:  # a slot with a backoff to reset
+                        self.restarts.healthy(name, instance.slot)
                 else:
                     self._unhealthy.setdefault(instance.name, wall)
         for table in (self._seen, self._unhealthy):
@@ -521,7 +523,7 @@ class Loop:
     def _publish(self, views: dict[str, ServiceView], dry: bool) -> None:
         """Log each new problem once, and write a service's problems to its ``problems``
         key only when they change (``shipmate status`` shows them)."""
-        troubled = {service for service, _ in self.restarts.slots}
+        troubled = {service for service, _ in list(self.restarts.slots)}  # other threads add
         unhealthy = self._unhealthy
         for name, view in views.items():
             before = self._published.get(name)
