@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import logging
 import pstats
 import statistics
 import sys
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--override", action="store_true")
     args = parser.parse_args()
+    logging.getLogger("shipmate").setLevel(logging.ERROR)  # polls left over at the end
     from agent.store.embedded import EmbeddedStore
 
     with tempfile.TemporaryDirectory() as tmp:
