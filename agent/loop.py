@@ -25,6 +25,7 @@ per service.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -335,6 +336,8 @@ class Loop:
         """One reconcile pass; a failed one is retried shortly and never fatal."""
         self.pass_wanted = False
         self.next_pass = self.clock() + QUICK_PASS
+        collecting = gc.isenabled()
+        gc.disable()  # a pass makes many short-lived objects: no collection of the big heap
         try:
             self._pass()
         except StoreError as exc:
@@ -343,6 +346,9 @@ class Loop:
         except Exception:
             self.metrics.errors.labels("pass").inc()
             log.exception("the pass failed; it is retried shortly")
+        finally:
+            if collecting:
+                gc.enable()
 
     def _pass(self) -> None:
         started = self.clock()
@@ -414,6 +420,8 @@ class Loop:
         """Each instance that exited on its own counts once towards its slot's backoff."""
         exited_now: set[str] = set()
         for name, view in views.items():
+            if len(view.instances) == len(view.running):
+                continue  # nothing stopped (the common case)
             if view.deploy is not None and view.deploy.get("phase") != "refused":
                 continue  # the deploy owns its instances and judges them
             actuator = self.services[name].actuator
@@ -457,17 +465,22 @@ class Loop:
         now, wall = self.clock(), self.wall()
         slots = self.restarts.slots
         running: set[str] = set()
+        seen, unhealthy = self._seen, self._unhealthy
         for name, view in views.items():
-            healthy = {i.name for i in view.healthy}
-            for instance in view.running:
-                running.add(instance.name)
-                self._seen.setdefault(instance.name, now)
-                if instance.name in healthy:
-                    self._unhealthy.pop(instance.name, None)
+            up = view.running
+            every = len(view.healthy) == len(up)  # the common case: no set to build
+            healthy = set() if every else {i.name for i in view.healthy}
+            for instance in up:
+                key = instance.name
+                running.add(key)
+                if key not in seen:
+                    seen[key] = now
+                if every or key in healthy:
+                    unhealthy.pop(key, None)
                     if (name, instance.slot) in slots:  # a slot with a backoff to reset
                         self.restarts.healthy(name, instance.slot)
                 else:
-                    self._unhealthy.setdefault(instance.name, wall)
+                    unhealthy.setdefault(key, wall)
         for table in (self._seen, self._unhealthy):
             for gone in table.keys() - running:
                 del table[gone]
