@@ -41,13 +41,15 @@ from typing import Any
 import schedule
 
 from agent.actuation import Actuation, Outcome
-from agent.deploys import DeployError, DeployRunner, follow_yaml
+from agent.counted import counted
+from agent.deploys import DeployError, DeployRunner, follow_yaml, record_releases
 from agent.keys import Keys
 from agent.leader import Leadership
 from agent.metrics import Metrics
 from agent.orphans import Orphans
 from agent.ports import claims, slot_port_problem
 from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
+from agent.releases import config_deploy
 from agent.restarts import Restarts
 from agent.scaling import Scaler
 from agent.store import Store, StoreError
@@ -510,6 +512,7 @@ class Loop:
     def _deploys(self, views: dict[str, ServiceView]) -> list[str]:
         """Run requested deploys; request one where the YAML no longer matches the release."""
         errors = []
+        records = []  # releases to record, in batched writes after the loop
         for name, view in views.items():
             runtime = self.services[name]
             if not view.listed:
@@ -523,14 +526,23 @@ class Loop:
             last = self._followed.get(name)
             if last is not None and last[0] is view.state and last[1] == seen[1]:
                 continue  # the same release and versions: the YAML was followed already
+            wanted = runtime.yaml_release
             try:
-                if follow_yaml(self.store, self.keys, name, view, runtime.yaml_release):
+                if config_deploy(view.release, wanted, seen[1]) == "record":
+                    records.append((name, view, wanted))
+                elif follow_yaml(self.store, self.keys, name, view, wanted):
                     log.info("%s: the config changed: deploying it", name)
                     self.request_pass()
                 elif view.state is not None:
                     self._followed[name] = seen
             except (DeployError, StoreError) as exc:
                 errors.append(f"{name}: {exc}")
+        if records:
+            try:
+                record_releases(self.store, self.keys, records)
+            except StoreError as exc:
+                errors.append(f"cannot record the releases of "
+                              f"{counted([r[0] for r in records], 'service')}: {exc}")
         return errors
 
     def _publish(self, views: dict[str, ServiceView], dry: bool) -> None:

@@ -76,6 +76,7 @@ T = TypeVar("T")
 API_PATH = "/v3/"  # etcd >= 3.4; saves etcd3gw a /version request per endpoint
 WATCH_IDLE = 60.0  # seconds without a message before a watch re-opens its stream
 PAGE_SIZE = 1000  # keys per range request of a prefix read (etcd's ``limit``)
+TXN_KEYS = 100  # keys per transaction of create_many (etcd's --max-txn-ops is 128 by default)
 READ_RATE = 1_000_000  # bytes a second a page's timeout allows beyond the base timeout
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
@@ -577,6 +578,39 @@ class Etcd3Store(Store):
             [{"request_put": {"key": k, "value": _b64(value), **self._lease_id(lease)}}],
             fence,
         )
+
+    def create_many(self, items: dict[str, str], *, fence: Fence | None = None) -> set[str]:
+        """Create each absent key of ``items``: transactions of :data:`TXN_KEYS` keys, each
+        comparing every key's create_revision to 0. A batch where some key exists is
+        read (one request) and sent again without the keys that exist."""
+        created: set[str] = set()
+        pairs = list(items.items())
+        for start in range(0, len(pairs), TXN_KEYS):
+            batch = pairs[start:start + TXN_KEYS]
+            for _ in range(5):  # a key created meanwhile by another writer: read again
+                if not batch:
+                    break
+                compare = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL",
+                            "create_revision": 0} for k, _ in batch]
+                success = [{"request_put": {"key": _b64(k), "value": _b64(v)}}
+                           for k, v in batch]
+                if self._txn(compare, success, fence):
+                    created |= {k for k, _ in batch}
+                    break
+                there = self._existing([k for k, _ in batch])
+                batch = [(k, v) for k, v in batch if k not in there]
+            else:
+                created |= {k for k, v in batch if self.create(k, v, fence=fence)}
+        return created
+
+    def _existing(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` exist (one transaction of reads)."""
+        reads = [{"request_range": {"key": _b64(k), "keys_only": True}} for k in keys]
+        reply = self._call(lambda c: c.transaction({"compare": [], "success": reads,
+                                                    "failure": []}), idempotent=True)
+        responses = reply.get("responses") or []
+        return {k for k, r in zip(keys, responses, strict=False)
+                if (r.get("response_range") or {}).get("kvs")}
 
     def replace(self, key: str, value: str, revision: int, *,
                 lease: Lease | None = None, fence: Fence | None = None) -> bool:

@@ -208,6 +208,19 @@ def test_get_prefix_larger_than_a_page_is_whole_and_consistent(
     assert store.get(f"{prefix}s/{count - 1:04d}").value == "changed"  # type: ignore[union-attr]
 
 
+def test_create_many_creates_the_absent_keys_in_few_requests(store: Store, prefix: str) -> None:
+    store.put(prefix + "k0007", "there before")
+    items = {f"{prefix}k{i:04d}": f"v{i}" for i in range(250)}
+    before = store.round_trips
+    created = store.create_many(items)
+    assert created == set(items) - {prefix + "k0007"}
+    values = {k: e.value for k, e in store.get_prefix(prefix).items()}
+    assert values == {**items, prefix + "k0007": "there before"}  # left as it was
+    if store.fences:  # backends with transactions batch them
+        assert store.round_trips - before < 20, f"{store.round_trips - before} requests"
+    assert store.create_many(items) == set()  # all there now: nothing created
+
+
 def test_revisions_grow(store: Store, prefix: str) -> None:
     first = store.put(prefix + "a", "1")
     second = store.put(prefix + "a", "2")
