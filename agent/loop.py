@@ -364,20 +364,17 @@ class Loop:
                     views[name].desired = reading.decision.count
         self._count_exits(views)
         errors: list[str] = []
-        if not dry and self.leadership.valid(term):
-            # announce what passed its check before any stop below withdraws anything
-            errors += self.reconciler.announce(views, self.actuation.stopping())
         busy = self.actuation.busy_slots(mark)
-        for action in self.reconciler.plan(views):
-            if self._hold(action, views[action.service], busy):
-                continue
-            if dry:
-                log.info("would %s", action)
-                continue
-            if not self.leadership.valid(term):
-                log.warning("leadership lost during the pass: its plan is dropped")
-                return
-            self.actuation.submit(self.services[action.service], action, busy, term)
+        actions = [action for action in self.reconciler.plan(views)
+                   if not self._hold(action, views[action.service], busy)]
+        # starts go out first (an override acts before the announcers' sync); stops only
+        # once what passed its check is announced, so no stop withdraws the last of them
+        if not self._submit([a for a in actions if a.verb == "start"], busy, term):
+            return
+        if not dry and self.leadership.valid(term):
+            errors += self.reconciler.announce(views, self.actuation.stopping())
+        if not self._submit([a for a in actions if a.verb != "start"], busy, term):
+            return
         if not dry:
             errors += self.orphans.handle(  # issue 11: orphans (agent/orphans.py)
                 self.reconciler.unowned, self.services, policy=self.settings.orphans,
@@ -397,6 +394,19 @@ class Loop:
                       default=None)
         if soonest is not None:
             self.next_pass = min(self.next_pass, soonest)
+
+    def _submit(self, actions: list[Action], busy: set[tuple[str, int]], term: int) -> bool:
+        """Hand ``actions`` to the workers (a dry run only says them); False if the
+        leadership was lost (the plan is then dropped)."""
+        for action in actions:
+            if self.settings.dry_run:
+                log.info("would %s", action)
+                continue
+            if not self.leadership.valid(term):
+                log.warning("leadership lost during the pass: its plan is dropped")
+                return False
+            self.actuation.submit(self.services[action.service], action, busy, term)
+        return True
 
     def _hold(self, action: Action, view: ServiceView, busy: set[tuple[str, int]]) -> bool:
         """Whether to leave ``action`` for later (slot busy, backing off, bad port)."""

@@ -436,7 +436,7 @@ class Reconciler:
         for name, view in views.items():
             if not view.listed:
                 continue
-            seen = (view.state, tuple(view.instances))
+            seen = (view.state, (view.effective, *view.instances))  # a dry run's own count
             last = settled.get(name)
             if last is not None and last[0] is view.state and last[1] == seen[1]:
                 continue  # nothing changed since it last needed nothing
