@@ -12,9 +12,14 @@ test drives it with :meth:`Loop.turn` and no YAML on disk. One turn:
    most ``agent.interval``, or until woken (a store change, a finished action,
    a signal: see :class:`Waker`).
 
-A pass observes (one store read, one list per actuator, health checks),
-plans, hands starts and stops to :class:`agent.actuation.Actuation` (it never
-waits for them), announces, runs deploys, and records its problems. It is
+A pass observes (one store read, or only what the store watch named: see
+:mod:`agent.reconcile`; one list per actuator, health checks), plans, hands
+starts to :class:`agent.actuation.Actuation` (it never waits for them),
+announces, hands out stops (after the announcement, so none withdraws the last
+healthy instance), runs deploys, and records its problems. An unchanged
+service costs little: its parse, its empty plan and its followed YAML are
+reused, its problems and gauges not written again. The garbage collector
+waits while a pass runs. It is
 quick (1 s) only while instances are young and not yet healthy or a deploy
 runs; finished actions wake it. A slot whose instance keeps exiting waits
 ever longer (:mod:`agent.restarts`); no service runs more than
