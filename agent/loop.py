@@ -158,6 +158,8 @@ class Loop:
         self._unhealthy: dict[str, float] = {}  # instance -> unhealthy since (wall clock)
         self._exited: set[str] = set()  # exits already counted
         self._published: dict[str, str] = {}  # service -> the problems record last written
+        self._processed: dict[str, Any] = {}
+        "service -> what the last completed pass saw of it (see :meth:`_quiet`)"
         self._followed: dict[str, tuple[Any, list[str]]] = {}
         "service -> (store state, running versions) for which the YAML needed nothing"
         self._polls_running: set[str] = set()
@@ -198,6 +200,7 @@ class Loop:
             self.scheduler.every(runtime.source.config.interval).seconds.do(self.poll, name)
         self.restarts.forget(set(services))
         self._followed = {}  # a new YAML may ask for another release
+        self._processed = {}  # new services: every one looked at afresh
         self._claims = claims({name: rt.config for name, rt in services.items()})
 
     def _emit(self, hook: str, **kwargs: Any) -> None:
@@ -368,6 +371,7 @@ class Loop:
                 if reading.decision.count is not None and name in views:
                     views[name].desired = reading.decision.count
         self._count_exits(views)
+        quiet, seen = self._quiet(views)
         errors: list[str] = []
         busy = self.actuation.busy_slots(mark)
         actions = [action for action in self.reconciler.plan(views)
@@ -390,15 +394,37 @@ class Loop:
         for error in errors:
             self.metrics.errors.labels("pass").inc()
             log.warning("%s", error)
-        self._publish(views, dry)
-        self._record_metrics(views, started)
-        self.next_pass = self.clock() + self._next_delay(views)
+        changed = {name: view for name, view in views.items() if name not in quiet}
+        self._publish(changed, dry)
+        self._record_metrics(changed, started)
+        self.next_pass = self.clock() + self._next_delay(changed)
+        self._processed = seen  # what this pass saw, all of it handled
+        for gone in self._published.keys() - views.keys():
+            del self._published[gone]
         now = self.clock()
         waits = [t for _, t in self._stop_retry.values() if t > now]
         soonest = min([t for t in (self.restarts.next_try(), *waits) if t is not None],
                       default=None)
         if soonest is not None:
             self.next_pass = min(self.next_pass, soonest)
+
+    def _quiet(self, views: dict[str, ServiceView]) -> tuple[set[str], dict[str, Any]]:
+        """The services exactly as the last completed pass saw and handled them (same keys
+        as parsed, count, instances, all healthy; no deploy, no backoff): their problems,
+        gauges and next-pass delay are left as they are. Also what this pass sees of
+        each, to compare the next pass with once this one has completed."""
+        troubled = {service for service, _ in list(self.restarts.slots)}
+        last, quiet, seen = self._processed, set(), {}
+        for name, view in views.items():
+            state = view.state
+            if (state is None or not view.listed or view.deploy is not None
+                    or name in troubled or len(view.healthy) != len(view.running)):
+                continue  # something to look at again in every pass
+            now = seen[name] = (state, (view.effective, *view.instances))
+            before = last.get(name)
+            if before is not None and before[0] is state and before[1] == now[1]:
+                quiet.add(name)
+        return quiet, seen
 
     def _submit(self, actions: list[Action], busy: set[tuple[str, int]], term: int) -> bool:
         """Hand ``actions`` to the workers (a dry run only says them); False if the
@@ -598,8 +624,6 @@ class Loop:
                     log.warning("%s: cannot record its problems: %s", name, exc)
                     continue
             self._published[name] = text
-        for gone in self._published.keys() - views.keys():
-            del self._published[gone]
 
     def _record_metrics(self, views: dict[str, ServiceView], started: float) -> None:
         unknown = math.nan  # an actuator that could not list: unknown, not zero

@@ -11,7 +11,7 @@ written to the store to the actuator's first start (through the loop's own watch
 wake-up and pass).
 
     python3 contrib/bench/profile_pass.py [--services 10000] [--passes 10]
-        [--no-etcd] [--profile] [--override]
+        [--no-etcd] [--profile] [--override] [--no-announce]
 """
 
 from __future__ import annotations
@@ -65,13 +65,17 @@ class MemoryActuator(Actuator):
         MemoryActuator.extra = [i for i in MemoryActuator.extra if i.name != instance.name]
 
 
+ANNOUNCE = True  # --no-announce: what the pass costs without the announcer's sync
+
+
 def build(store: Store, n: int, folder: Path) -> tuple[Loop, Builder, float]:
     names = [f"svc{i:05d}" for i in range(n)]
     MemoryActuator.services, MemoryActuator.started, MemoryActuator.extra = names, [], []
     plugin = types.SimpleNamespace(shipmate_actuator_types=hookimpl(lambda: [MemoryActuator]))
     plugins = load_plugins(extra=[("bench", plugin)])
     lines = ["agent: {cluster: bench, interval: 600s}", "defaults:",
-             "  actuator: {type: memory}", "  announce: {type: etcd, ttl: 600s}",
+             "  actuator: {type: memory}",
+             *(["  announce: {type: etcd, ttl: 600s}"] if ANNOUNCE else []),
              "  source: {type: static, count: 1, interval: 600s}", "services:"]
     lines += [f"  {name}: {{}}" for name in names]
     path = folder / f"bench-{n}.yaml"
@@ -183,7 +187,11 @@ def main() -> None:
     parser.add_argument("--no-embedded", action="store_true", help="etcd only")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--override", action="store_true")
+    parser.add_argument("--no-announce", action="store_true",
+                        help="no announcer (what the rest of the pass costs)")
     args = parser.parse_args()
+    global ANNOUNCE
+    ANNOUNCE = not args.no_announce
     logging.getLogger("shipmate").setLevel(logging.ERROR)  # polls left over at the end
     from agent.store.embedded import EmbeddedStore
 
