@@ -364,8 +364,10 @@ class Loop:
         started = self.clock()
         term = self.leadership.term
         mark = self.actuation.tick()
-        views = self.reconciler.observe()
         dry = self.settings.dry_run
+        if not dry:
+            self._quick_starts(mark, term)
+        views = self.reconciler.observe()
         if dry:  # nothing was written: plan with the counts the policy decided
             for name, reading in self.scaler.readings.items():
                 if reading.decision.count is not None and name in views:
@@ -425,6 +427,22 @@ class Loop:
             if before is not None and before[0] is state and before[1] == now[1]:
                 quiet.add(name)
         return quiet, seen
+
+    def _quick_starts(self, mark: int, term: int) -> None:
+        """Hand out the starts of the services the store watch named, before the pass
+        looks at every service (an override acts within milliseconds at 10,000
+        services); the pass then plans them again, and finds their slots busy."""
+        views = self.reconciler.observe_changed()
+        if not views:
+            return
+        try:
+            busy = self.actuation.busy_slots(mark)
+            plan = self.reconciler.plan(views, remember=False)
+            self._submit([a for a in plan if a.verb == "start"
+                          and not self._hold(a, views[a.service], busy)], busy, term)
+        except BaseException:
+            self.reconciler.drop_lists()  # never reused by a later pass
+            raise
 
     def _submit(self, actions: list[Action], busy: set[tuple[str, int]], term: int) -> bool:
         """Hand ``actions`` to the workers (a dry run only says them); False if the

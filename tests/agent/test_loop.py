@@ -20,6 +20,7 @@ from agent.loop import Loop, Settings
 from agent.plugins import load_plugins
 from agent.restarts import describe
 from agent.runtime import Builder
+from agent.store import StoreError
 from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
 
 
@@ -390,6 +391,21 @@ def test_a_watched_pass_reads_only_what_changed_and_resyncs_at_interval(
         settle(loop)
         assert len(live(tmp_path, "web")) == 2 and len(live(tmp_path, "other")) == 1
         assert loop.reconciler.full_reads == reads  # one service read, not every key
+
+        # the start of an override goes out before the pass looks at every service: here
+        # the look at every service fails, and the start was handed out all the same
+        embedded_store.put(loop.keys.service("web", "override"), "3")
+        eventually(lambda: "web" in loop.reconciler._dirty, 30, "the watch to see the override")
+        whole = loop.reconciler.observe
+
+        def unreachable(**kwargs):
+            raise StoreError("the whole read hangs")
+
+        loop.reconciler.observe = unreachable
+        loop.run_pass()
+        loop.reconciler.observe = whole
+        eventually(lambda: len(live(tmp_path, "web")) == 3, 30, "the third instance")
+        assert len(live(tmp_path, "other")) == 1
     finally:
         watch.cancel()
     # a change the watch never reported is seen at the next full resync, at interval
