@@ -27,7 +27,8 @@ each), plus those with a deploy key; everything else is read again at the full
 resync, every ``resync`` seconds (``agent.interval``), after the watch resynced
 (an empty event list: it may have missed changes), or when too many services
 changed for single reads to be cheaper. With no watch fed (``--once``, the CLI)
-every pass reads everything.
+every pass reads everything. :meth:`Reconciler.observe_changed` looks at only the
+services the watch named, so the loop can hand out their starts first.
 """
 
 from __future__ import annotations
