@@ -358,13 +358,14 @@ def _views(config_path: str, *, health: bool = True):
 @friendly
 def plan(config_path: str) -> None:
     """Show what one pass would do now, changing nothing."""
-    from agent.scaling import Scaler, describe, expiry, last_states
+    from agent.scaling import Scaler, describe, expiry, last_states, parse_state
 
     config, store, keys, builder, reconciler, views = _views(config_path)
 
     try:
         scaler = Scaler(services=reconciler.services, store=store, keys=keys, dry_run=True)
-        states, _ = last_states(config.agent.http, store, keys, list(reconciler.services))
+        states, _ = last_states(config.agent.http, list(reconciler.services),
+                                lambda name: parse_state(reconciler.entry(name, "policy")))
         for name, runtime in reconciler.services.items():
             view = views[name]
             source = runtime.source
@@ -403,6 +404,7 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
         describe_sources,
         expiry,
         last_states,
+        parse_state,
         sources_summary,
         summary,
     )
@@ -417,19 +419,28 @@ def status(config_path: str, service: str | None, as_json: bool) -> None:
             holder = parse_object(leader.value)
             holder = {k: holder.get(k) for k in ("host", "pid", "since", "ttl")}
             holder["lease_left"] = store.lease_left(keys.leader)
-        states, readings = last_states(config.agent.http, store, keys, list(views))
-        announced = {}
+        # the same reads as a pass: the services prefix (observe read the policies too)
+        # and the announcements' prefix, never one read per service
+        states, readings = last_states(config.agent.http, list(views),
+                                       lambda name: parse_state(reconciler.entry(name, "policy")))
+        wanted = {}
         for name, view in views.items():
             announcer = reconciler.services[name].announcer
             for i in view.instances:
-                key = next(iter(announced_keys(i, [announcer] if announcer else [])), None)
-                announced[i.name] = key if key and store.get(key) is not None else None
-        orphans = []
+                wanted[i.name] = next(iter(announced_keys(i, [announcer] if announcer else [])),
+                                      None)
+        orphans, orphan_keys = [], {}
         if reconciler.unowned:
             announcers = candidate_announcers(reconciler.services,
                                               lambda: default_announcer(builder))
+            orphan_keys = {i.name: announced_keys(i, announcers)
+                           for i in reconciler.unowned.values()}
+        present = _present(store, [k for k in wanted.values() if k]
+                           + [k for ks in orphan_keys.values() for k in ks])
+        announced = {name: key if key in present else None for name, key in wanted.items()}
+        if reconciler.unowned:
             for i in sorted(reconciler.unowned.values(), key=lambda i: (i.service, i.slot)):
-                keys_now = [k for k in announced_keys(i, announcers) if store.get(k) is not None]
+                keys_now = [k for k in orphan_keys[i.name] if k in present]
                 orphans.append({"name": i.name, "service": i.service, "slot": i.slot,
                                 "version": i.version, "host": i.host, "port": i.port,
                                 "running": i.running, "announced": keys_now})
@@ -619,9 +630,24 @@ def _ago(when: float) -> str:
     return f"{format_duration(max(0.0, time.time() - when))} ago"
 
 
+def _present(store, wanted: list[str]) -> set[str]:
+    """Which of ``wanted`` exist: one prefix read of what they share (a per-key read each
+    only when they share no directory)."""
+    if not wanted:
+        return set()
+    common = os.path.commonprefix(wanted)
+    common = common[:common.rfind("/") + 1]
+    if len(common) > 1:
+        found = store.get_prefix(common)
+        return {key for key in wanted if key in found}
+    return {key for key in wanted if store.get(key) is not None}
+
+
 def _known(config, service: str) -> None:
     if service not in config.services:
-        fail(f"unknown service {service!r}; known: {', '.join(sorted(config.services))}")
+        from agent.counted import listed
+
+        fail(f"unknown service {service!r}; known: {listed(config.services, 'service')}")
 
 
 def _n(value: int | None, missing: str = "-") -> str:

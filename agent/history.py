@@ -37,13 +37,20 @@ def read_history(store: Store, keys: Keys, service: str) -> dict[str, list[dict[
             for name in ("releases", "scaling")}
 
 
+_UNREAD: Any = object()
+
+
 def append(store: Store, keys: Keys, service: str, kind: str, record: dict[str, Any],
-           limit: int = LIMIT) -> bool:
-    """Append ``record`` to the ``kind`` list ("releases" or "scaling"); False if given up."""
+           limit: int = LIMIT, *, current: Any = _UNREAD) -> bool:
+    """Append ``record`` to the ``kind`` list ("releases" or "scaling"); False if given up.
+
+    ``current`` is the history key as the caller just read it (None: absent), which saves
+    a read; the write is a compare-and-set on it all the same (a stale one is read again).
+    """
     key = keys.service(service, "history")
-    for _ in range(5):
+    for attempt in range(5):
         try:
-            entry = store.get(key)
+            entry = current if attempt == 0 and current is not _UNREAD else store.get(key)
             data = parse_object(entry.value) if entry else {}
             items = [e for e in data.get(kind) or [] if isinstance(e, dict)]
             data[kind] = [*items, record][-limit:]

@@ -314,6 +314,9 @@ class FencedStore(Store):
         return self.inner.create(key, value, lease=self._lease(lease),
                                  fence=fence or self.leadership.fence())
 
+    def create_many(self, items: dict[str, str], *, fence: Fence | None = None) -> set[str]:
+        return self.inner.create_many(items, fence=fence or self.leadership.fence())
+
     def replace(self, key: str, value: str, revision: int, *, lease: Lease | None = None,
                 fence: Fence | None = None) -> bool:
         return self.inner.replace(key, value, revision, lease=self._lease(lease),

@@ -12,9 +12,14 @@ test drives it with :meth:`Loop.turn` and no YAML on disk. One turn:
    most ``agent.interval``, or until woken (a store change, a finished action,
    a signal: see :class:`Waker`).
 
-A pass observes (one store read, one list per actuator, health checks),
-plans, hands starts and stops to :class:`agent.actuation.Actuation` (it never
-waits for them), announces, runs deploys, and records its problems. It is
+A pass observes (one store read, or only what the store watch named: see
+:mod:`agent.reconcile`; one list per actuator, health checks), plans, hands
+starts to :class:`agent.actuation.Actuation` (it never waits for them),
+announces, hands out stops (after the announcement, so none withdraws the last
+healthy instance), runs deploys, and records its problems. An unchanged
+service costs little: its parse, its empty plan and its followed YAML are
+reused, its problems and gauges not written again. The garbage collector
+waits while a pass runs. It is
 quick (1 s) only while instances are young and not yet healthy or a deploy
 runs; finished actions wake it. A slot whose instance keeps exiting waits
 ever longer (:mod:`agent.restarts`); no service runs more than
@@ -25,6 +30,7 @@ per service.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -40,13 +46,15 @@ from typing import Any
 import schedule
 
 from agent.actuation import Actuation, Outcome
-from agent.deploys import DeployError, DeployRunner, follow_yaml
+from agent.counted import counted
+from agent.deploys import DeployError, DeployRunner, follow_yaml, record_releases
 from agent.keys import Keys
 from agent.leader import Leadership
 from agent.metrics import Metrics
 from agent.orphans import Orphans
 from agent.ports import claims, slot_port_problem
 from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
+from agent.releases import config_deploy
 from agent.restarts import Restarts
 from agent.scaling import Scaler
 from agent.store import Store, StoreError
@@ -56,6 +64,8 @@ QUICK_PASS = 1.0  # seconds between passes while instances settle
 MIN_WAIT = 0.05  # the loop never waits less, whatever is due
 MAX_ACTIONS = 64  # actions one pass plans per service, whatever the count
 CAMPAIGN_WAIT = 1.0  # seconds a turn waits for a campaign before going on without it
+_NOTHING = json.dumps({"problems": [], "unhealthy": {}}, sort_keys=True)
+"the problems record of a service with none"
 
 
 @dataclass
@@ -152,6 +162,10 @@ class Loop:
         self._health: dict[str, bool] = {}  # instance -> healthy at the last pass
         self._overrides: dict[str, int | None] = {}  # service -> override at the last pass
         self._held: dict[str, list[dict[str, Any]]] = {}  # service -> actions plugins hold
+        self._processed: dict[str, Any] = {}
+        "service -> what the last completed pass saw of it (see :meth:`_quiet`)"
+        self._followed: dict[str, tuple[Any, list[str]]] = {}
+        "service -> (store state, running versions) for which the YAML needed nothing"
         self._polls_running: set[str] = set()
         self._was_leading = False
         self._campaigner: threading.Thread | None = None
@@ -176,15 +190,21 @@ class Loop:
         """Take a (re)built set of services and settings."""
         self.services, self.settings = services, settings
         self.deploys.grace = settings.grace
+        previous = getattr(self, "reconciler", None)
         self.reconciler = Reconciler(services=services, store=self.store, keys=self.keys,
                                      emit=self._emit, grace=settings.grace,
-                                     ceiling=settings.max_instances, limit=MAX_ACTIONS)
+                                     ceiling=settings.max_instances, limit=MAX_ACTIONS,
+                                     resync=settings.interval, clock=self.clock)
+        if previous is not None and previous._watched:  # the watch feeds the new one
+            self.reconciler.store_changed([])
         self.scaler = Scaler(services=services, store=self.store, keys=self.keys,
                              emit=self._emit, dry_run=settings.dry_run)
         self.scheduler = schedule.Scheduler()
         for name, runtime in services.items():
             self.scheduler.every(runtime.source.config.interval).seconds.do(self.poll, name)
         self.restarts.forget(set(services))
+        self._followed = {}  # a new YAML may ask for another release
+        self._processed = {}  # new services: every one looked at afresh
         self._claims = claims({name: rt.config for name, rt in services.items()})
 
     def _emit(self, hook: str, **kwargs: Any) -> None:
@@ -207,6 +227,11 @@ class Loop:
         """The leader key is vacant (any thread): a standby campaigns at once."""
         self.next_campaign = 0.0
         self.waker.wake()
+
+    def store_changed(self, events: list[Any]) -> None:
+        """The store watch saw ``events`` (any thread; ``[]``: re-read everything): the
+        next pass re-reads the services they name (:meth:`Reconciler.store_changed`)."""
+        self.reconciler.store_changed(events)
 
     def request_pass(self) -> None:
         """Ask for a pass as soon as possible (any thread)."""
@@ -337,6 +362,8 @@ class Loop:
         """One reconcile pass; a failed one is retried shortly and never fatal."""
         self.pass_wanted = False
         self.next_pass = self.clock() + QUICK_PASS
+        collecting = gc.isenabled()
+        gc.disable()  # a pass makes many short-lived objects: no collection of the big heap
         try:
             self._pass()
         except StoreError as exc:
@@ -345,36 +372,40 @@ class Loop:
         except Exception:
             self.metrics.errors.labels("pass").inc()
             log.exception("the pass failed; it is retried shortly")
+        finally:
+            if collecting:
+                gc.enable()
 
     def _pass(self) -> None:
         started = self.clock()
         term = self.leadership.term
         mark = self.actuation.tick()
-        views = self.reconciler.observe()
         dry = self.settings.dry_run
+        if not dry:
+            self._quick_starts(mark, term)
+        views = self.reconciler.observe()
         if dry:  # nothing was written: plan with the counts the policy decided
             for name, reading in self.scaler.readings.items():
                 if reading.decision.count is not None and name in views:
                     views[name].desired = reading.decision.count
         self._count_exits(views)
         self._track_overrides(views)
+        quiet, seen = self._quiet(views)
         errors: list[str] = []
-        if not dry and self.leadership.valid(term):
-            # announce what passed its check before any stop below withdraws anything
-            errors += self.reconciler.announce(views, self.actuation.stopping())
         busy = self.actuation.busy_slots(mark)
         held_before, self._held = self._held, {}
-        for action in self.reconciler.plan(views):
-            if (self._hold(action, views[action.service], busy)
-                    or self._vetoed(action, held_before)):
-                continue
-            if dry:
-                log.info("would %s", action)
-                continue
-            if not self.leadership.valid(term):
-                log.warning("leadership lost during the pass: its plan is dropped")
-                return
-            self.actuation.submit(self.services[action.service], action, busy, term)
+        actions = [action for action in self.reconciler.plan(views)
+                   if not (self._hold(action, views[action.service], busy)
+                           or self._vetoed(action, held_before))]
+        quiet -= held_before.keys() | self._held.keys()  # a hold said or unsaid is news
+        # starts go out first (an override acts before the announcers' sync); stops only
+        # once what passed its check is announced, so no stop withdraws the last of them
+        if not self._submit([a for a in actions if a.verb == "start"], busy, term):
+            return
+        if not dry and self.leadership.valid(term):
+            errors += self.reconciler.announce(views, self.actuation.stopping())
+        if not self._submit([a for a in actions if a.verb != "start"], busy, term):
+            return
         if not dry:
             errors += self.orphans.handle(  # issue 11: orphans (agent/orphans.py)
                 self.reconciler.unowned, self.services, policy=self.settings.orphans,
@@ -385,15 +416,67 @@ class Loop:
         for error in errors:
             self.metrics.errors.labels("pass").inc()
             log.warning("%s", error)
-        self._publish(views, dry)
-        self._record_metrics(views, started)
-        self.next_pass = self.clock() + self._next_delay(views)
+        changed = {name: view for name, view in views.items() if name not in quiet}
+        self._publish(changed, dry)
+        self._record_metrics(changed, started)
+        self.next_pass = self.clock() + self._next_delay(changed)
+        self._processed = seen  # what this pass saw, all of it handled
+        for gone in self._published.keys() - views.keys():
+            del self._published[gone]
         now = self.clock()
         waits = [t for _, t in self._stop_retry.values() if t > now]
         soonest = min([t for t in (self.restarts.next_try(), *waits) if t is not None],
                       default=None)
         if soonest is not None:
             self.next_pass = min(self.next_pass, soonest)
+
+    def _quiet(self, views: dict[str, ServiceView]) -> tuple[set[str], dict[str, Any]]:
+        """The services exactly as the last completed pass saw and handled them (same keys
+        as parsed, count, instances, all healthy; no deploy, no backoff): their problems,
+        gauges and next-pass delay are left as they are. Also what this pass sees of
+        each, to compare the next pass with once this one has completed."""
+        troubled = {service for service, _ in list(self.restarts.slots)}
+        last, quiet, seen = self._processed, set(), {}
+        for name, view in views.items():
+            state = view.state
+            if (state is None or not view.listed or view.deploy is not None
+                    or name in troubled or len(view.healthy) != len(view.running)):
+                continue  # something to look at again in every pass
+            now = seen[name] = (state, (view.effective, *view.instances))
+            before = last.get(name)
+            if before is not None and before[0] is state and before[1] == now[1]:
+                quiet.add(name)
+        return quiet, seen
+
+    def _quick_starts(self, mark: int, term: int) -> None:
+        """Hand out the starts of the services the store watch named, before the pass
+        looks at every service (an override acts within milliseconds at 10,000
+        services); the pass then plans them again, and finds their slots busy."""
+        views = self.reconciler.observe_changed()
+        if not views:
+            return
+        try:
+            busy = self.actuation.busy_slots(mark)
+            plan = self.reconciler.plan(views, remember=False)
+            self._submit([a for a in plan if a.verb == "start"
+                          and not self._hold(a, views[a.service], busy)
+                          and not self._vetoed(a, self._held)], busy, term)
+        except BaseException:
+            self.reconciler.drop_lists()  # never reused by a later pass
+            raise
+
+    def _submit(self, actions: list[Action], busy: set[tuple[str, int]], term: int) -> bool:
+        """Hand ``actions`` to the workers (a dry run only says them); False if the
+        leadership was lost (the plan is then dropped)."""
+        for action in actions:
+            if self.settings.dry_run:
+                log.info("would %s", action)
+                continue
+            if not self.leadership.valid(term):
+                log.warning("leadership lost during the pass: its plan is dropped")
+                return False
+            self.actuation.submit(self.services[action.service], action, busy, term)
+        return True
 
     def _hold(self, action: Action, view: ServiceView, busy: set[tuple[str, int]]) -> bool:
         """Whether to leave ``action`` for later (slot busy, backing off, bad port)."""
@@ -435,6 +518,8 @@ class Loop:
         """Each instance that exited on its own counts once towards its slot's backoff."""
         exited_now: set[str] = set()
         for name, view in views.items():
+            if len(view.instances) == len(view.running):
+                continue  # nothing stopped (the common case)
             if view.deploy is not None and view.deploy.get("phase") != "refused":
                 continue  # the deploy owns its instances and judges them
             actuator = self.services[name].actuator
@@ -487,21 +572,30 @@ class Loop:
 
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()
+        slots = self.restarts.slots
         running: set[str] = set()
+        seen, unhealthy, health = self._seen, self._unhealthy, self._health
         for name, view in views.items():
-            healthy = {i.name for i in view.healthy}
-            for instance in view.running:
-                running.add(instance.name)
-                self._seen.setdefault(instance.name, now)
-                ok, before = instance.name in healthy, self._health.get(instance.name)
-                self._health[instance.name] = ok
-                if before is not None and before != ok:
-                    self._emit("shipmate_health_changed", instance=instance, healthy=ok)
-                if instance.name in healthy:
-                    self._unhealthy.pop(instance.name, None)
-                    self.restarts.healthy(name, instance.slot)
+            up = view.running
+            every = len(view.healthy) == len(up)  # the common case: no set to build
+            healthy = set() if every else {i.name for i in view.healthy}
+            for instance in up:
+                key = instance.name
+                running.add(key)
+                if key not in seen:
+                    seen[key] = now
+                ok = every or key in healthy
+                before = health.get(key)
+                if before is not ok:
+                    health[key] = ok
+                    if before is not None:
+                        self._emit("shipmate_health_changed", instance=instance, healthy=ok)
+                if ok:
+                    unhealthy.pop(key, None)
+                    if (name, instance.slot) in slots:  # a slot with a backoff to reset
+                        self.restarts.healthy(name, instance.slot)
                 else:
-                    self._unhealthy.setdefault(instance.name, wall)
+                    unhealthy.setdefault(key, wall)
         for table in (self._seen, self._unhealthy, self._health):
             for gone in table.keys() - running:
                 del table[gone]
@@ -517,6 +611,8 @@ class Loop:
         for name, view in views.items():
             if self.deploys.busy(name):
                 return QUICK_PASS
+            if len(view.healthy) >= len(view.running):
+                continue  # every running instance passed: nothing young to look at again
             window = getattr(getattr(self.services[name].strategy, "config", None),
                              "health_timeout", 60.0)
             healthy = {i.name for i in view.healthy}
@@ -529,6 +625,7 @@ class Loop:
     def _deploys(self, views: dict[str, ServiceView]) -> list[str]:
         """Run requested deploys; request one where the YAML no longer matches the release."""
         errors = []
+        records = []  # releases to record, in batched writes after the loop
         for name, view in views.items():
             runtime = self.services[name]
             if not view.listed:
@@ -538,24 +635,46 @@ class Loop:
                 if problem:
                     view.problems.append(problem)
                 continue
+            seen = (view.state, [i.version for i in view.running])
+            last = self._followed.get(name)
+            if last is not None and last[0] is view.state and last[1] == seen[1]:
+                continue  # the same release and versions: the YAML was followed already
+            wanted = runtime.yaml_release
             try:
-                if follow_yaml(self.store, self.keys, name, view, runtime.yaml_release):
+                if config_deploy(view.release, wanted, seen[1]) == "record":
+                    records.append((name, view, wanted))
+                elif follow_yaml(self.store, self.keys, name, view, wanted):
                     log.info("%s: the config changed: deploying it", name)
                     self.request_pass()
+                elif view.state is not None:
+                    self._followed[name] = seen
             except (DeployError, StoreError) as exc:
                 errors.append(f"{name}: {exc}")
+        if records:
+            try:
+                record_releases(self.store, self.keys, records)
+            except StoreError as exc:
+                errors.append(f"cannot record the releases of "
+                              f"{counted([r[0] for r in records], 'service')}: {exc}")
         return errors
 
     def _publish(self, views: dict[str, ServiceView], dry: bool) -> None:
         """Log each new problem once, and write a service's problems to its ``problems``
         key only when they change (``shipmate status`` shows them)."""
+        troubled = {service for service, _ in list(self.restarts.slots)}  # other threads add
+        unhealthy = self._unhealthy
         for name, view in views.items():
-            record = {"problems": [{"kind": "problem", "text": p} for p in view.problems]
-                      + self.restarts.problems(name, self.wall()) + self._held.get(name, []),
-                      "unhealthy": {i.name: self._unhealthy[i.name] for i in view.running
-                                    if i.name in self._unhealthy}}
-            text = json.dumps(record, sort_keys=True)
             before = self._published.get(name)
+            held = self._held.get(name, [])
+            if (before == _NOTHING and not view.problems and name not in troubled
+                    and not held and not any(i.name in unhealthy for i in view.running)):
+                continue  # nothing to say, and nothing was said
+            record = {"problems": [{"kind": "problem", "text": p} for p in view.problems]
+                      + (self.restarts.problems(name, self.wall()) if name in troubled else [])
+                      + held,
+                      "unhealthy": {i.name: unhealthy[i.name] for i in view.running
+                                    if i.name in unhealthy}}
+            text = json.dumps(record, sort_keys=True)
             if before is None and view.reported is not None:  # an earlier agent's record
                 before = json.dumps(view.reported, sort_keys=True)
             if before == text or (before is None and not record["problems"]
@@ -579,16 +698,15 @@ class Loop:
                     log.warning("%s: cannot record its problems: %s", name, exc)
                     continue
             self._published[name] = text
-        for gone in self._published.keys() - views.keys():
-            del self._published[gone]
 
     def _record_metrics(self, views: dict[str, ServiceView], started: float) -> None:
+        unknown = math.nan  # an actuator that could not list: unknown, not zero
         for name, view in views.items():
-            self.metrics.desired.labels(name).set(
-                view.effective if view.effective is not None else math.nan)
-            unknown = math.nan  # an actuator that could not list: unknown, not zero
-            self.metrics.running.labels(name).set(len(view.running) if view.listed else unknown)
-            self.metrics.healthy.labels(name).set(len(view.healthy) if view.listed else unknown)
+            effective = view.effective
+            self.metrics.service(name).set(
+                effective if effective is not None else unknown,
+                len(view.running) if view.listed else unknown,
+                len(view.healthy) if view.listed else unknown)
         self.passes += 1
         self.metrics.passes.inc()
         self.metrics.pass_seconds.set(self.clock() - started)

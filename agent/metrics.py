@@ -14,6 +14,24 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, make_wsgi_app
 from prometheus_client.exposition import ThreadingWSGIServer
 
 
+class ServiceGauges:
+    """One service's desired, running and healthy gauges; a value is set only when it
+    changes (a pass over 10,000 unchanged services sets none)."""
+
+    __slots__ = ("_gauges", "_values")
+
+    def __init__(self, *gauges: Any) -> None:
+        self._gauges = gauges
+        self._values: tuple[float, ...] | None = None
+
+    def set(self, desired: float, running: float, healthy: float) -> None:
+        values = (desired, running, healthy)
+        if values != self._values:  # NaN != NaN: an unknown count is set again, harmlessly
+            for gauge, value in zip(self._gauges, values, strict=True):
+                gauge.set(value)
+            self._values = values
+
+
 class Metrics:
     """The agent's gauges and counters, in a registry of its own."""
 
@@ -39,6 +57,16 @@ class Metrics:
                                     "the count a policy in shadow mode would set", labels,
                                     registry=self.registry)
         self.last_pass = 0.0
+        self._services: dict[str, ServiceGauges] = {}
+
+    def service(self, service: str) -> ServiceGauges:
+        """``service``'s gauges, their label children looked up once."""
+        gauges = self._services.get(service)
+        if gauges is None:
+            gauges = self._services[service] = ServiceGauges(
+                self.desired.labels(service), self.running.labels(service),
+                self.healthy.labels(service))
+        return gauges
 
     def shadow(self, service: str, count: int | None) -> None:
         """Show a shadow policy's count (None: the service has no shadow policy)."""

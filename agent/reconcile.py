@@ -18,12 +18,26 @@ actuator, whatever the number of services. Then, per service:
 
 If the store cannot be read the pass does nothing at all: losing the store
 freezes changes, it never stops what runs.
+
+A pass costs what changed (issue 16). What a service's keys say is parsed once per
+set of key revisions (:class:`StoreState`) and reused while those revisions hold.
+Once the agent feeds the store watch to :meth:`Reconciler.store_changed`, a pass
+re-reads only the services the watch named since the last read (one prefix read of
+each), plus those with a deploy key; everything else is read again at the full
+resync, every ``resync`` seconds (``agent.interval``), after the watch resynced
+(an empty event list: it may have missed changes), or when too many services
+changed for single reads to be cheaper. With no watch fed (``--once``, the CLI)
+every pass reads everything. :meth:`Reconciler.observe_changed` looks at only the
+services the watch named, so the loop can hand out their starts first.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
+import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +45,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from agent.counted import counted
 from agent.instances import (
     LABEL_CLUSTER,
     LABEL_SERVICE,
@@ -69,6 +84,8 @@ class ServiceRuntime:
 
     def release(self, view: ServiceView | None) -> Release:
         """The release to run: the one recorded in the store, else the YAML's."""
+        if view is not None and view.state is not None and view.state.release is view.release:
+            return view.state.target or self.yaml_release
         return (parse_release(view.release) if view else None) or self.yaml_release
 
     def spec(self, slot: int, release: Release) -> InstanceSpec:
@@ -126,6 +143,9 @@ class ServiceView:
     "what the acting agent recorded in the ``problems`` key (crash loops, unhealthy since)"
     refused: str | None = None
     "why the store's release may not run (the service is then left as it is)"
+    state: Any = field(default=None, repr=False, compare=False)
+    "the :class:`StoreState` this view was made from (its parse is reused)"
+    _running: Any = field(default=None, repr=False, compare=False)
 
     @property
     def effective(self) -> int | None:
@@ -135,7 +155,12 @@ class ServiceView:
 
     @property
     def running(self) -> list[Instance]:
-        return [i for i in self.instances if i.running]
+        memo = self._running  # a pass asks often; the instances only grow while observed
+        instances = self.instances
+        if memo is None or memo[0] is not instances or memo[1] != len(instances):
+            memo = self._running = (instances, len(instances),
+                                    [i for i in instances if i.running])
+        return memo[2]
 
     @property
     def kept(self) -> set[str]:
@@ -173,6 +198,43 @@ def _count(entry: Entry | None, problems: list[str]) -> int | None:
     return count
 
 
+@dataclass
+class StoreState:
+    """What one service's keys say, parsed once per set of key revisions."""
+
+    revisions: tuple[tuple[str, int], ...]
+    desired: int | None
+    override: int | None
+    release: dict[str, Any] | None
+    deploy: dict[str, Any] | None
+    reported: dict[str, Any] | None
+    override_invalid: bool
+    refused: str | None
+    problems: tuple[str, ...]
+    target: Release | None = None
+    "the parsed ``release`` (None: absent or malformed, the YAML's is run)"
+    entries: dict[str, Entry] | None = field(default=None, repr=False, compare=False)
+    "the read this was parsed from (the same read again needs no comparison)"
+
+    def view(self, name: str) -> ServiceView:
+        """A fresh view of this state (a pass adds instances and problems to it)."""
+        return ServiceView(name, desired=self.desired, override=self.override,
+                           release=self.release, deploy=self.deploy,
+                           problems=list(self.problems), reported=self.reported,
+                           override_invalid=self.override_invalid, refused=self.refused,
+                           state=self)
+
+
+def _revisions(got: dict[str, Entry]) -> tuple[tuple[str, int], ...]:
+    # a prefix read gives keys in order: no sort needed to compare two reads
+    return tuple([(f, e.revision) for f, e in got.items() if f not in _UNREAD])
+
+
+_UNREAD = ("policy", "history")  # keys a pass never looks at: their writes change nothing
+FULL_READ_SHARE = 0.05  # more services changed than this share: one full read is cheaper
+FULL_READ_MIN = 20  # ... and never fewer than this many single reads
+
+
 class Reconciler:
     """Observes, plans and applies one pass over every service.
 
@@ -182,7 +244,8 @@ class Reconciler:
 
     def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
                  emit: Callable[..., None] = lambda *a, **k: None, grace: float = 10.0,
-                 health_workers: int = 16, ceiling: int = 100, limit: int = 64) -> None:
+                 health_workers: int = 16, ceiling: int = 100, limit: int = 64,
+                 resync: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.services = services
         self.store = store
         self.keys = keys
@@ -195,43 +258,133 @@ class Reconciler:
         "no pass plans more actions than this per service"
         self.unowned: dict[str, Instance] = {}
         "instances of this cluster that no configured service owns: left alone, reported"
+        self.resync = resync
+        "seconds between full reads of the store once a watch feeds :meth:`store_changed`"
+        self.clock = clock
+        self._states: dict[str, StoreState] = {}  # service -> its keys as last parsed
+        self._entries: dict[str, dict[str, Entry]] = {}  # service -> its keys as last read
+        self._watched = False  # a store watch feeds store_changed
+        self._dirty: set[str] = set()  # services the watch named since the last read
+        self._full = True  # the next observe reads every key
+        self._last_full = -math.inf
+        self._dirty_lock = threading.Lock()
+        self.full_reads = 0
+        "how many observes read the whole prefix (the rest read only what changed)"
+        self._actuators: dict[Actuator, set[str]] | None = None
+        self._lists: dict[Actuator, list[Instance]] = {}  # listed by observe_changed
+        self._settled: dict[str, tuple[Any, ...]] = {}
+        "service -> (its store state, its instances) when its last plan was empty"
+
+    # ---------------------------------------------------------------- observe
+    # ---------------------------------------------------------------- store changes
+    def store_changed(self, events: list[Any]) -> None:
+        """The store watch saw ``events`` under the services prefix (any thread): the
+        services they name are read again by the next observe; ``[]`` (the watch may
+        have missed changes) makes it read everything."""
+        with self._dirty_lock:
+            self._watched = True
+            if not events:
+                self._full = True
+                return
+            for event in events:
+                parsed = self.keys.parse(event.key)
+                if parsed is None:
+                    continue  # not a per-service key (a pass reads none other)
+                if parsed[1] not in _UNREAD:
+                    self._dirty.add(parsed[0])
+
+    def _read(self) -> dict[str, dict[str, Entry]]:
+        """Every service's keys: all read again, or only the changed ones (see the module
+        docstring). :raises StoreError: as the store does; nothing is then forgotten."""
+        now = self.clock()
+        with self._dirty_lock:
+            dirty, full = self._dirty, self._full or not self._watched
+            self._dirty, self._full = set(), False
+        dirty |= {name for name, state in self._states.items() if state.deploy is not None}
+        dirty |= self.services.keys() - self._entries.keys()
+        full = (full or now - self._last_full >= self.resync
+                or len(dirty) > max(FULL_READ_MIN, FULL_READ_SHARE * len(self.services)))
+        try:
+            if full:
+                entries = self.store.get_prefix(self.keys.services)
+                per_service: dict[str, dict[str, Entry]] = defaultdict(dict)
+                for key, entry in entries.items():
+                    parsed = self.keys.parse(key)
+                    if parsed:
+                        per_service[parsed[0]][parsed[1]] = entry
+                self._entries = dict(per_service)
+                self._last_full = now
+                self.full_reads += 1
+            else:
+                for name in dirty & self.services.keys():
+                    got: dict[str, Entry] = {}
+                    for key, entry in self.store.get_prefix(
+                            self.keys.service(name, "")).items():
+                        parsed = self.keys.parse(key)
+                        if parsed and parsed[0] == name:
+                            got[parsed[1]] = entry
+                    self._entries[name] = got
+        except BaseException:
+            with self._dirty_lock:  # read them again next time
+                self._dirty |= dirty
+                self._full = self._full or full
+            raise
+        return self._entries
+
+    def entry(self, service: str, name: str) -> Entry | None:
+        """``service``'s key ``name`` as the last observe read it (any of
+        :data:`agent.keys.FIELDS`: ``shipmate status`` reads policies from there)."""
+        return self._entries.get(service, {}).get(name)
+
+    def _state(self, name: str, got: dict[str, Entry]) -> StoreState:
+        """``name``'s keys parsed, reusing the last parse while their revisions hold."""
+        state = self._states.get(name)
+        if state is not None and state.entries is got:
+            return state  # not read again since it was parsed
+        revisions = _revisions(got)
+        if state is not None and state.revisions == revisions:
+            state.entries = got
+            return state
+        problems: list[str] = []
+        release = _json(got.get("release"), "release", problems)
+        deploy = _json(got.get("deploy"), "deploy", problems)
+        state = StoreState(
+            revisions, desired=_count(got.get("desired"), problems),
+            override=_count(got.get("override"), problems), release=release, deploy=deploy,
+            reported=_json(got.get("problems"), "problems", []),
+            override_invalid="override" in got and parse_count(got["override"].value) is None,
+            refused=None, problems=(), target=parse_release(release), entries=got)
+        if release is not None:
+            refused = release_problem(self.services[name].config, release)
+            if refused is not None:
+                state.refused = refused
+                problems.append(f"release key refused, the service is left as it is: "
+                                f"{refused}")
+        if deploy is not None and deploy.get("phase") == "refused":
+            problems.append(f"deploy key {str(deploy.get('error'))[:300]} (a new "
+                            "`shipmate deploy` replaces it)")
+        state.problems = tuple(problems)
+        self._states[name] = state
+        return state
 
     # ---------------------------------------------------------------- observe
     def observe(self, *, check_health: bool = True) -> dict[str, ServiceView]:
-        """Read the store (one prefix read) and every actuator (one list each).
+        """Read the store (one prefix read, or only what changed: see the module
+        docstring) and every actuator (one list each).
 
         :raises StoreError: if the store cannot be read; the caller must then do nothing.
         """
-        entries = self.store.get_prefix(self.keys.services)
-        per_service: dict[str, dict[str, Entry]] = defaultdict(dict)
-        for key, entry in entries.items():
-            parsed = self.keys.parse(key)
-            if parsed:
-                per_service[parsed[0]][parsed[1]] = entry
-        views = {}
-        for name in self.services:
-            got, problems = per_service.get(name, {}), []
-            views[name] = ServiceView(
-                name, desired=_count(got.get("desired"), problems),
-                override=_count(got.get("override"), problems),
-                release=_json(got.get("release"), "release", problems),
-                deploy=_json(got.get("deploy"), "deploy", problems), problems=problems,
-                reported=_json(got.get("problems"), "problems", []),
-                override_invalid="override" in got and parse_count(got["override"].value) is None)
-            if views[name].release is not None:
-                refused = release_problem(self.services[name].config, views[name].release)
-                if refused is not None:
-                    views[name].refused = refused
-                    problems.append(f"release key refused, the service is left as it is: "
-                                    f"{refused}")
-            deploy = views[name].deploy
-            if deploy is not None and deploy.get("phase") == "refused":
-                problems.append(f"deploy key {str(deploy.get('error'))[:300]} (a new "
-                                "`shipmate deploy` replaces it)")
+        per_service = self._read()
+        empty: dict[str, Entry] = {}
+        views = {name: self._state(name, per_service.get(name, empty)).view(name)
+                 for name in self.services}
+        for gone in self._states.keys() - self.services.keys():
+            del self._states[gone]
         unowned: dict[str, Instance] = {}
+        lists, self._lists = self._lists, {}
         for actuator, names in self._by_actuator().items():
             try:
-                listed = actuator.list()
+                listed = lists[actuator] if actuator in lists else actuator.list()
             except Exception as exc:  # noqa: BLE001 - any actuator failure freezes its services
                 for name in names:
                     views[name].listed = False
@@ -250,11 +403,61 @@ class Reconciler:
             self._check_health(views)
         return views
 
+    def observe_changed(self) -> dict[str, ServiceView]:
+        """Views of only the services the store watch named since the last read (their
+        keys read again, their actuators listed, no health checks), for a pass to hand
+        out their starts before it looks at every service: an override acts at once,
+        whatever the number of services. The lists are reused by the :meth:`observe`
+        that follows in the same pass. Nothing (``{}``) when no watch feeds this, or a
+        full read is due.
+
+        :raises StoreError: if the store cannot be read (the services stay to be read).
+        """
+        with self._dirty_lock:
+            if (not self._watched or self._full or not self._dirty
+                    or self.clock() - self._last_full >= self.resync
+                    or len(self._dirty) > max(FULL_READ_MIN,
+                                              FULL_READ_SHARE * len(self.services))):
+                return {}
+            dirty, self._dirty = self._dirty & self.services.keys(), set()
+        try:
+            for name in dirty:
+                got: dict[str, Entry] = {}
+                for key, entry in self.store.get_prefix(self.keys.service(name, "")).items():
+                    parsed = self.keys.parse(key)
+                    if parsed and parsed[0] == name:
+                        got[parsed[1]] = entry
+                self._entries[name] = got
+        except BaseException:
+            with self._dirty_lock:
+                self._dirty |= dirty
+            raise
+        views = {name: self._state(name, self._entries[name]).view(name) for name in dirty}
+        for actuator, names in self._by_actuator().items():
+            if not names & dirty:
+                continue
+            try:
+                listed = self._lists[actuator] = actuator.list()
+            except Exception:  # noqa: BLE001 - the whole pass says so, and plans nothing
+                for name in names & dirty:
+                    views[name].listed = False
+                continue
+            for instance in listed:
+                if instance.service in dirty:
+                    views[instance.service].instances.append(instance)
+        return views
+
+    def drop_lists(self) -> None:
+        """Forget what :meth:`observe_changed` listed (its pass did not get to observe)."""
+        self._lists = {}
+
     def _by_actuator(self) -> dict[Actuator, set[str]]:
-        out: dict[Actuator, set[str]] = defaultdict(set)
-        for name, runtime in self.services.items():
-            out[runtime.actuator].add(name)
-        return out
+        if self._actuators is None:  # the services are fixed for a reconciler's life
+            out: dict[Actuator, set[str]] = defaultdict(set)
+            for name, runtime in self.services.items():
+                out[runtime.actuator].add(name)
+            self._actuators = dict(out)
+        return self._actuators
 
     def _check_health(self, views: dict[str, ServiceView]) -> None:
         jobs = [(view, instance) for view in views.values() for instance in view.running]
@@ -277,12 +480,28 @@ class Reconciler:
                 view.healthy.append(instance)
 
     # ---------------------------------------------------------------- plan
-    def plan(self, views: dict[str, ServiceView]) -> list[Action]:
-        """The starts and stops that would bring each service to its count."""
+    def plan(self, views: dict[str, ServiceView], *, remember: bool = True) -> list[Action]:
+        """The starts and stops that would bring each service to its count (``remember``:
+        services that need nothing are not planned again until they change)."""
         actions: list[Action] = []
+        settled = self._settled if remember else {}
         for name, view in views.items():
-            if view.listed:
-                actions += self._plan_service(self.services[name], view)
+            if not view.listed:
+                continue
+            seen = (view.state, (view.effective, *view.instances))  # a dry run's own count
+            last = settled.get(name)
+            if last is not None and last[0] is view.state and last[1] == seen[1]:
+                continue  # nothing changed since it last needed nothing
+            before = len(view.problems)
+            planned = self._plan_service(self.services[name], view)
+            if planned or len(view.problems) != before:
+                settled.pop(name, None)
+            else:
+                settled[name] = seen
+            actions += planned
+        if remember:
+            for gone in settled.keys() - views.keys():
+                del settled[gone]
         return actions
 
     def _plan_service(self, runtime: ServiceRuntime, view: ServiceView) -> list[Action]:
@@ -341,5 +560,5 @@ class Reconciler:
             try:
                 announcer.sync(healthy)
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"announce {', '.join(sorted(healthy))}: {exc}")
+                errors.append(f"announce {counted(healthy, 'service')}: {exc}")
         return errors

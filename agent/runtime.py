@@ -209,9 +209,11 @@ class Agent:
 
     def _on_watch(self, events: list[Any]) -> None:
         # an empty list is a resync (the watch reconnected, or fell behind): look again.
-        # The agent's own policy and problems writes need no pass. The scaler reads again
-        # what others changed.
+        # The next pass re-reads only the services named (agent/reconcile.py); the scaler
+        # reads again what others changed. The agent's own policy and problems writes need
+        # no pass.
         self.loop.scaler.changed(events)
+        self.loop.store_changed(events)
         if events and all((self.keys.parse(e.key) or ("", ""))[1] in ("policy", "problems")
                           for e in events):
             return

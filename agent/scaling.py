@@ -168,15 +168,19 @@ def load_state(entry: Entry | None, current: int | None, now: float) -> tuple[Po
     return state, warning
 
 
-def read_state(store: Store, keys: Keys, name: str) -> PolicyState | None:
-    """The policy state stored for service ``name`` (None if none or unreadable)."""
-    entry = store.get(keys.service(name, "policy"))
+def parse_state(entry: Entry | None) -> PolicyState | None:
+    """The policy state in a ``policy`` key as read (None if absent or unreadable)."""
     if entry is None:
         return None
     try:
         return PolicyState.from_json(entry.value)
     except (ValueError, TypeError):
         return None
+
+
+def read_state(store: Store, keys: Keys, name: str) -> PolicyState | None:
+    """The policy state stored for service ``name`` (None if none or unreadable)."""
+    return parse_state(store.get(keys.service(name, "policy")))
 
 
 LIVE_TIMEOUT = 2.0  # seconds ``shipmate status`` waits for the agent's /status
@@ -214,14 +218,16 @@ def fetch_live(http: str | None, timeout: float = LIVE_TIMEOUT
     return states, ""
 
 
-def last_states(http: str | None, store: Store, keys: Keys, names: list[str]
+def last_states(http: str | None, names: list[str],
+                stored: Callable[[str], PolicyState | None]
                 ) -> tuple[dict[str, PolicyState | None], dict[str, Any]]:
     """Each service's policy state as of its last reading, for ``shipmate status``: from the
-    acting agent's ``/status`` (see :func:`fetch_live`), else its record in the store (which
-    is written when a decision changes, not at each reading), and where they came from."""
+    acting agent's ``/status`` (see :func:`fetch_live`), else ``stored(name)``, its record in
+    the store (written when a decision changes, not at each reading), and where they came
+    from."""
     live, why = fetch_live(http)
-    states = {name: live[name] if live is not None and name in live
-              else read_state(store, keys, name) for name in names}
+    states = {name: live[name] if live is not None and name in live else stored(name)
+              for name in names}
     if live is not None:
         return states, {"from": "agent", "address": http}
     return states, {"from": "store", "why": why}

@@ -408,8 +408,10 @@ def run(config_path: str | Path, service: str, *, readings: str | Path | None = 
         raise SimulateError("give either --readings FILE or --since DURATION")
     config, plugins = open_config(config_path)
     if service not in config.services:
+        from agent.counted import listed
+
         raise SimulateError(f"unknown service {service!r}; known: "
-                            f"{', '.join(sorted(config.services))}")
+                            f"{listed(config.services, 'service')}")
     base = config.services[service]
     configs = {Path(config_path).name: base}
     settings = list(settings)

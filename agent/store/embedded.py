@@ -240,6 +240,17 @@ class EmbeddedStore(Store):
             self._write(db, key, value, lease)
             return True
 
+    def create_many(self, items: dict[str, str], *, fence: Fence | None = None) -> set[str]:
+        """Create each absent key of ``items``, all in one SQLite transaction."""
+        created = set()
+        with self._tx() as db:
+            self._fenced(db, fence)
+            for key, value in items.items():
+                if self._revision(db, key) is None:
+                    self._write(db, key, value)
+                    created.add(key)
+        return created
+
     def replace(self, key: str, value: str, revision: int, *,
                 lease: Lease | None = None, fence: Fence | None = None) -> bool:
         with self._tx() as db:

@@ -7,7 +7,8 @@ v2 is a tree of directories, not a flat key space, so:
 - a prefix read reads the deepest directory that contains the prefix
   recursively (one request) and keeps the keys that start with the prefix; an
   absent directory is an empty result. Hidden keys (a segment starting with
-  ``_``) are not listed by v2 and so not returned;
+  ``_``) are not listed by v2 and so not returned. v2 cannot page a read, so
+  its timeout grows with what the last read of that directory returned;
 - the revision of a key is its ``modifiedIndex``; ``create`` is
   ``prevExist=false``, ``replace`` and ``delete`` use ``prevIndex``.
 
@@ -58,6 +59,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WATCH_IDLE = 60.0  # seconds a long poll may wait before it is re-issued
+FIRST_READ = 4  # the first prefix read of a directory may take this many timeouts (no paging)
+READ_RATE = 1_000_000  # bytes a second a prefix read's timeout allows beyond the base timeout
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
 _FAILURES = (etcd.EtcdException, urllib3.exceptions.HTTPError, http.client.HTTPException,
@@ -351,6 +354,7 @@ class Etcd2Store(Store):
                 self._credentials = url_credentials(parts)
         self._clients = self._make_clients()
         self._current = 0
+        self._read_sizes: dict[str, int] = {}  # directory -> bytes its last prefix read gave
         self._leases: dict[str, Etcd2Lease] = {}  # key -> the lease that last wrote it
         self._leases_lock = threading.Lock()
         self._watches: weakref.WeakSet[Etcd2Watch] = weakref.WeakSet()
@@ -481,15 +485,23 @@ class Etcd2Store(Store):
     def get_prefix(self, prefix: str) -> dict[str, Entry]:
         """Every entry under ``prefix``: one recursive read of its directory, filtered."""
         directory = directory_of(prefix)
+        # v2 cannot page: the read's timeout grows with what the last read of it returned
+        # (the first read of a directory gets FIRST_READ times the timeout)
+        size = self._read_sizes.get(directory)
+        timeout = (self.timeout * FIRST_READ if size is None
+                   else self.timeout + size / READ_RATE) if self.timeout > 0 else None
         try:
-            result = self._call(lambda c: c.read(quote(directory, safe="/"), recursive=True),
-                                idempotent=True)
+            result = self._call(lambda c: c.read(quote(directory, safe="/"), recursive=True,
+                                                 timeout=timeout), idempotent=True)
         except _Gone:
             return {}
         entries = {}
+        read = 0
         for node in result.leaves:
             if not node.dir and node.key and node.key.startswith(prefix):
                 entries[node.key] = Entry(node.key, node.value, node.modifiedIndex)
+                read += len(node.key) + len(node.value or "") + 64
+        self._read_sizes[directory] = read
         return dict(sorted(entries.items()))
 
     def put(self, key: str, value: str, *, lease: Lease | None = None,

@@ -6,6 +6,12 @@ module hands it bytes). Compare-and-set operations are real etcd transactions:
 ``create`` compares ``create_revision == 0``, ``replace`` and ``delete`` compare
 ``mod_revision``. Leases are etcd leases; ``refresh`` is one keep-alive.
 
+A prefix read is paged: ranges of ``page_size`` keys (etcd's ``limit``), each
+continuing after the last key read, all at the revision of the first page (so the
+whole read is one consistent snapshot, as if it were one request). Each page's
+timeout grows with the size of the page before it, so a read of 50 MB never
+times out for being large, only for a store that stopped answering.
+
 Endpoints are tried in turn: reads, lease keep-alives and any request that never
 reached a server move on to the next endpoint; a write whose fate is unknown
 raises :class:`StoreError` instead of being retried elsewhere (a replayed
@@ -32,7 +38,13 @@ from typing import Any, TypeVar
 
 import requests
 from etcd3gw.client import Etcd3Client
-from etcd3gw.exceptions import ConnectionFailedError, ConnectionTimeoutError, Etcd3Exception
+from etcd3gw.exceptions import (
+    ConnectionFailedError,
+    ConnectionTimeoutError,
+    Etcd3Exception,
+    InternalServerError,
+    PreconditionFailedError,
+)
 from etcd3gw.lease import Lease as GwLease
 from urllib3.exceptions import ReadTimeoutError
 
@@ -63,11 +75,17 @@ T = TypeVar("T")
 
 API_PATH = "/v3/"  # etcd >= 3.4; saves etcd3gw a /version request per endpoint
 WATCH_IDLE = 60.0  # seconds without a message before a watch re-opens its stream
+PAGE_SIZE = 1000  # keys per range request of a prefix read (etcd's ``limit``)
+TXN_KEYS = 100  # keys per transaction of create_many (etcd's --max-txn-ops is 128 by default)
+READ_RATE = 1_000_000  # bytes a second a page's timeout allows beyond the base timeout
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0
 
 # Errors that mean "no answer from this endpoint" (as opposed to etcd answering with an error).
 _TRANSPORT = (ConnectionFailedError, ConnectionTimeoutError, requests.ConnectionError,
               requests.Timeout)
+# etcd3gw's own mapping of HTTP statuses to its exceptions (as its ``post`` raises them)
+_BY_CODE = {500: InternalServerError, 503: ConnectionFailedError, 408: ConnectionTimeoutError,
+            504: ConnectionTimeoutError, 412: PreconditionFailedError}
 _FAILURES = (Etcd3Exception, requests.RequestException, ValueError, KeyError)
 
 
@@ -379,6 +397,24 @@ class Etcd3Watch(Watch):
             self._deliver(batch)
 
 
+def _range(client: Etcd3Client, payload: dict[str, Any], timeout: float
+           ) -> tuple[dict[str, Any], int]:
+    """One ``/kv/range`` request with its own timeout (etcd3gw's ``post`` takes the client's);
+    the reply and its size in bytes. Errors are raised as etcd3gw's ``post`` raises them."""
+    try:
+        response = client.session.post(client.get_url("/kv/range"), json=payload,
+                                       timeout=timeout)
+    except requests.exceptions.Timeout as exc:
+        raise ConnectionTimeoutError(str(exc)) from None
+    except requests.exceptions.ConnectionError as exc:
+        raise ConnectionFailedError(str(exc)) from None
+    if response.status_code in _BY_CODE:
+        raise _BY_CODE[response.status_code](response.text, response.reason)
+    if response.status_code != requests.codes["ok"]:
+        raise Etcd3Exception(response.text, response.reason)
+    return response.json(), len(response.content)
+
+
 class _Resync(Exception):
     """The watch lost history: re-read everything and start over from the head."""
 
@@ -396,10 +432,13 @@ class Etcd3Store(Store):
     """The ``etcd`` backend: etcd's v3 API over HTTP at ``endpoints`` (tried in turn)."""
 
     def __init__(self, endpoints: list[str], timeout: float = 5.0, *, tls: Any = None,
-                 username: str | None = None, password: str | None = None) -> None:
+                 username: str | None = None, password: str | None = None,
+                 page_size: int = PAGE_SIZE) -> None:
         if not endpoints:
             raise StoreError("etcd: no endpoints configured")
         self.timeout = timeout
+        self.page_size = max(1, page_size)
+        "keys per range request of :meth:`get_prefix` (a larger prefix takes several pages)"
         self.round_trips = 0
         self._count_lock = threading.Lock()
         self._tls = TLSSettings(tls, "etcd")
@@ -498,11 +537,27 @@ class Etcd3Store(Store):
         return self._entry(kvs[0]) if kvs else None
 
     def get_prefix(self, prefix: str) -> dict[str, Entry]:
-        """Every entry under ``prefix``, in one range request."""
-        payload = {"key": _b64(prefix or "\0"), "range_end": _b64_bytes(range_end(prefix))}
-        reply = self._post("/kv/range", payload, idempotent=True)
-        entries = (self._entry(kv) for kv in reply.get("kvs") or [])
-        return {entry.key: entry for entry in entries}
+        """Every entry under ``prefix``: pages of ``page_size`` keys, all read at the
+        revision of the first page (one consistent snapshot)."""
+        end = _b64_bytes(range_end(prefix))
+        payload: dict[str, Any] = {"key": _b64(prefix or "\0"), "range_end": end,
+                                   "limit": self.page_size}
+        out: dict[str, Entry] = {}
+        timeout = self.timeout
+        while True:
+            reply, size = self._call(lambda c, p=payload, t=timeout: _range(c, p, t),
+                                     idempotent=True)
+            kvs = reply.get("kvs") or []
+            for kv in kvs:
+                entry = self._entry(kv)
+                out[entry.key] = entry
+            if not reply.get("more") or not kvs:
+                return out
+            # the next page: after the last key, at the first page's revision
+            last = base64.b64decode(kvs[-1]["key"])
+            payload = {**payload, "key": _b64_bytes(last + b"\0"),
+                       "revision": payload.get("revision") or int(reply["header"]["revision"])}
+            timeout = self.timeout + size / READ_RATE  # a large page: the next may be too
 
     def put(self, key: str, value: str, *, lease: Lease | None = None,
             fence: Fence | None = None) -> int:
@@ -523,6 +578,39 @@ class Etcd3Store(Store):
             [{"request_put": {"key": k, "value": _b64(value), **self._lease_id(lease)}}],
             fence,
         )
+
+    def create_many(self, items: dict[str, str], *, fence: Fence | None = None) -> set[str]:
+        """Create each absent key of ``items``: transactions of :data:`TXN_KEYS` keys, each
+        comparing every key's create_revision to 0. A batch where some key exists is
+        read (one request) and sent again without the keys that exist."""
+        created: set[str] = set()
+        pairs = list(items.items())
+        for start in range(0, len(pairs), TXN_KEYS):
+            batch = pairs[start:start + TXN_KEYS]
+            for _ in range(5):  # a key created meanwhile by another writer: read again
+                if not batch:
+                    break
+                compare = [{"key": _b64(k), "target": "CREATE", "result": "EQUAL",
+                            "create_revision": 0} for k, _ in batch]
+                success = [{"request_put": {"key": _b64(k), "value": _b64(v)}}
+                           for k, v in batch]
+                if self._txn(compare, success, fence):
+                    created |= {k for k, _ in batch}
+                    break
+                there = self._existing([k for k, _ in batch])
+                batch = [(k, v) for k, v in batch if k not in there]
+            else:
+                created |= {k for k, v in batch if self.create(k, v, fence=fence)}
+        return created
+
+    def _existing(self, keys: list[str]) -> set[str]:
+        """Which of ``keys`` exist (one transaction of reads)."""
+        reads = [{"request_range": {"key": _b64(k), "keys_only": True}} for k in keys]
+        reply = self._call(lambda c: c.transaction({"compare": [], "success": reads,
+                                                    "failure": []}), idempotent=True)
+        responses = reply.get("responses") or []
+        return {k for k, r in zip(keys, responses, strict=False)
+                if (r.get("response_range") or {}).get("kvs")}
 
     def replace(self, key: str, value: str, revision: int, *,
                 lease: Lease | None = None, fence: Fence | None = None) -> bool:

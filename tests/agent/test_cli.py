@@ -190,3 +190,28 @@ def test_sighup_reloads_the_config(config, tmp_path):
         assert agent.wait(15) == 0
     finally:
         agent.kill()
+
+
+def test_status_reads_the_store_in_prefix_reads_not_one_per_service(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+    from agent.store.embedded import EmbeddedStore
+
+    services = "".join(f"  s{i}: {{}}\n" for i in range(30))
+    path = tmp_path / "agent.yaml"
+    path.write_text("agent: {cluster: many}\ndefaults:\n  command: [sleep, '60']\n"
+                    "  source: {type: static, count: 1}\n  actuator: {type: process}\n"
+                    "  announce: {type: etcd}\nservices:\n" + services)
+    trips = []
+    real = EmbeddedStore._tx
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        trips.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddedStore, "_tx", counted)
+    shown = CliRunner().invoke(main, ["status", "-c", str(path), "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert len(json.loads(shown.output)["services"]) == 30
+    assert len(trips) <= 6, f"{len(trips)} store requests for 30 services"

@@ -20,6 +20,7 @@ from agent.loop import Loop, Settings
 from agent.plugins import load_plugins
 from agent.restarts import describe
 from agent.runtime import Builder
+from agent.store import StoreError
 from tests.helpers import alive, eventually, kill_recorded, port_block, process_records
 
 
@@ -352,3 +353,66 @@ def test_stops_withdraw_then_drain_together_while_other_work_goes_on(make_loop, 
     eventually(lambda: not any(alive(r["pid"]) for r in web), 20, "both stopped")
     took = time.monotonic() - asked
     assert 2.9 <= took < 5.9, f"two 3 s drains took {took:.1f}s: not side by side"
+
+
+QUIET = """
+agent: {cluster: quiet, interval: 10s}
+services:
+  web:
+    command: [sleep, "60"]
+    source: {type: static, count: 1}
+    actuator: {type: process}
+  other:
+    command: [sleep, "60"]
+    source: {type: static, count: 1}
+    actuator: {type: process}
+"""
+
+
+def test_a_watched_pass_reads_only_what_changed_and_resyncs_at_interval(
+        make_loop, embedded_store, tmp_path):
+    loop = make_loop(QUIET)
+    settle(loop)
+    watch = embedded_store.watch(loop.keys.services, loop.store_changed)
+    try:
+        loop.store_changed([])  # as the watch's first resync would: everything read once
+        settle(loop)
+        def unchanged_pass_reads_nothing() -> bool:  # once the watch caught up with the
+            before = embedded_store.round_trips      # agent's own writes (its releases)
+            loop.run_pass()
+            return embedded_store.round_trips == before
+
+        eventually(unchanged_pass_reads_nothing, 30, "an unchanged pass to read nothing")
+        reads = loop.reconciler.full_reads
+
+        embedded_store.put(loop.keys.service("web", "override"), "2")
+        eventually(lambda: "web" in loop.reconciler._dirty, 30, "the watch to see the override")
+        loop.request_pass()  # as the agent's watch does too
+        settle(loop)
+        assert len(live(tmp_path, "web")) == 2 and len(live(tmp_path, "other")) == 1
+        assert loop.reconciler.full_reads == reads  # one service read, not every key
+
+        # the start of an override goes out before the pass looks at every service: here
+        # the look at every service fails, and the start was handed out all the same
+        embedded_store.put(loop.keys.service("web", "override"), "3")
+        eventually(lambda: "web" in loop.reconciler._dirty, 30, "the watch to see the override")
+        whole = loop.reconciler.observe
+
+        def unreachable(**kwargs):
+            raise StoreError("the whole read hangs")
+
+        loop.reconciler.observe = unreachable
+        loop.run_pass()
+        loop.reconciler.observe = whole
+        eventually(lambda: len(live(tmp_path, "web")) == 3, 30, "the third instance")
+        assert len(live(tmp_path, "other")) == 1
+    finally:
+        watch.cancel()
+    # a change the watch never reported is seen at the next full resync, at interval
+    embedded_store.put(loop.keys.service("other", "override"), "0")
+    loop.run_pass()
+    assert len(live(tmp_path, "other")) == 1
+    loop.clock.now += 10
+    settle(loop)
+    eventually(lambda: not live(tmp_path, "other"), 30, "other to stop at the resync")
+    assert loop.reconciler.full_reads == reads + 1

@@ -73,6 +73,9 @@ class Recorder:
             pytest.fail(f"watch did not see {event} within {timeout}s; saw {self.calls}")
 
 
+PAGE = 50  # keys per page of an etcd v3 prefix read here (a test reads more than one page)
+
+
 def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     """A fresh store of ``kind`` (etcd backends need the ``etcd`` fixture)."""
     if kind == "embedded":
@@ -81,7 +84,7 @@ def open_backend(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> S
     if kind == "etcd":
         from agent.store.etcd3 import Etcd3Store
 
-        return Etcd3Store([etcd.endpoint], timeout=5.0)
+        return Etcd3Store([etcd.endpoint], timeout=5.0, page_size=PAGE)
     from agent.store.etcd2 import Etcd2Store
 
     return Etcd2Store([etcd.endpoint], timeout=5.0)
@@ -172,6 +175,51 @@ def test_get_prefix_is_one_request(store: Store, prefix: str) -> None:
     before = store.round_trips
     assert len(store.get_prefix(prefix)) == 5
     assert store.round_trips == before + 1
+
+
+def test_get_prefix_larger_than_a_page_is_whole_and_consistent(
+        make_store: Callable[[], Store], prefix: str) -> None:
+    store, writer = make_store(), make_store()
+    count = PAGE * 3 + 7  # more than three pages, the last one partial
+    for i in range(count):
+        store.put(f"{prefix}s/{i:04d}", f"v{i}")
+    store.put(prefix[:-1] + "Y", "outside")  # just past the prefix: never read
+    before = store.round_trips
+    entries = store.get_prefix(prefix)
+    assert [e.value for e in entries.values()] == [f"v{i}" for i in range(count)]
+    assert store.round_trips - before <= count // PAGE + 1  # pages, not a read per key
+
+    # a write between two pages is not half seen: every page is read at the first's revision
+    if not hasattr(store, "page_size"):
+        return  # no paging on this backend: one request is consistent by itself
+    real_call, pages = store._call, []  # type: ignore[attr-defined]
+
+    def call(fn, **kwargs):  # type: ignore[no-untyped-def]
+        if pages == [1]:  # between the first and the second page
+            writer.put(f"{prefix}s/0000", "changed")
+            writer.put(f"{prefix}s/{count - 1:04d}", "changed")
+        pages.append(1)
+        return real_call(fn, **kwargs)
+
+    store._call = call  # type: ignore[attr-defined]
+    entries = store.get_prefix(prefix)
+    assert len(pages) == count // PAGE + 1
+    assert entries[f"{prefix}s/0000"].value == "v0"
+    assert entries[f"{prefix}s/{count - 1:04d}"].value == f"v{count - 1}"  # not "changed"
+    assert store.get(f"{prefix}s/{count - 1:04d}").value == "changed"  # type: ignore[union-attr]
+
+
+def test_create_many_creates_the_absent_keys_in_few_requests(store: Store, prefix: str) -> None:
+    store.put(prefix + "k0007", "there before")
+    items = {f"{prefix}k{i:04d}": f"v{i}" for i in range(250)}
+    before = store.round_trips
+    created = store.create_many(items)
+    assert created == set(items) - {prefix + "k0007"}
+    values = {k: e.value for k, e in store.get_prefix(prefix).items()}
+    assert values == {**items, prefix + "k0007": "there before"}  # left as it was
+    if store.fences:  # backends with transactions batch them
+        assert store.round_trips - before < 20, f"{store.round_trips - before} requests"
+    assert store.create_many(items) == set()  # all there now: nothing created
 
 
 def test_revisions_grow(store: Store, prefix: str) -> None:
