@@ -12,11 +12,14 @@ test drives it with :meth:`Loop.turn` and no YAML on disk. One turn:
    most ``agent.interval``, or until woken (a store change, a finished action,
    a signal: see :class:`Waker`).
 
-A pass observes (one store read, one list per actuator, health checks),
+A pass observes (one store read, one list per actuator, the latest health
+results of :class:`agent.probes.Prober`, which probes on its own threads),
 plans, hands starts and stops to :class:`agent.actuation.Actuation` (it never
 waits for them), announces, runs deploys, and records its problems. It is
 quick (1 s) only while instances are young and not yet healthy or a deploy
-runs; finished actions wake it. A slot whose instance keeps exiting waits
+runs; finished actions wake it. An instance whose health changes is announced
+(or withdrawn) at once by the probe that saw it (:meth:`Loop._health_changed`),
+not at the next pass. A slot whose instance keeps exiting waits
 ever longer (:mod:`agent.restarts`); no service runs more than
 ``agent.max_instances``; no pass plans more than :data:`MAX_ACTIONS` actions
 per service.
@@ -41,11 +44,13 @@ import schedule
 
 from agent.actuation import Actuation, Outcome
 from agent.deploys import DeployError, DeployRunner, follow_yaml
+from agent.instances import Instance
 from agent.keys import Keys
 from agent.leader import Leadership
 from agent.metrics import Metrics
 from agent.orphans import Orphans
 from agent.ports import claims, slot_port_problem
+from agent.probes import Prober
 from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
 from agent.restarts import Restarts
 from agent.scaling import Scaler
@@ -158,6 +163,8 @@ class Loop:
         self._stop_retry: dict[tuple[str, int], tuple[int, float]] = {}
         "slot -> (failed stops, when to try again): a stop that fails is retried ever later"
         self._poll_workers = DaemonWorkers(4, "poll")
+        self.prober = Prober(on_change=self._health_changed)
+        self._announcing = threading.Lock()  # one announcer sync at a time (pass or probe)
         self.restarts = Restarts(clock=clock, settings=self._restart_settings, emit=self._emit)
         self.orphans = Orphans()  # issue 11: orphans (agent/orphans.py)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
@@ -178,7 +185,9 @@ class Loop:
         self.deploys.grace = settings.grace
         self.reconciler = Reconciler(services=services, store=self.store, keys=self.keys,
                                      emit=self._emit, grace=settings.grace,
-                                     ceiling=settings.max_instances, limit=MAX_ACTIONS)
+                                     ceiling=settings.max_instances, limit=MAX_ACTIONS,
+                                     prober=None if settings.once else self.prober,
+                                     announcing=self._announcing)
         self.scaler = Scaler(services=services, store=self.store, keys=self.keys,
                              emit=self._emit, dry_run=settings.dry_run)
         self.scheduler = schedule.Scheduler()
@@ -268,6 +277,7 @@ class Loop:
     def close(self) -> None:
         """Stop deploys where they are and take no more actions (waits about a second)."""
         self.deploys.stop()
+        self.prober.close()
         self.actuation.close(timeout=1.0)
         if self._was_leading and not self.settings.dry_run:
             self._was_leading = False
@@ -293,6 +303,8 @@ class Loop:
         elif self._was_leading and not leading:
             self._emit("shipmate_leadership_lost", term=self.leadership.term,
                        reason=self.leadership.lost_why or "its lease ran out unrefreshed")
+        if self._was_leading and not leading:  # a standby probes nothing
+            self.prober.clear()
         self._was_leading = leading
         self.metrics.leader.set(1 if leading else 0)
         if not leading:
@@ -361,7 +373,8 @@ class Loop:
         errors: list[str] = []
         if not dry and self.leadership.valid(term):
             # announce what passed its check before any stop below withdraws anything
-            errors += self.reconciler.announce(views, self.actuation.stopping())
+            errors += self.reconciler.announce(views, self.actuation.stopping(),
+                                               valid=lambda: self.leadership.valid(term))
         busy = self.actuation.busy_slots(mark)
         held_before, self._held = self._held, {}
         for action in self.reconciler.plan(views):
@@ -484,6 +497,27 @@ class Loop:
             self._overrides[name] = now
         for gone in self._overrides.keys() - views.keys():
             del self._overrides[gone]
+
+    def _health_changed(self, instance: Instance, healthy: bool, was: bool | None) -> None:
+        """A probe saw ``instance`` pass (or fail) where it did not before (its thread):
+        its service's announcements follow at once, without waiting for a pass.
+
+        Only the acting agent announces (and its announcer writes through the fence);
+        a service under a deploy is left to the deploy, which announces what it saw
+        pass; an instance being stopped stays withdrawn (the announcer's rule too)."""
+        name = instance.service
+        runtime, view = self.services.get(name), self.reconciler.views.get(name)
+        if (runtime is None or runtime.announcer is None or view is None
+                or self.settings.dry_run or not self._leading()):
+            return
+        if (view.deploy is not None and view.deploy.get("phase") != "refused") \
+                or self.deploys.busy(name):
+            return
+        term = self.leadership.term
+        for error in self.reconciler.announce({name: view}, self.actuation.stopping(),
+                                              valid=lambda: self.leadership.valid(term)):
+            self.metrics.errors.labels("pass").inc()
+            log.warning("%s", error)
 
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()
