@@ -165,6 +165,11 @@ class Loop:
         self._poll_workers = DaemonWorkers(4, "poll")
         self.prober = Prober(on_change=self._health_changed)
         self._announcing = threading.Lock()  # one announcer sync at a time (pass or probe)
+        self._changed = threading.Condition()
+        self._dirty: set[str] = set()  # services whose health changed since their last sync
+        self._syncing = False  # a batch of them is being synced
+        threading.Thread(target=self._announce_changes, daemon=True,
+                         name="announce-health").start()
         self.restarts = Restarts(clock=clock, settings=self._restart_settings, emit=self._emit)
         self.orphans = Orphans()  # issue 11: orphans (agent/orphans.py)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
@@ -499,25 +504,49 @@ class Loop:
             del self._overrides[gone]
 
     def _health_changed(self, instance: Instance, healthy: bool, was: bool | None) -> None:
-        """A probe saw ``instance`` pass (or fail) where it did not before (its thread):
-        its service's announcements follow at once, without waiting for a pass.
+        """A probe saw ``instance`` pass (or fail) where it did not before (on the probe's
+        thread; ``was`` None: its first result). The one place a health change is seen:
+        its service's announcements follow at once, without waiting for a pass."""
+        with self._changed:
+            self._dirty.add(instance.service)
+            self._changed.notify()
+
+    def health_synced(self) -> bool:
+        """Whether every health change seen so far was handled (tests wait on it)."""
+        with self._changed:
+            return not self._dirty and not self._syncing
+
+    def _announce_changes(self) -> None:
+        """Sync the announcements of the services whose health changed, as they change
+        (on a thread of its own: probes never wait for the store; changes that come in
+        while a sync runs are synced together next).
 
         Only the acting agent announces (and its announcer writes through the fence);
         a service under a deploy is left to the deploy, which announces what it saw
         pass; an instance being stopped stays withdrawn (the announcer's rule too)."""
-        name = instance.service
-        runtime, view = self.services.get(name), self.reconciler.views.get(name)
-        if (runtime is None or runtime.announcer is None or view is None
-                or self.settings.dry_run or not self._leading()):
-            return
-        if (view.deploy is not None and view.deploy.get("phase") != "refused") \
-                or self.deploys.busy(name):
-            return
-        term = self.leadership.term
-        for error in self.reconciler.announce({name: view}, self.actuation.stopping(),
-                                              valid=lambda: self.leadership.valid(term)):
-            self.metrics.errors.labels("pass").inc()
-            log.warning("%s", error)
+        while True:
+            with self._changed:
+                self._syncing = False
+                while not self._dirty:
+                    self._changed.wait()
+                names, self._dirty, self._syncing = self._dirty, set(), True
+            if self.settings.dry_run or not self._leading():
+                continue
+            term = self.leadership.term
+            views = {name: view for name in names
+                     if (view := self.reconciler.views.get(name)) is not None
+                     and name in self.services
+                     and (view.deploy is None or view.deploy.get("phase") == "refused")
+                     and not self.deploys.busy(name)}
+            try:
+                errors = self.reconciler.announce(views, self.actuation.stopping(),
+                                                  valid=lambda t=term: self.leadership.valid(t))
+            except Exception:  # noqa: BLE001 - the next pass announces them in any case
+                log.exception("announcing a health change failed")
+                continue
+            for error in errors:
+                self.metrics.errors.labels("pass").inc()
+                log.warning("%s", error)
 
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()

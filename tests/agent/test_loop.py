@@ -461,6 +461,7 @@ def test_a_deposed_agents_probes_announce_nothing(embedded_store, shipmate_plugi
         loop.prober.on_change = recorded
         (tmp_path / "ready").touch()
         eventually(lambda: True in seen, 20, "the probe to see it pass, and its handler to end")
+        eventually(loop.health_synced, 10, "the change handled")
         assert embedded_store.get_prefix("/services/web/") == {}
     finally:
         other.resign()
@@ -482,6 +483,7 @@ def test_a_late_probe_result_does_not_announce_an_instance_being_stopped(
     loop.turn()  # withdraws, drains 3 s, then stops
     eventually(lambda: embedded_store.get(key) is None, 10, "the withdrawal")
     loop._health_changed(instance, True, False)  # a probe that saw it pass, reported late
+    eventually(loop.health_synced, 10, "the change handled")
     assert embedded_store.get(key) is None
     assert len(live(tmp_path, "web")) == 1, "stopped before the drain was over"
     eventually(lambda: not live(tmp_path, "web"), 20, "the stop")
