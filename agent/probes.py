@@ -9,7 +9,7 @@ waits for a probe. Probes run on a bounded pool of daemon threads:
   changed (a twentieth of it: 0.5 s after 10 s, 3 s after a minute) up to the
   check's ``interval``; so a new instance is seen healthy within about 100 ms
   of it actually being healthy, and one that never passes costs little;
-- a healthy instance is probed every ``interval`` (``health.interval``, 5 s);
+- a healthy instance is probed every ``interval`` (``health.interval``, 10 s);
 - an instance that vanished from the list is dropped (a late result is ignored).
 
 At most ``workers`` probes are in flight at once, one per instance. A probe that
@@ -40,7 +40,7 @@ from agent.instances import Instance
 log = logging.getLogger("shipmate.probes")
 FIRST = 0.1  # seconds between the first probes of an instance that has not passed
 BACKOFF = 0.05  # then this fraction of the time since its state last changed
-DEFAULT_INTERVAL = 5.0  # a healthy instance's cadence when its check names none
+DEFAULT_INTERVAL = 10.0  # a healthy instance's cadence when its check names none
 HANG_SLACK = 1.0  # a probe this long past its timeout has hung
 NO_CHECK_TIMEOUT = 10.0  # the timeout of an actuator's own check (no health block)
 
