@@ -12,7 +12,9 @@ waits for a probe. Probes run on a bounded pool of daemon threads:
 - a healthy instance is probed every ``interval`` (``health.interval``, 10 s);
 - an instance that vanished from the list is dropped (a late result is ignored).
 
-At most ``workers`` probes are in flight at once, one per instance. A probe that
+At most ``workers`` probes are in flight at once, one per instance, and at most
+``rate`` begin per second (1,000: a scale-up of thousands of new instances, each
+due every 100 ms, never takes the agent's CPU; they are probed in turn). A probe that
 hangs past its check's ``timeout`` (plus a second) counts as failed and its
 thread is replaced, up to twice ``workers`` threads in all, so a hanging probe
 holds up no other beyond its timeout.
@@ -78,9 +80,12 @@ class _Pool:
 class Prober:
     """Probes tracked instances on daemon threads; see the module docstring."""
 
-    def __init__(self, *, workers: int = 16, on_change: OnChange | None = None,
+    def __init__(self, *, workers: int = 16, rate: float = 1000.0,
+                 on_change: OnChange | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.workers = max(1, workers)
+        self.rate = rate
+        self._tokens, self._filled = float(self.workers), clock()
         self.max_threads = 2 * self.workers
         self.on_change = on_change
         self.clock = clock
@@ -171,18 +176,23 @@ class Prober:
                     return
                 now = self.clock()
                 changes = self._expire(now)
+                self._tokens = min(float(self.workers),
+                                   self._tokens + (now - self._filled) * self.rate)
+                self._filled = now
                 while (not changes and self._heap and self._heap[0][0] <= now
-                       and len(self._in_flight) < self.workers):
+                       and len(self._in_flight) < self.workers and self._tokens >= 1):
                     due, _, name = heapq.heappop(self._heap)
                     target = self._targets.get(name)
                     if target is None or target.due != due or name in self._in_flight:
                         continue  # dropped, rescheduled since, or being probed
+                    self._tokens -= 1
                     self._dispatch(target, now)
                 if not changes:
                     waits = [t.started + t.timeout + HANG_SLACK
                              for t in self._in_flight.values()]
                     if self._heap and len(self._in_flight) < self.workers:
-                        waits.append(self._heap[0][0])
+                        waits.append(max(self._heap[0][0],
+                                         now + max(0.0, 1 - self._tokens) / self.rate))
                     self._wake.wait(max(0.0, min(waits) - now) if waits else None)
             for change in changes:  # outside the lock: a handler may take its time
                 self._changed(*change)

@@ -148,3 +148,17 @@ def test_a_vanished_instance_is_dropped_and_its_late_result_ignored(prober):
     release.set()
     time.sleep(0.3)
     assert prober.health(instance.name) is None and prober.changes == []
+
+
+def test_probes_begin_at_most_rate_a_second():
+    prober = Prober(workers=4, rate=20)
+    try:
+        instances = [web(10000 + slot, slot) for slot in range(100)]  # each due every 100 ms
+        began = time.monotonic()
+        prober.track([(i, lambda i: False, None) for i in instances])
+        eventually(lambda: prober.probes >= 10, 10, "the first probes")
+        time.sleep(1)
+        took = time.monotonic() - began
+        assert prober.probes <= 4 + 20 * took + 2, f"{prober.probes} probes in {took:.1f}s"
+    finally:
+        prober.close()
