@@ -168,6 +168,7 @@ class Loop:
         self._changed = threading.Condition()
         self._dirty: set[str] = set()  # services whose health changed since their last sync
         self._syncing = False  # a batch of them is being synced
+        self._closed = False
         threading.Thread(target=self._announce_changes, daemon=True,
                          name="announce-health").start()
         self.restarts = Restarts(clock=clock, settings=self._restart_settings, emit=self._emit)
@@ -283,6 +284,9 @@ class Loop:
         """Stop deploys where they are and take no more actions (waits about a second)."""
         self.deploys.stop()
         self.prober.close()
+        with self._changed:
+            self._closed = True  # the health-change thread ends
+            self._changed.notify()
         self.actuation.close(timeout=1.0)
         if self._was_leading and not self.settings.dry_run:
             self._was_leading = False
@@ -527,8 +531,10 @@ class Loop:
         while True:
             with self._changed:
                 self._syncing = False
-                while not self._dirty:
+                while not self._dirty and not self._closed:
                     self._changed.wait()
+                if self._closed:
+                    return
                 names, self._dirty, self._syncing = self._dirty, set(), True
             if self.settings.dry_run or not self._leading():
                 continue
