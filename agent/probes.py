@@ -9,7 +9,8 @@ waits for a probe. Probes run on a bounded pool of daemon threads:
   changed (a twentieth of it: 0.5 s after 10 s, 3 s after a minute) up to the
   check's ``interval``; so a new instance is seen healthy within about 100 ms
   of it actually being healthy, and one that never passes costs little;
-- a healthy instance is probed every ``interval`` (``health.interval``, 10 s);
+- a healthy instance is probed every ``interval`` (``health.interval``, 10 s,
+  give or take a tenth: instances started together are not probed together);
 - an instance that vanished from the list is dropped (a late result is ignored).
 
 At most ``workers`` probes are in flight at once, one per instance, and at most
@@ -31,6 +32,7 @@ import heapq
 import itertools
 import logging
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -165,8 +167,8 @@ class Prober:
         heapq.heappush(self._heap, (when, next(self._seq), target.instance.name))
 
     def _next_due(self, target: _Target, now: float) -> float:
-        if target.healthy:
-            return now + target.interval
+        if target.healthy:  # spread out: instances started together are not probed together
+            return now + target.interval * random.uniform(0.9, 1.1)
         return now + min(target.interval, max(FIRST, BACKOFF * (now - target.changed)))
 
     def _schedule(self) -> None:
