@@ -562,6 +562,8 @@ class Loop:
             for instance in view.running:
                 running.add(instance.name)
                 self._seen.setdefault(instance.name, now)
+                if instance.name in view.unprobed:
+                    continue  # not probed yet: neither healthy nor unhealthy
                 ok, before = instance.name in healthy, self._health.get(instance.name)
                 self._health[instance.name] = ok
                 if before is not None and before != ok:

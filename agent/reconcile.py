@@ -125,6 +125,8 @@ class ServiceView:
     deploy: dict[str, Any] | None = None
     instances: list[Instance] = field(default_factory=list)
     healthy: list[Instance] = field(default_factory=list)
+    unprobed: set[str] = field(default_factory=set)
+    "running instances whose health is not known yet (neither healthy nor unhealthy)"
     problems: list[str] = field(default_factory=list)
     listed: bool = True
 
@@ -287,7 +289,9 @@ class Reconciler:
         unlisted = {name for name, view in views.items() if not view.listed}
         prober.track(targets, keep=lambda instance: instance.service in unlisted)
         for view in views.values():
-            view.healthy = [i for i in view.running if prober.health(i.name)]
+            health = {i.name: prober.health(i.name) for i in view.running}
+            view.healthy = [i for i in view.running if health[i.name]]
+            view.unprobed = {name for name, ok in health.items() if ok is None}
 
     def _check_health(self, views: dict[str, ServiceView]) -> None:
         jobs = [(view, instance) for view in views.values() for instance in view.running]
