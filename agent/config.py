@@ -141,6 +141,8 @@ class HealthConfig(Model):
     "a TCP connect to the instance's port"
     timeout: Timeout = 2.0
     "how long one check may take"
+    interval: Interval = 10.0
+    "how often a healthy instance is checked (one not healthy yet: from every 100ms, backing off)"
 
     @model_validator(mode="after")
     def _one_check(self) -> HealthConfig:

@@ -221,7 +221,10 @@ class Announcer(PluginType, ABC):
 
         Called once per pass with every service this announcer serves (services
         with no healthy instance map to an empty list): write what is missing,
-        remove what is stale, keep the rest alive.
+        remove what is stale, keep the rest alive. Also called between passes
+        with only the services whose health just changed (an instance passed or
+        failed its check): leave the announcements of services not named as
+        they are. Calls never overlap.
         """
 
     @abstractmethod

@@ -13,7 +13,8 @@ test drives it with :meth:`Loop.turn` and no YAML on disk. One turn:
    a signal: see :class:`Waker`).
 
 A pass observes (one store read, or only what the store watch named: see
-:mod:`agent.reconcile`; one list per actuator, health checks), plans, hands
+:mod:`agent.reconcile`; one list per actuator; the latest health results of
+:class:`agent.probes.Prober`, which probes on its own threads), plans, hands
 starts to :class:`agent.actuation.Actuation` (it never waits for them),
 announces, hands out stops (after the announcement, so none withdraws the last
 healthy instance), runs deploys, and records its problems. An unchanged
@@ -21,7 +22,9 @@ service costs little: its parse, its empty plan and its followed YAML are
 reused, its problems and gauges not written again. The garbage collector
 waits while a pass runs. It is
 quick (1 s) only while instances are young and not yet healthy or a deploy
-runs; finished actions wake it. A slot whose instance keeps exiting waits
+runs; finished actions wake it. An instance whose health changes is announced
+(or withdrawn) at once by the probe that saw it (:meth:`Loop._health_changed`),
+not at the next pass. A slot whose instance keeps exiting waits
 ever longer (:mod:`agent.restarts`); no service runs more than
 ``agent.max_instances``; no pass plans more than :data:`MAX_ACTIONS` actions
 per service.
@@ -48,11 +51,13 @@ import schedule
 from agent.actuation import Actuation, Outcome
 from agent.counted import counted
 from agent.deploys import DeployError, DeployRunner, follow_yaml, record_releases
+from agent.instances import Instance
 from agent.keys import Keys
 from agent.leader import Leadership
 from agent.metrics import Metrics
 from agent.orphans import Orphans
 from agent.ports import claims, slot_port_problem
+from agent.probes import Prober
 from agent.reconcile import Action, Reconciler, ServiceRuntime, ServiceView
 from agent.releases import config_deploy
 from agent.restarts import Restarts
@@ -159,7 +164,6 @@ class Loop:
         self._unhealthy: dict[str, float] = {}  # instance -> unhealthy since (wall clock)
         self._exited: set[str] = set()  # exits already counted
         self._published: dict[str, str] = {}  # service -> the problems record last written
-        self._health: dict[str, bool] = {}  # instance -> healthy at the last pass
         self._overrides: dict[str, int | None] = {}  # service -> override at the last pass
         self._held: dict[str, list[dict[str, Any]]] = {}  # service -> actions plugins hold
         self._processed: dict[str, Any] = {}
@@ -172,6 +176,14 @@ class Loop:
         self._stop_retry: dict[tuple[str, int], tuple[int, float]] = {}
         "slot -> (failed stops, when to try again): a stop that fails is retried ever later"
         self._poll_workers = DaemonWorkers(4, "poll")
+        self.prober = Prober(on_change=self._health_changed)
+        self._announcing = threading.Lock()  # one announcer sync at a time (pass or probe)
+        self._changed = threading.Condition()
+        self._dirty: set[str] = set()  # services whose health changed since their last sync
+        self._syncing = False  # a batch of them is being synced
+        self._closed = False
+        threading.Thread(target=self._announce_changes, daemon=True,
+                         name="announce-health").start()
         self.restarts = Restarts(clock=clock, settings=self._restart_settings, emit=self._emit)
         self.orphans = Orphans()  # issue 11: orphans (agent/orphans.py)
         self.actuation = Actuation(emit=self._emit, grace=lambda: self.settings.grace,
@@ -194,7 +206,9 @@ class Loop:
         self.reconciler = Reconciler(services=services, store=self.store, keys=self.keys,
                                      emit=self._emit, grace=settings.grace,
                                      ceiling=settings.max_instances, limit=MAX_ACTIONS,
-                                     resync=settings.interval, clock=self.clock)
+                                     resync=settings.interval, clock=self.clock,
+                                     prober=None if settings.once else self.prober,
+                                     announcing=self._announcing)
         if previous is not None and previous._watched:  # the watch feeds the new one
             self.reconciler.store_changed([])
         self.scaler = Scaler(services=services, store=self.store, keys=self.keys,
@@ -293,6 +307,10 @@ class Loop:
     def close(self) -> None:
         """Stop deploys where they are and take no more actions (waits about a second)."""
         self.deploys.stop()
+        self.prober.close()
+        with self._changed:
+            self._closed = True  # the health-change thread ends
+            self._changed.notify()
         self.actuation.close(timeout=1.0)
         if self._was_leading and not self.settings.dry_run:
             self._was_leading = False
@@ -318,6 +336,8 @@ class Loop:
         elif self._was_leading and not leading:
             self._emit("shipmate_leadership_lost", term=self.leadership.term,
                        reason=self.leadership.lost_why or "its lease ran out unrefreshed")
+        if self._was_leading and not leading:  # a standby probes nothing
+            self.prober.clear()
         self._was_leading = leading
         self.metrics.leader.set(1 if leading else 0)
         if not leading:
@@ -403,7 +423,8 @@ class Loop:
         if not self._submit([a for a in actions if a.verb == "start"], busy, term):
             return
         if not dry and self.leadership.valid(term):
-            errors += self.reconciler.announce(views, self.actuation.stopping())
+            errors += self.reconciler.announce(views, self.actuation.stopping(),
+                                               valid=lambda: self.leadership.valid(term))
         if not self._submit([a for a in actions if a.verb != "start"], busy, term):
             return
         if not dry:
@@ -570,11 +591,60 @@ class Loop:
         for gone in self._overrides.keys() - views.keys():
             del self._overrides[gone]
 
+    def _health_changed(self, instance: Instance, healthy: bool, was: bool | None) -> None:
+        """A probe saw ``instance`` pass (or fail) where it did not before (on the probe's
+        thread; ``was`` None: its first result). The one place a health change is seen:
+        its service's announcements follow at once, without waiting for a pass."""
+        if healthy or was is not None:  # a first failure is "not healthy yet", as before
+            self._emit("shipmate_health_changed", instance=instance, healthy=healthy)
+        with self._changed:
+            self._dirty.add(instance.service)
+            self._changed.notify()
+
+    def health_synced(self) -> bool:
+        """Whether every health change seen so far was handled (tests wait on it)."""
+        with self._changed:
+            return not self._dirty and not self._syncing
+
+    def _announce_changes(self) -> None:
+        """Sync the announcements of the services whose health changed, as they change
+        (on a thread of its own: probes never wait for the store; changes that come in
+        while a sync runs are synced together next).
+
+        Only the acting agent announces (and its announcer writes through the fence);
+        a service under a deploy is left to the deploy, which announces what it saw
+        pass; an instance being stopped stays withdrawn (the announcer's rule too)."""
+        while True:
+            with self._changed:
+                self._syncing = False
+                while not self._dirty and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                names, self._dirty, self._syncing = self._dirty, set(), True
+            if self.settings.dry_run or not self._leading():
+                continue
+            term = self.leadership.term
+            views = {name: view for name in names
+                     if (view := self.reconciler.views.get(name)) is not None
+                     and name in self.services
+                     and (view.deploy is None or view.deploy.get("phase") == "refused")
+                     and not self.deploys.busy(name)}
+            try:
+                errors = self.reconciler.announce(views, self.actuation.stopping(),
+                                                  valid=lambda t=term: self.leadership.valid(t))
+            except Exception:  # noqa: BLE001 - the next pass announces them in any case
+                log.exception("announcing a health change failed")
+                continue
+            for error in errors:
+                self.metrics.errors.labels("pass").inc()
+                log.warning("%s", error)
+
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()
         slots = self.restarts.slots
         running: set[str] = set()
-        seen, unhealthy, health = self._seen, self._unhealthy, self._health
+        seen, unhealthy = self._seen, self._unhealthy
         for name, view in views.items():
             up = view.running
             every = len(view.healthy) == len(up)  # the common case: no set to build
@@ -584,19 +654,15 @@ class Loop:
                 running.add(key)
                 if key not in seen:
                     seen[key] = now
-                ok = every or key in healthy
-                before = health.get(key)
-                if before is not ok:
-                    health[key] = ok
-                    if before is not None:
-                        self._emit("shipmate_health_changed", instance=instance, healthy=ok)
-                if ok:
+                if key in view.unprobed:
+                    continue  # not probed yet: neither healthy nor unhealthy
+                if every or key in healthy:
                     unhealthy.pop(key, None)
                     if (name, instance.slot) in slots:  # a slot with a backoff to reset
                         self.restarts.healthy(name, instance.slot)
                 else:
                     unhealthy.setdefault(key, wall)
-        for table in (self._seen, self._unhealthy, self._health):
+        for table in (self._seen, self._unhealthy):
             for gone in table.keys() - running:
                 del table[gone]
 

@@ -16,6 +16,12 @@ actuator, whatever the number of services. Then, per service:
   each withdrawn from discovery before it is stopped;
 - healthy instances are announced, everything else de-announced.
 
+Health comes from :class:`agent.probes.Prober` when the loop runs one: the
+pass tells it what runs and reads its latest results (an instance not probed
+yet is not healthy yet, and its service's announcements are left as they are
+until it is), so no pass waits for a probe. Without one (``shipmate status``,
+``run --once``) each pass probes every running instance itself.
+
 If the store cannot be read the pass does nothing at all: losing the store
 freezes changes, it never stops what runs.
 
@@ -58,6 +64,7 @@ from agent.instances import (
 )
 from agent.keys import Keys, load_json, parse_count
 from agent.kinds import Actuator, Announcer, Source, Strategy
+from agent.probes import Prober
 from agent.releases import Release, make_release, parse_release, release_problem
 from agent.store import Entry, Store
 
@@ -134,6 +141,8 @@ class ServiceView:
     deploy: dict[str, Any] | None = None
     instances: list[Instance] = field(default_factory=list)
     healthy: list[Instance] = field(default_factory=list)
+    unprobed: set[str] = field(default_factory=set)
+    "running instances whose health is not known yet (neither healthy nor unhealthy)"
     problems: list[str] = field(default_factory=list)
     listed: bool = True
 
@@ -245,7 +254,9 @@ class Reconciler:
     def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
                  emit: Callable[..., None] = lambda *a, **k: None, grace: float = 10.0,
                  health_workers: int = 16, ceiling: int = 100, limit: int = 64,
-                 resync: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 resync: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 prober: Prober | None = None,
+                 announcing: threading.Lock | None = None) -> None:
         self.services = services
         self.store = store
         self.keys = keys
@@ -258,6 +269,12 @@ class Reconciler:
         "no pass plans more actions than this per service"
         self.unowned: dict[str, Instance] = {}
         "instances of this cluster that no configured service owns: left alone, reported"
+        self.prober = prober
+        "probes health off the pass (None: :meth:`observe` probes every instance itself)"
+        self.announcing = announcing or threading.Lock()
+        "held by each announcer sync, so that the later one works from the later results"
+        self.views: dict[str, ServiceView] = {}
+        "what the last :meth:`observe` saw"
         self.resync = resync
         "seconds between full reads of the store once a watch feeds :meth:`store_changed`"
         self.clock = clock
@@ -399,8 +416,11 @@ class Reconciler:
             log.warning("instance %s of service %r belongs to no configured service: left alone",
                         name, unowned[name].service)
         self.unowned = unowned
-        if check_health:
+        if check_health and self.prober is not None:
+            self._read_health(views)
+        elif check_health:
             self._check_health(views)
+        self.views = views
         return views
 
     def observe_changed(self) -> dict[str, ServiceView]:
@@ -458,6 +478,22 @@ class Reconciler:
                 out[runtime.actuator].add(name)
             self._actuators = dict(out)
         return self._actuators
+
+    def _read_health(self, views: dict[str, ServiceView]) -> None:
+        """Hand what runs to the prober and take its latest results (never waits)."""
+        assert self.prober is not None
+        prober, targets = self.prober, []
+        for name, view in views.items():
+            runtime = self.services[name]
+            check = getattr(runtime.config, "health", None)
+            probe = _probe(runtime.actuator, check)
+            targets += [(instance, probe, check) for instance in view.running]
+        unlisted = {name for name, view in views.items() if not view.listed}
+        prober.track(targets, keep=lambda instance: instance.service in unlisted)
+        for view in views.values():
+            health = {i.name: prober.health(i.name) for i in view.running}
+            view.healthy = [i for i in view.running if health[i.name]]
+            view.unprobed = {name for name, ok in health.items() if ok is None}
 
     def _check_health(self, views: dict[str, ServiceView]) -> None:
         jobs = [(view, instance) for view in views.values() for instance in view.running]
@@ -543,22 +579,49 @@ class Reconciler:
                     for _ in range(min(n - len(keep), room))]
         return actions[:self.limit]
 
-    def announce(self, views: dict[str, ServiceView], stopped: set[str]) -> list[str]:
-        """Sync every announcer with the healthy instances (minus those just stopped)."""
+    def announce(self, views: dict[str, ServiceView], stopped: set[str],
+                 valid: Callable[[], bool] = lambda: True) -> list[str]:
+        """Sync every announcer with the healthy instances (minus those just stopped) of
+        ``views``' services; also called for one service when its health changed.
+
+        With a prober, health is read afresh (under :attr:`announcing`, so a sync
+        never works from older results than one before it), and a service with a
+        running instance not probed yet is left as it is. ``valid()`` is asked
+        just before syncing (still the acting agent?)."""
         errors = []
-        groups: dict[Announcer, dict[str, list[Instance]]] = defaultdict(dict)
-        for name, view in views.items():
-            announcer = self.services[name].announcer
-            if announcer is not None and view.listed:
+        with self.announcing:
+            groups: dict[Announcer, dict[str, list[Instance]]] = defaultdict(dict)
+            for name, view in views.items():
+                announcer = self.services[name].announcer
+                if announcer is None or not view.listed:
+                    continue
                 shown = (view.deploy or {}).get("announce")  # a deploy may hold some back
                 if (not isinstance(shown, list) or (view.deploy or {}).get("phase") == "refused"
                         or not all(isinstance(v, str) for v in shown)):
                     shown = None  # a journal's garbage never hides this (or another) service
-                groups[announcer][name] = [i for i in view.healthy if i.name not in stopped
-                                           and (shown is None or i.version in shown)]
-        for announcer, healthy in groups.items():
-            try:
-                announcer.sync(healthy)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(f"announce {counted(healthy, 'service')}: {exc}")
+                candidates = [i for i in view.running if i.name not in stopped]
+                if self.prober is not None:
+                    health = [self.prober.health(i.name) for i in candidates]
+                    if None in health:
+                        continue  # not probed yet: announced or withdrawn once it is
+                    healthy = [i for i, ok in zip(candidates, health, strict=True) if ok]
+                else:
+                    passed = {i.name for i in view.healthy}
+                    healthy = [i for i in candidates if i.name in passed]
+                groups[announcer][name] = [i for i in healthy
+                                           if shown is None or i.version in shown]
+            if groups and not valid():
+                return errors
+            for announcer, healthy in groups.items():
+                try:
+                    announcer.sync(healthy)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"announce {counted(healthy, 'service')}: {exc}")
         return errors
+
+
+def _probe(actuator: Actuator, check: Any) -> Callable[[Instance], bool]:
+    """One health check of an instance by its actuator (with no health block too: an
+    actuator may know better, a container's HEALTHCHECK)."""
+    return lambda instance: bool(actuator.healthy(instance, check))
+

@@ -11,13 +11,23 @@ Each service has one running instance (an in-memory actuator registered as a
 plugin, so no processes are involved) and one announcement, so the pass does
 all its work: parse, plan, health, announcer resync.
 
-    python3 contrib/bench/bench_pass.py [--services 1000] [--passes 20]
+With ``--health`` every service has ``health: {http: /}`` (each instance is a
+port of one local HTTP server) and the pass is timed twice in the same run:
+probing every instance itself (as ``shipmate status`` does, and as every pass
+did before probes moved off it) and reading the results of the agent's
+:class:`agent.probes.Prober`, which probes on its own threads; their ratio is
+what moving the probes off the pass saves; a pass with no health block, in
+the same run, is the baseline of both.
+
+    python3 contrib/bench/bench_pass.py [--services 1000] [--passes 20] [--health]
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +40,7 @@ from agent import Actuator, Context, Instance, TypeConfig, hookimpl  # noqa: E40
 from agent.config import load_config  # noqa: E402
 from agent.keys import Keys  # noqa: E402
 from agent.plugins import load_plugins  # noqa: E402
+from agent.probes import Prober  # noqa: E402
 from agent.reconcile import Reconciler  # noqa: E402
 from agent.runtime import Builder  # noqa: E402
 from agent.store import Store  # noqa: E402
@@ -41,10 +52,11 @@ class MemoryActuator(Actuator):
     type_name = "memory"
     Config = TypeConfig
     services: list[str] = []
+    port: int | None = None  # every instance on one HTTP server (--health)
 
     def list(self) -> list[Instance]:
         return [Instance(name=f"bench-{s}-0-v", service=s, slot=0, version="v",
-                         host="127.0.0.1", port=10000 + i, cluster="bench")
+                         host="127.0.0.1", port=self.port or 10000 + i, cluster="bench")
                 for i, s in enumerate(self.services)]
 
     def start(self, spec):
@@ -54,13 +66,15 @@ class MemoryActuator(Actuator):
         raise AssertionError("nothing should stop")
 
 
-def build(store: Store, n: int, folder: Path):
+def build(store: Store, n: int, folder: Path, health: bool = False,
+          prober: Prober | None = None):
     names = [f"svc{i:04d}" for i in range(n)]
     MemoryActuator.services = names
     plugin = types.SimpleNamespace(shipmate_actuator_types=hookimpl(lambda: [MemoryActuator]))
     plugins = load_plugins(extra=[("bench", plugin)])
     lines = ["agent: {cluster: bench}", "defaults:", "  actuator: {type: memory}",
              "  announce: {type: etcd, ttl: 60s}", "  source: {type: static, count: 1}",
+             *(["  health: {http: /, timeout: 2s}"] if health else []),
              "services:"] + [f"  {name}: {{}}" for name in names]
     path = folder / "bench.yaml"
     path.write_text("\n".join(lines) + "\n")
@@ -69,7 +83,7 @@ def build(store: Store, n: int, folder: Path):
     for name in names:
         store.put(keys.service(name, "desired"), "1")
     services = Builder(plugins, Context("bench", store, folder)).services(config)
-    return Reconciler(services=services, store=store, keys=keys), keys, names
+    return Reconciler(services=services, store=store, keys=keys, prober=prober), keys, names
 
 
 def one_pass(reconciler: Reconciler) -> None:
@@ -80,8 +94,78 @@ def one_pass(reconciler: Reconciler) -> None:
     assert not errors, errors[:3]
 
 
-def measure(label: str, store: Store, n: int, passes: int, folder: Path) -> None:
-    reconciler, keys, names = build(store, n, folder)
+HEALTH_SERVER = """
+import http.server, sys
+
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+class Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 1024
+    daemon_threads = True
+
+Server(("127.0.0.1", int(sys.argv[1])), Ok).serve_forever()
+"""
+
+
+def serve_health() -> tuple[subprocess.Popen[bytes], int]:
+    """A local HTTP server answering 200 to every probe, in a process of its own (its
+    work is not the agent's)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", HEALTH_SERVER, str(port)])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, port
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError("the health server did not start")
+
+
+def measure(label: str, store: Store, n: int, passes: int, folder: Path,
+            health: bool = False) -> None:
+    if health:
+        bare = time_passes(store, n, passes, folder)
+        server, MemoryActuator.port = serve_health()
+        try:
+            in_pass = time_passes(store, n, passes, folder, health=True)
+            prober = Prober()
+            try:
+                off = time_passes(store, n, passes, folder, health=True, prober=prober)
+            finally:
+                prober.close()
+        finally:
+            server.kill()
+            server.wait()
+            MemoryActuator.port = None
+        print(f"{label:10s} {n} services, health {{http: /}}: probing in the pass "
+              f"{in_pass * 1000:.1f} ms/pass, reading the prober's results "
+              f"{off * 1000:.1f} ms/pass (x{off / in_pass:.2f}) | no health block "
+              f"{bare * 1000:.1f} ms/pass: x{in_pass / bare:.1f} probing in the pass, "
+              f"x{off / bare:.2f} reading")
+        return
+    time_passes(store, n, passes, folder, label=label)
+
+
+def time_passes(store: Store, n: int, passes: int, folder: Path, *, health: bool = False,
+                prober: Prober | None = None, label: str | None = None) -> float:
+    reconciler, keys, names = build(store, n, folder, health=health, prober=prober)
+    if prober is not None:  # the agent's prober has looked at every instance once
+        reconciler.observe()
+        deadline = time.monotonic() + 120
+        while (any(prober.health(f"bench-{s}-0-v") is None for s in names)
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
     one_pass(reconciler)  # writes the announcements once
     times, trips = [], []
     for _ in range(passes):
@@ -99,14 +183,17 @@ def measure(label: str, store: Store, n: int, passes: int, folder: Path) -> None
         store.get(keys.service(name, "desired"))
     naive = time.perf_counter() - naive_started
     per_pass = statistics.median(times)
+    for runtime in reconciler.services.values():
+        if runtime.announcer:
+            runtime.announcer.close()
+    if label is None:
+        return per_pass
     print(f"{label:10s} {n} services: {per_pass * 1000:7.1f} ms/pass, "
           f"{statistics.median(trips):.0f} store round trips/pass | "
           f"x{per_pass / statistics.median(floor):.1f} one raw prefix read "
           f"({statistics.median(floor) * 1000:.1f} ms) | "
           f"x{per_pass / naive:.2f} of a read per service ({naive * 1000:.0f} ms, {n} trips)")
-    for runtime in reconciler.services.values():
-        if runtime.announcer:
-            runtime.announcer.close()
+    return per_pass
 
 
 def main() -> None:
@@ -114,12 +201,15 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=20)
     parser.add_argument("--no-etcd", action="store_true", help="embedded store only")
+    parser.add_argument("--health", action="store_true",
+                        help="with a health block: probing in the pass against the prober")
     args = parser.parse_args()
     from agent.store.embedded import EmbeddedStore
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        measure("embedded", EmbeddedStore(folder / "state.db"), args.services, args.passes, folder)
+        measure("embedded", EmbeddedStore(folder / "state.db"), args.services, args.passes,
+                folder, args.health)
         if args.no_etcd:
             return
         from agent.store.etcd2 import Etcd2Store
@@ -128,9 +218,9 @@ def main() -> None:
 
         with Etcd() as etcd:
             measure("etcd (v3)", Etcd3Store([etcd.endpoint], timeout=5), args.services,
-                    args.passes, folder)
+                    args.passes, folder, args.health)
             measure("etcd2", Etcd2Store([etcd.endpoint], timeout=5), args.services,
-                    args.passes, folder)
+                    args.passes, folder, args.health)
 
 
 if __name__ == "__main__":

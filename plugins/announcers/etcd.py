@@ -46,7 +46,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -62,6 +61,8 @@ from agent import (
     fill,
     hookimpl,
 )
+
+STRIPES = 64  # locks that order the writes of one key (a key maps to one of them)
 
 
 class EtcdAnnounceConfig(AnnouncerConfig):
@@ -83,7 +84,14 @@ class EtcdAnnounceConfig(AnnouncerConfig):
 
 
 class EtcdAnnouncer(Announcer):
-    """Writes healthy instances under their key on a kept-alive lease."""
+    """Writes healthy instances under their key on a kept-alive lease.
+
+    Its state (what is wanted, on which lease) sits behind a lock that is never
+    held across store I/O. Each key's writes are ordered by a lock of that key
+    (one of :data:`STRIPES`), taken only around that key's one put or delete: a
+    withdrawal waits at most for one put of its key, never for a whole sync, and
+    the keep-alive takes no lock at all, so a sync of 10,000 keys cannot starve it.
+    """
 
     type_name = "etcd"
     Config = EtcdAnnounceConfig
@@ -91,16 +99,22 @@ class EtcdAnnouncer(Announcer):
     def __init__(self, config: EtcdAnnounceConfig, context: Any) -> None:
         super().__init__(config, context)
         self.store = context.store
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()  # the state below; never held across store I/O
+        self._lease_lock = threading.Lock()  # held while a lease is granted (one at a time)
+        self._keys = [threading.Lock() for _ in range(STRIPES)]  # one key's put/delete order
         self._lease: Lease | None = None
         self._refreshed = 0.0  # monotonic time the lease was last known alive
-        self._wanted: dict[str, str] = {}  # key -> value as last synced
+        self._wanted: dict[str, str] = {}  # key -> value as last synced (or announced)
+        self._by_service: dict[str, set[str]] = {}  # service -> its wanted keys
         self._owned: set[str] = set()  # keys written on the current lease
         # instance name -> (service, its stop still under way): never announced meanwhile
         self._withdrawn: dict[str, tuple[str, bool]] = {}
         # instance name -> (service, when, key, value): announced by announce(), kept even by a
         # sync that does not list it (its pass looked earlier) until a sync lists it or a ttl
         self._held: dict[str, tuple[str, float, str, str]] = {}
+        # instance name -> (what its value depends on, key, value): built once per version
+        self._values: dict[str, tuple[tuple[Any, ...], str, str]] = {}
+        self._repairing = False
         self._pattern = _key_pattern(config.key)
         self._instance = re.compile(
             rf"{re.escape(context.cluster)}-(?P<service>.+)-[0-9]+-[0-9a-z]+")
@@ -129,6 +143,17 @@ class EtcdAnnouncer(Announcer):
         return json.dumps({"host": host, "port": port, "service": instance.service,
                            "instance": instance.name, "version": instance.version})
 
+    def _entry(self, instance: Instance, private: str | None) -> tuple[str, str]:
+        """``instance``'s key and value, from the cache while nothing they depend on changed
+        (an unchanged service costs no address parse and no JSON encoding)."""
+        basis = (instance.service, instance.host, instance.port, instance.version, private)
+        cached = self._values.get(instance.name)
+        if cached is not None and cached[0] == basis:
+            return cached[1], cached[2]
+        key, value = self.key(instance), self.value(instance)
+        self._values[instance.name] = (basis, key, value)
+        return key, value
+
     def _ours(self, key: str, services: dict[str, Any]) -> bool:
         """True if ``key`` announces an instance of this cluster and of one of ``services``."""
         match = self._pattern.fullmatch(key)
@@ -139,112 +164,183 @@ class EtcdAnnouncer(Announcer):
             return False
         return match.groupdict().get("service") in (None, instance["service"])
 
+    def _stripe(self, key: str) -> threading.Lock:
+        return self._keys[hash(key) % STRIPES]
+
     # -------------------------------------------------------------- lease
     def _current_lease(self) -> Lease:
-        if self._lease is None:
-            self._lease = self.store.lease(self.config.ttl)
-            self._refreshed = time.monotonic()
-            self._owned.clear()
-        return self._lease
+        lease = self._lease
+        if lease is not None:
+            return lease
+        with self._lease_lock:
+            if self._lease is None:
+                granted = self.store.lease(self.config.ttl)
+                with self._lock:
+                    self._lease, self._refreshed = granted, time.monotonic()
+                    self._owned.clear()
+            return self._lease
 
     def _keepalive(self) -> None:
+        """Refresh the lease every ttl / 3, taking no lock: nothing a sync does delays it.
+        Keys missing from the lease (the store was away) are written again on a thread of
+        their own."""
         while not self._stop.wait(self.config.ttl / 3):
+            lease = self._lease
+            try:
+                if lease is not None:
+                    lease.refresh()
+                    self._refreshed = time.monotonic()
+            except NotLeading:
+                self._deposed()
+                continue
+            except StoreError as exc:
+                self.context.log.warning("announcements: %s", exc)
+                self._check_lease(exc, lease)
             with self._lock:
-                try:
-                    if self._lease is not None:
-                        self._lease.refresh()
-                        self._refreshed = time.monotonic()
-                    if self._wanted.keys() - self._owned:
-                        self._write_missing(None)  # the store is back: announce again now
-                except NotLeading:
-                    # deposed (or paused past its lease): keep nothing alive, re-put nothing;
-                    # the next leader's first sync decides what is announced
-                    self._lease = None
-                    self._wanted.clear()
-                    self._owned.clear()
-                    self._held.clear()
-                except StoreError as exc:
-                    self.context.log.warning("announcements: %s", exc)
-                    self._check_lease(exc)
+                missing = bool(self._wanted.keys() - self._owned) and not self._repairing
+                self._repairing = self._repairing or missing
+            if missing:
+                threading.Thread(target=self._repair, name="announce-repair",
+                                 daemon=True).start()
 
-    def _check_lease(self, exc: StoreError) -> None:
-        """Give the lease up if it has certainly expired: a new one comes next time."""
-        if self._lease is None:
-            return
-        text = str(exc)
-        if ("expired" in text or "not found" in text
-                or time.monotonic() - self._refreshed >= self.config.ttl):
+    def _repair(self) -> None:
+        """Write each wanted key not on the current lease (the store is back: announce
+        again now, without waiting for a pass)."""
+        try:
+            with self._lock:
+                missing = [k for k in self._wanted if k not in self._owned]
+            self._write(missing)
+        except NotLeading:
+            self._deposed()
+        except StoreError as exc:
+            self.context.log.warning("announcements: %s", exc)
+        finally:
+            with self._lock:
+                self._repairing = False
+
+    def _deposed(self) -> None:
+        """Deposed (or paused past its lease): keep nothing alive, re-put nothing; the next
+        leader's first sync decides what is announced."""
+        with self._lock:
             self._lease = None
+            self._wanted.clear()
+            self._by_service.clear()
             self._owned.clear()
+            self._held.clear()
 
-    def _write_missing(self, existing: dict[str, str] | None) -> None:
-        """Write each wanted key not on our lease or not as it should read.
+    def _check_lease(self, exc: StoreError, lease: Lease | None) -> None:
+        """Give ``lease`` up if it has certainly expired: a new one comes next time."""
+        text = str(exc)
+        with self._lock:
+            if lease is None or self._lease is not lease:
+                return
+            if ("expired" in text or "not found" in text
+                    or time.monotonic() - self._refreshed >= self.config.ttl):
+                self._lease = None
+                self._owned.clear()
 
-        With ``existing`` None (no fresh read), only keys not yet on our lease.
-        """
-        lease = self._current_lease()
-        for key, value in self._wanted.items():
-            if key not in self._owned or (existing is not None and existing.get(key) != value):
-                self.store.put(key, value, lease=lease)
-                self._owned.add(key)
+    # -------------------------------------------------------------- writes
+    def _put(self, key: str, existing: dict[str, str] | None = None) -> None:
+        """Write ``key`` as it is wanted now, unless it already reads so on our lease (one
+        put, in order with the other writes of that key; a key no longer wanted is left)."""
+        with self._stripe(key):
+            with self._lock:
+                value = self._wanted.get(key)
+                if value is None or (key in self._owned and (existing is None
+                                                             or existing.get(key) == value)):
+                    return
+            for attempt in (1, 2):  # once more on a new lease if the lease had expired
+                lease = self._current_lease()
+                try:
+                    self.store.put(key, value, lease=lease)
+                    break
+                except NotLeading:
+                    raise
+                except StoreError as exc:
+                    self._check_lease(exc, lease)
+                    if attempt == 2 or self._lease is not None:
+                        raise
+            with self._lock:
+                if self._lease is lease:
+                    self._owned.add(key)
+
+    def _write(self, keys: list[str], existing: dict[str, str] | None = None) -> None:
+        for key in keys:
+            self._put(key, existing)
+
+    def _delete(self, key: str, *, unless_wanted: bool) -> None:
+        """Delete ``key`` (a stale one only if it is still not wanted when its turn comes)."""
+        with self._stripe(key):
+            with self._lock:
+                if unless_wanted and key in self._wanted:
+                    return
+                self._owned.discard(key)
+            self.store.delete(key)
 
     # -------------------------------------------------------------- role
     def sync(self, healthy: dict[str, list[Instance]]) -> None:
-        """Make the announced set of each service in ``healthy`` equal its healthy instances."""
+        """Make the announced set of each service in ``healthy`` equal its healthy instances
+        (only those services: a single one's, after its health changed, leaves the others)."""
         prefixes = {service: self.service_prefix(service) for service in healthy}
+        private = os.environ.get("COREOS_PRIVATE_IPV4")
         with self._lock:
             # A pass works from what it saw when it looked, perhaps before a deploy withdrew or
-            # announced an instance: a withdrawal holds until the stop ended and a pass no
-            # longer sees the instance; an announcement until a pass sees it (or a ttl passed).
+            # announced an instance: a withdrawal holds until the stop ended and a sync no
+            # longer lists the instance; an announcement until a sync lists it (or a ttl).
             seen = {i.name for items in healthy.values() for i in items}
             now = time.monotonic()
             self._withdrawn = {name: (service, stopping)
                                for name, (service, stopping) in self._withdrawn.items()
                                if stopping or name in seen or service not in healthy}
             self._held = {name: held for name, held in self._held.items()
-                          if name not in seen and now - held[1] < self.config.ttl}
-            wanted = {self.key(i): self.value(i) for items in healthy.values() for i in items
-                      if i.name not in self._withdrawn}
-            wanted.update({key: value for _, _, key, value in self._held.values()})
-            common = os.path.commonprefix(list(prefixes.values()))
-            if len(common.rstrip("/")) > 0:
-                existing = {k: e.value for k, e in self.store.get_prefix(common).items()}
-            else:  # templates share no prefix: read each service's own
-                existing = {}
-                for prefix in prefixes.values():
-                    existing.update({k: e.value for k, e in self.store.get_prefix(prefix).items()})
-            self._wanted = wanted
-            # the new first, then the stale: the announced set never dips on the way
-            self._retrying(lambda: self._write_missing(existing))
-            for key in existing:
-                if key not in wanted and self._ours(key, healthy):
-                    self.store.delete(key)
-                    self._owned.discard(key)
-
-    def _retrying(self, write: Callable[[], None]) -> None:
-        """``write()``, once more on a new lease if the lease had expired."""
-        try:
-            write()
-        except StoreError as exc:
-            self._check_lease(exc)
-            if self._lease is not None:
-                raise
-            write()
+                          if held[0] not in healthy
+                          or (name not in seen and now - held[1] < self.config.ttl)}
+            held: dict[str, dict[str, str]] = {}
+            for service, _, key, value in self._held.values():
+                held.setdefault(service, {})[key] = value
+            wanted: dict[str, str] = {}
+            for service, items in healthy.items():
+                mine = dict(self._entry(i, private) for i in items
+                            if i.name not in self._withdrawn)
+                mine.update(held.get(service, {}))
+                for gone in self._by_service.get(service, set()) - mine.keys():
+                    self._wanted.pop(gone, None)
+                self._wanted.update(mine)
+                self._by_service[service] = set(mine)
+                wanted.update(mine)
+            names = seen | {name for name, (service, _) in self._withdrawn.items()
+                            if service in healthy}
+            for name in [n for n, (basis, _, _) in self._values.items()
+                         if basis[0] in healthy and n not in names]:
+                del self._values[name]
+        common = os.path.commonprefix(list(prefixes.values()))
+        if len(common.rstrip("/")) > 0:
+            existing = {k: e.value for k, e in self.store.get_prefix(common).items()}
+        else:  # templates share no prefix: read each service's own
+            existing = {}
+            for prefix in prefixes.values():
+                existing.update({k: e.value for k, e in self.store.get_prefix(prefix).items()})
+        # the new first, then the stale: the announced set never dips on the way
+        with self._lock:
+            owned = set(self._owned)
+        self._write([k for k, v in wanted.items() if k not in owned or existing.get(k) != v],
+                    existing)
+        with self._lock:
+            stale = [k for k in existing if k not in self._wanted and self._ours(k, healthy)]
+        for key in stale:
+            self._delete(key, unless_wanted=True)
 
     def announce(self, instance: Instance) -> None:
         """Write ``instance``'s key now (it just passed its health check); it ends a
         withdrawal of that name, and no sync of a pass that looked earlier removes it."""
-        key, value = self.key(instance), self.value(instance)
         with self._lock:
+            key, value = self._entry(instance, os.environ.get("COREOS_PRIVATE_IPV4"))
             self._withdrawn.pop(instance.name, None)
             self._held[instance.name] = (instance.service, time.monotonic(), key, value)
             self._wanted[key] = value
-
-            def write() -> None:
-                self.store.put(key, value, lease=self._current_lease())
-                self._owned.add(key)
-
-            self._retrying(write)
+            self._by_service.setdefault(instance.service, set()).add(key)
+            self._owned.discard(key)  # written again whatever it reads now
+        self._put(key)
 
     def withdraw(self, instance: Instance) -> None:
         """Remove ``instance``'s key (before it is stopped); StoreError if the store is away."""
@@ -253,8 +349,8 @@ class EtcdAnnouncer(Announcer):
             self._withdrawn[instance.name] = (instance.service, True)
             self._held.pop(instance.name, None)
             self._wanted.pop(key, None)
-            self._owned.discard(key)
-            self.store.delete(key)
+            self._by_service.get(instance.service, set()).discard(key)
+        self._delete(key, unless_wanted=False)
 
     def stopped(self, instance: Instance, gone: bool) -> None:
         """The stop after :meth:`withdraw` ended: the withdrawal lasts until a pass no longer

@@ -416,3 +416,139 @@ def test_a_watched_pass_reads_only_what_changed_and_resyncs_at_interval(
     settle(loop)
     eventually(lambda: not live(tmp_path, "other"), 30, "other to stop at the resync")
     assert loop.reconciler.full_reads == reads + 1
+
+
+# A web server that answers once the file `ready` exists and stops answering (while its
+# instance keeps running) once `sick` exists.
+HEALTH = """
+agent: {{cluster: loop, interval: 60s}}
+services:
+  web:
+    command: [sh, -c, "while [ ! -e {tmp}/ready ]; do sleep 0.02; done;
+              python3 -m http.server {{port}} --bind 127.0.0.1 & while [ ! -e {tmp}/sick ];
+              do sleep 0.05; done; kill $!; exec sleep 300"]
+    port: {port}
+    health: {{http: /, timeout: 1s, interval: 200ms}}
+    source: {{type: static, count: 1}}
+    actuator: {{type: process}}
+    announce: {{type: etcd, ttl: 30s, drain: {drain}}}
+"""
+
+
+def health_yaml(tmp_path: Path, drain: str = "0s") -> str:
+    return HEALTH.format(tmp=tmp_path, port=port_block(1), drain=drain)
+
+
+def started(loop: Loop) -> Instance:
+    """Settle, then the one running instance of web once a probe has looked at it."""
+    settle(loop)
+    (instance,) = eventually(lambda: loop.reconciler.views["web"].running, 20, "web running")
+    eventually(lambda: loop.prober.health(instance.name) is not None, 20, "a first probe")
+    return instance
+
+
+def test_an_instance_is_announced_when_it_passes_and_withdrawn_when_it_fails_with_no_pass(
+        make_loop, embedded_store, tmp_path):
+    loop = make_loop(health_yaml(tmp_path))
+    instance = started(loop)
+    assert not embedded_store.get_prefix("/services/web/")
+    passes = loop.passes
+    (tmp_path / "ready").touch()
+    ready = time.monotonic()
+    eventually(lambda: embedded_store.get_prefix("/services/web/"), 20, "the announcement")
+    took = time.monotonic() - ready
+    assert json.loads(embedded_store.get(f"/services/web/{instance.name}").value)["port"] \
+        == instance.port
+    (tmp_path / "sick").touch()
+    eventually(lambda: not embedded_store.get_prefix("/services/web/"), 20, "the withdrawal")
+    # no pass ran in between (the interval is 60 s and nothing woke the loop): the probe did
+    assert loop.passes == passes
+    assert len(live(tmp_path, "web")) == 1  # still running: only its health changed
+    print(f"announced {took * 1000:.0f} ms after `ready` (a python3 start included)")
+
+
+def test_a_probe_that_hangs_does_not_delay_passes(make_loop, tmp_path):
+    loop = make_loop(UNHEALTHY.format(port=port_block(1)).replace(
+        '[sleep, "300"]',
+        '''[python3, -c, "import socket, time; s = socket.socket();
+            s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(300)"]''').replace(
+        "health: {http: /}", "health: {http: /, timeout: 20s}"))
+    settle(loop)
+    (instance,) = eventually(lambda: loop.reconciler.views["web"].running, 20, "web running")
+
+    def hanging() -> bool:  # it listens, never answers: the probe waits out its 20 s
+        target = loop.prober._in_flight.get(instance.name)
+        return target is not None and time.monotonic() - target.started > 0.5
+
+    eventually(hanging, 20, "a probe hanging on the instance")
+    probe = loop.prober._in_flight[instance.name].token
+    passes, began = loop.passes, time.monotonic()
+    for _ in range(5):
+        loop.run_pass()
+    assert loop.passes == passes + 5
+    assert time.monotonic() - began < 10, "the passes waited for the probe"
+    assert loop.prober._in_flight[instance.name].token == probe  # the same probe, still hung
+    assert loop.reconciler.views["web"].healthy == []  # not healthy yet, as before
+
+
+def test_a_deposed_agents_probes_announce_nothing(embedded_store, shipmate_plugins,
+                                                   load_test_config, tmp_path):
+    from agent.leader import FencedStore
+
+    config = load_test_config(health_yaml(tmp_path))
+    keys = Keys(config.key_prefix)
+    leadership = Leadership(embedded_store, keys.leader)
+    fenced = FencedStore(embedded_store, leadership)  # as the agent writes
+    builder = Builder(shipmate_plugins, Context("loop", fenced, tmp_path))
+    loop = Loop(store=fenced, keys=keys, services=builder.services(config),
+                leadership=leadership, settings=Settings.from_config(config.agent),
+                clock=Clock())
+    other = Leadership(embedded_store, keys.leader)
+    try:
+        loop.turn()
+        loop.poll_now("web")
+        loop.pass_wanted = True
+        started(loop)
+        # another agent takes over (this one's lease ran out while it was paused, say)
+        embedded_store.delete(keys.leader)
+        assert other.campaign()
+        seen = []
+        handler = loop.prober.on_change
+
+        def recorded(instance: Instance, healthy: bool, was: bool | None) -> None:
+            try:
+                assert handler is not None
+                handler(instance, healthy, was)
+            finally:
+                seen.append(healthy)
+
+        loop.prober.on_change = recorded
+        (tmp_path / "ready").touch()
+        eventually(lambda: True in seen, 20, "the probe to see it pass, and its handler to end")
+        eventually(loop.health_synced, 10, "the change handled")
+        assert embedded_store.get_prefix("/services/web/") == {}
+    finally:
+        other.resign()
+        loop.close()
+        leadership.resign()
+        builder.close()
+        kill_recorded(tmp_path)
+
+
+def test_a_late_probe_result_does_not_announce_an_instance_being_stopped(
+        make_loop, embedded_store, tmp_path):
+    loop = make_loop(health_yaml(tmp_path, drain="3s"))
+    (tmp_path / "ready").touch()
+    instance = started(loop)
+    key = f"/services/web/{instance.name}"
+    eventually(lambda: embedded_store.get(key), 20, "the announcement")
+    embedded_store.put(loop.keys.service("web", "override"), "0")
+    loop.pass_wanted = True
+    loop.turn()  # withdraws, drains 3 s, then stops
+    eventually(lambda: embedded_store.get(key) is None, 10, "the withdrawal")
+    loop._health_changed(instance, True, False)  # a probe that saw it pass, reported late
+    eventually(loop.health_synced, 10, "the change handled")
+    assert embedded_store.get(key) is None
+    assert len(live(tmp_path, "web")) == 1, "stopped before the drain was over"
+    eventually(lambda: not live(tmp_path, "web"), 20, "the stop")
+    assert embedded_store.get(key) is None

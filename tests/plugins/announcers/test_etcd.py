@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ import pytest
 from agent import Context, Instance
 from agent.config import ConfigError, StoreConfig
 from agent.store import Store, open_store
+from agent.store.embedded import EmbeddedStore
 from plugins.announcers.etcd import EtcdAnnounceConfig, EtcdAnnouncer
 from tests.helpers import eventually, port_block
 from tests.services import Dockerd, Etcd
@@ -493,3 +495,51 @@ def test_drain_is_an_announce_key_with_a_2s_default(load_test_config):
     assert load_test_config(base % "{type: etcd, drain: 0}").services["web"].announce.drain == 0
     with pytest.raises(ConfigError, match="drain"):
         load_test_config(base % "{type: etcd, drain: -1s}")
+
+
+class SlowPuts(EmbeddedStore):
+    """The embedded store with a slow network in front of its puts (a big first sync)."""
+
+    delay = 0.0
+    puts = 0
+
+    def put(self, key: str, value: str, **kwargs: Any) -> int:
+        time.sleep(self.delay)
+        self.puts += 1
+        return super().put(key, value, **kwargs)
+
+
+def test_a_long_sync_starves_neither_the_lease_nor_a_withdrawal(tmp_path, monkeypatch):
+    store = SlowPuts(tmp_path / "slow.db")
+    ann = EtcdAnnouncer(EtcdAnnounceConfig(ttl="2s"), Context("t", store, tmp_path))
+    try:
+        web = [web_instance(slot) for slot in range(300)]
+        store.delay = 0.01  # 300 puts: 3 s and more, past the 2 s lease
+        done = threading.Event()
+        began = time.monotonic()
+        threading.Thread(target=lambda: (ann.sync({"web": web}), done.set()),
+                         daemon=True).start()
+        first, last = "/services/web/t-web-0-abc", "/services/web/t-web-299-abc"
+        eventually(lambda: store.get(first), 10, "the first key")
+        asked = time.monotonic()
+        ann.withdraw(web[299])  # its stop begins meanwhile: it waits for no sync
+        assert time.monotonic() - asked < 1.0
+        while not done.is_set():
+            assert store.get(first) is not None, "the lease ran out during the sync"
+            time.sleep(0.1)
+        assert time.monotonic() - began > 2.5  # the sync did outlast the lease's ttl
+        keys = set(store.get_prefix("/services/web/"))
+        assert len(keys) == 299 and last not in keys
+
+        # an unchanged service costs nothing: no put, and no value is built again
+        built = []
+        value = EtcdAnnouncer.value
+        monkeypatch.setattr(EtcdAnnouncer, "value",
+                            lambda self, i: built.append(i) or value(self, i))
+        store.puts = 0
+        ann.sync({"web": web})
+        assert store.puts == 0 and built == []
+        assert len(store.get_prefix("/services/web/")) == 299
+    finally:
+        ann.close()
+        store.close()
