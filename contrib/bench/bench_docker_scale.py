@@ -12,9 +12,9 @@ Starts its own dockerd and etcd (tests/services.py) and, in the same run:
 
 and prints each time and its ratio to the pool of the same width (goal: at most
 1.15), and to the sequential loop (what more workers buy). Then, with the whole
-agent running, the median time from ``etcdctl put .../override 1`` to the first container created
-(goal: under 300 ms), over several trials, against a raw watch on a key that
-runs the same container at once (the floor).
+agent running, the median time from ``etcdctl put .../override 1`` to the first
+container created (goal: under 300 ms), over several trials, against a raw watch
+on a key that runs the same container at once (the floor).
 
     python3 contrib/bench/bench_docker_scale.py [--count 20] [--rounds 5] [--trials 7]
 """

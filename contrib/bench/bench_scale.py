@@ -152,7 +152,20 @@ def child(config: Path) -> None:
             runtime.actuator.start(runtime.spec(0, runtime.yaml_release))
     loop, store = agent.loop, agent.store
     done = threading.Condition()
-    passes: list[tuple[float, float, int, bool]] = []  # (began, seconds, trips, ok)
+    passes: list[tuple[float, float, int, int, bool]] = []  # began, seconds, trips, all, ok
+    own = [0]  # store calls made by the pass: on the loop's thread and its health pool
+
+    def counted(call: Callable[..., Any]) -> Callable[..., Any]:
+        def calling(*args: Any, **kwargs: Any) -> Any:
+            thread = threading.current_thread()
+            if thread is threading.main_thread() or thread.name.startswith("ThreadPool"):
+                own[0] += 1
+            return call(*args, **kwargs)
+        return calling
+
+    for method in ("get", "get_prefix", "put", "create", "replace", "delete", "lease_left",
+                   "lease", "watch"):
+        setattr(store, method, counted(getattr(store, method)))
     polls = [0, 0.0]  # completed, when the last one ended
     reloads = [0]
     starts: list[float] = []
@@ -161,14 +174,15 @@ def child(config: Path) -> None:
     inner_pass = loop._pass
 
     def timed_pass() -> None:
-        began, trips, t0 = time.time(), store.round_trips, time.perf_counter()
+        began, trips, mine, t0 = time.time(), store.round_trips, own[0], time.perf_counter()
         ok = False
         try:
             inner_pass()
             ok = True
         finally:
             with done:
-                passes.append((began, time.perf_counter() - t0, store.round_trips - trips, ok))
+                passes.append((began, time.perf_counter() - t0, own[0] - mine,
+                               store.round_trips - trips, ok))
                 done.notify_all()
 
     inner_poll = loop.poll_now
@@ -213,7 +227,8 @@ def child(config: Path) -> None:
 
     def a_pass_after(t: float, timeout: float) -> dict[str, Any]:
         got = wait(lambda: next((p for p in passes if p[0] >= t), None), timeout)
-        return {"seconds": got[1], "trips": got[2], "ok": got[3]} if got else {"ok": False}
+        return ({"seconds": got[1], "trips": got[2], "all": got[3], "ok": got[4]} if got
+                else {"ok": False})
 
     def answer(line: str) -> dict[str, Any]:
         command, *args = line.split()
@@ -238,7 +253,7 @@ def child(config: Path) -> None:
         if command == "stats":
             with done:
                 return {"trips": store.round_trips, "starts": list(starts), "stops": stops[0],
-                        "failed_passes": sum(not p[3] for p in passes)}
+                        "failed_passes": sum(not p[4] for p in passes)}
         if command == "quit":
             agent.stop()
             return {"ok": True}
@@ -440,6 +455,7 @@ class Run:
         self.rows: list[tuple[str, str, str]] = []
         self.width = 4
         self.port = 0
+        self.floor: subprocess.Popen[str] | None = None
 
     def row(self, what: str, value: str, versus: str) -> None:
         self.rows.append((what, value, versus))
@@ -494,6 +510,9 @@ class Run:
         finally:
             agent.stop()
             kill_instances(self.cluster)
+            if self.floor is not None and self.floor.poll() is None:
+                self.floor.kill()
+                self.floor.wait()
             self.store.close()
 
     def start_floor(self, writes: int) -> dict[str, Any]:
@@ -513,7 +532,7 @@ class Run:
         return {"seconds": got["at"] - spawned, "trips": got["trips"]}
 
     def passes(self, agent: Child, what: str, probes: bool = False) -> None:
-        times, trips, floor = [], [], []
+        times, trips, others, floor = [], [], [], []
         count = self.args.passes if self.n < 10_000 and not probes else min(self.args.passes, 3)
         for _ in range(count):
             got = agent.ask(f"pass {self.timeout()}")
@@ -522,6 +541,7 @@ class Run:
                 return
             times.append(got["seconds"])
             trips.append(got["trips"])
+            others.append(got["all"] - got["trips"])
             t0 = time.perf_counter()
             for prefix in self.prefixes:
                 self.store.get_prefix(prefix)
@@ -534,12 +554,13 @@ class Run:
             floor_text += (f" + {self.n} raw probes on {HEALTH_WORKERS} threads "
                            f"{each * self.n * 1000:.0f} ms")
         self.row(what, f"{took * 1000:.0f} ms, {statistics.median(trips):.0f} trips",
-                 f"x{took / base:.1f} {floor_text}")
+                 f"x{took / base:.1f} {floor_text}; meanwhile {statistics.median(others):.0f} "
+                 "trips by other threads")
 
     def idle(self, agent: Child, floor: dict[str, Any]) -> None:
         pid, window = agent.process.pid, self.args.idle
         rev, trips, cpu = revision(self.store), agent.ask("stats")["trips"], cpu_seconds(pid)
-        assert self.floor.stdin and self.floor.stdout
+        assert self.floor and self.floor.stdin and self.floor.stdout
         self.floor.stdin.write("go\n")
         self.floor.stdin.flush()
         time.sleep(window)
