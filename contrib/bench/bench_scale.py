@@ -107,7 +107,9 @@ def config_text(cluster: str, folder: Path, backend: str, endpoint: str, n: int,
                 health: bool, port: int, width: int, poll: float) -> str:
     store = (f'{{backend: etcd, endpoints: ["{endpoint}"]}}' if backend == "etcd"
              else f"{{backend: embedded, path: {folder}/state.db}}")
-    announce = f"type: etcd, ttl: 60s, key: '/announce/{cluster}/{{service}}/{{instance}}'"
+    # one announcer for all (one prefix read a pass); no drain: no wait between the trials
+    announce = (f"type: etcd, ttl: 60s, key: '/announce/{cluster}/{{service}}/{{instance}}', "
+                "drain: 0s")
     lines = [
         "agent:",
         f"  cluster: {cluster}",
@@ -127,7 +129,6 @@ def config_text(cluster: str, folder: Path, backend: str, endpoint: str, n: int,
         f"    command: [busybox, httpd, -f, -p, '{{port}}', -h, {folder / WWW}]",
         f"    port: {port}",
         "    actuator: {type: process}",
-        f"    announce: {{{announce}, drain: 0s}}",  # no wait between the trials
         f"    source: {{type: static, count: 0, interval: {poll}s}}",
         f"    policy: {{max: {width}}}",
         "    health: {http: /, timeout: 2s}",
@@ -554,8 +555,8 @@ class Run:
             floor_text += (f" + {self.n} raw probes on {HEALTH_WORKERS} threads "
                            f"{each * self.n * 1000:.0f} ms")
         self.row(what, f"{took * 1000:.0f} ms, {statistics.median(trips):.0f} trips",
-                 f"x{took / base:.1f} {floor_text}; meanwhile {statistics.median(others):.0f} "
-                 "trips by other threads")
+                 f"x{took / base:.1f} {floor_text} (other threads meanwhile: "
+                 f"{statistics.median(others):.0f} trips)")
 
     def idle(self, agent: Child, floor: dict[str, Any]) -> None:
         pid, window = agent.process.pid, self.args.idle
