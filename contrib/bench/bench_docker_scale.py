@@ -5,10 +5,10 @@ Starts its own dockerd and etcd (tests/services.py) and, in the same run:
 - the floor of each width: docker SDK ``containers.run`` then ``remove(force=True)``
   calls on a thread pool as wide as the agent's ``parallelism`` (width 1: one
   container after the other);
-- the agent's reconcile passes (observe, plan, apply, announce; the etcd store,
-  the docker actuator, the etcd announcer, an HTTP health check) driven by an
+- a running agent (``Agent.run`` in a thread: the etcd store, the docker
+  actuator, the etcd announcer with no drain, an HTTP health check) driven by an
   ``override`` in etcd, with the actuator's ``parallelism`` at 1 and above, until
-  a pass finds nothing left to do;
+  the engine runs that many containers and nothing is left in flight;
 
 and prints each time and its ratio to the pool of the same width (goal: at most
 1.15), and to the sequential loop (what more workers buy). Then, with the whole
@@ -36,12 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent.config import load_config  # noqa: E402
-from agent.keys import Keys  # noqa: E402
-from agent.kinds import Context  # noqa: E402
-from agent.plugins import load_plugins  # noqa: E402
-from agent.reconcile import Reconciler  # noqa: E402
-from agent.runtime import Agent, Builder, connect  # noqa: E402
+from agent.runtime import Agent  # noqa: E402
 from tests.helpers import port_block  # noqa: E402
 from tests.services import Dockerd, Etcd  # noqa: E402
 
@@ -60,7 +55,7 @@ services:
     health: {{http: /, timeout: 1s}}
     source: {{type: static, count: 0, interval: 60s}}
     actuator: {{type: docker, host: "{host}", init: true, parallelism: {parallelism}}}
-    announce: {{type: etcd, ttl: 30s}}
+    announce: {{type: etcd, ttl: 30s, drain: 0s}}
 """
 
 
@@ -85,47 +80,43 @@ def floor(dockerd: Dockerd, count: int, port: int, width: int = 1) -> tuple[floa
 
 def through_reconcile(dockerd: Dockerd, etcd: Etcd, folder: Path, count: int, port: int,
                       parallelism: int, cluster: str) -> tuple[float, float, int]:
-    """Seconds of reconcile passes for 0 -> count and count -> 0; engine calls going up."""
+    """Seconds for a running agent to go 0 -> count and count -> 0 after an ``override`` (until
+    the engine runs that many containers and nothing is left in flight); engine calls going
+    up."""
     path = folder / f"{cluster}.yaml"
     path.write_text(CONFIG.format(cluster=cluster, endpoint=etcd.endpoint, folder=folder,
                                   image=Dockerd.WEB_V1, command=Dockerd.WEB_COMMAND,
                                   port=port, host=dockerd.host,
                                   parallelism=parallelism))
-    plugins = load_plugins()
-    config = load_config(path, plugins)
-    store = connect(config)
-    keys = Keys(config.key_prefix)
-    builder = Builder(plugins, Context(cluster=cluster, store=store, state_dir=folder))
-    services = builder.services(config)
-    reconciler = Reconciler(services=services, store=store, keys=keys,
-                            grace=config.agent.grace, parallelism=config.agent.parallelism)
-    actuator = services["web"].actuator
+    agent = Agent(path)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    api, label = dockerd.client().api, f"shipmate.cluster={cluster}"
+    actuation, override = agent.loop.actuation, agent.keys.service("web", "override")
 
     def settle(n: int) -> float:
-        store.put(keys.service("web", "override"), str(n))
         started = time.perf_counter()
-        while True:
-            views = reconciler.observe()
-            actions = reconciler.plan(views)
-            if not actions:
-                return time.perf_counter() - started
-            errors = reconciler.apply(actions)
-            errors += reconciler.announce(views, {a.instance.name for a in actions
-                                                  if a.instance is not None})
-            if errors:
-                raise RuntimeError("; ".join(errors))
+        agent.store.put(override, str(n))
+        wait_for(lambda: not actuation.in_flight and not actuation.pending and len(
+            api.containers(filters={"label": label, "status": "running"})) == n
+            and len(api.containers(all=True, filters={"label": label})) == n,
+                 120, f"{n} containers of {cluster}")
+        return time.perf_counter() - started
 
     try:
-        reconciler.observe()  # connect first, as a running agent has
+        wait_for(lambda: agent.leadership.is_leader, 10, "the agent leads")
+        actuator = agent.services["web"].actuator
         calls = actuator.api_calls
         up = settle(count)
         calls = actuator.api_calls - calls
         down = settle(0)
         return up, down, calls
     finally:
-        builder.close()
-        store.delete(keys.service("web", "override"))
-        store.close()
+        agent.store.delete(override)
+        agent.stop()
+        thread.join(15)
+        for row in api.containers(all=True, filters={"label": label}):
+            api.remove_container(row["Id"], force=True)
 
 
 def override_latency(dockerd: Dockerd, etcd: Etcd, folder: Path, trials: int,
