@@ -234,12 +234,13 @@ def child(config: Path) -> None:
     def answer(line: str) -> dict[str, Any]:
         command, *args = line.split()
         timeout = float(args[0]) if args else 600.0
-        if command == "ready":
+        if command == "ready":  # every source polled, then a whole pass: within timeout
+            deadline = time.monotonic() + timeout
             if not wait(lambda: polls[0] >= total, timeout):
                 return {"ok": False, "polls": polls[0], "trips": store.round_trips}
-            after = a_pass_after(polls[1], timeout)
+            after = a_pass_after(polls[1], max(0.0, deadline - time.monotonic()))
             return {"ok": after["ok"], "at": time.time(), "trips": store.round_trips,
-                    "width": width}
+                    "width": width, "polls": polls[0]}
         if command == "pass":
             began = time.time()
             loop.request_pass()
@@ -485,8 +486,8 @@ class Run:
             ready = agent.ask(f"ready {self.timeout()}")
             if not ready["ok"]:
                 self.row("start-up", f"not ready in {self.timeout():.0f} s",
-                         f"{ready.get('polls', 0)} of {self.n + 1} polls done, "
-                         f"{ready['trips']} trips; log: {agent.tail(1)[:100]}")
+                         f"{ready.get('polls', 0)} of {self.n + 1} polls done, then no "
+                         f"whole pass; {ready['trips']} trips; log: {agent.tail(1)[:100]}")
                 return
             self.width = ready["width"]
             startup, trips = ready["at"] - agent.spawned, ready["trips"]
