@@ -57,3 +57,11 @@ def kill_instances(cluster: str) -> None:
                 os.killpg(int(entry.name), signal.SIGKILL)
         except OSError:
             continue
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of ``pid``, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")

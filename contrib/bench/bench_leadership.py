@@ -3,15 +3,16 @@
 Starts a real etcd (from tests/services.py) and two ``shipmate run`` agents on
 it (process actuator, ``sleep`` instances), then, for each way the leader can
 go, measures the time from the event to the standby holding the leader key,
-and prints it against ``agent.leader_ttl`` (the baseline: what a lease-based
-takeover cannot beat unless the leader resigns):
+and prints it against a floor of the same shape measured in the same run (two
+raw store clients: one holds a key on a lease, the other watches it and creates
+it as soon as it is gone), and against ``agent.leader_ttl``:
 
-- clean stop (SIGTERM: the leader deletes its key);
+- clean stop (SIGTERM: the leader deletes its key; floor: the raw holder deletes it);
 - kill -9 (both agents run on this host, so the standby sees its predecessor's pid
   gone and takes over at its next campaign, a third of the lease at most; across
-  hosts the lease must expire first);
+  hosts the lease must expire first; floor: the raw holder's lease runs out);
 - SIGSTOP (a frozen leader: the lease must expire; the frozen one acts on
-  nothing when it continues).
+  nothing when it continues; floor: the raw holder's lease runs out).
 
 It also prints the CPU of the idle standby and of the idle leader.
 
@@ -27,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -43,6 +45,7 @@ from agents import (  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
 
+from agent.store import WatchEvent  # noqa: E402
 from tests.services import Etcd  # noqa: E402
 
 CONFIG = """
@@ -57,6 +60,40 @@ services:
     source: {{type: static, count: 1}}
     actuator: {{type: process}}
 """
+
+
+def raw_takeover(etcd: Etcd, ttl: float, expire: bool) -> float:
+    """Seconds from a raw holder deleting its key (or, ``expire``, refreshing its lease for
+    the last time) to a raw watcher having created it on a lease of its own."""
+    from agent.store.etcd3 import Etcd3Store
+
+    holder, taker = Etcd3Store([etcd.endpoint]), Etcd3Store([etcd.endpoint])
+    key, took, when = "/bench-floor/leader", threading.Event(), []
+    try:
+        held, mine = holder.lease(ttl), taker.lease(20 * ttl)  # outlives the wait
+        assert holder.create(key, "holder", lease=held), "the floor's key exists"
+
+        def gone(events: list[WatchEvent]) -> None:
+            if any(e.key == key and e.value is None for e in events) and taker.create(
+                    key, "taker", lease=mine):
+                when.append(time.monotonic())
+                took.set()
+
+        watch = taker.watch(key, gone)
+        time.sleep(0.3)  # the watch is open
+        if expire:
+            held.refresh()
+        start = time.monotonic()
+        if not expire:
+            holder.delete(key)
+        if not took.wait(10 * ttl):
+            raise SystemExit("the floor's watcher never took the key")
+        watch.cancel()
+        mine.revoke()
+        return when[0] - start
+    finally:
+        holder.close()
+        taker.close()
 
 
 def leader(etcd: Etcd) -> int | None:
@@ -109,10 +146,16 @@ def main() -> None:
                     agents = [standby, fresh()]  # a fresh standby for the next round
                     time.sleep(2)
             ttl = args.ttl
+            floors = {False: statistics.median(raw_takeover(etcd, ttl, False)
+                                               for _ in range(args.rounds)),
+                      True: statistics.median(raw_takeover(etcd, ttl, True)
+                                              for _ in range(args.rounds))}
             for how, values in times.items():
-                median = statistics.median(values)
+                median, floor = statistics.median(values), floors[how != "clean stop"]
+                shape = "deletes its key" if how == "clean stop" else "lets its lease lapse"
                 print(f"takeover after {how:10s}: median {median:5.2f} s over {len(values)} "
-                      f"= x{median / ttl:.2f} of the {ttl:g} s lease")
+                      f"= x{median / floor:.2f} of a raw watcher when a raw holder {shape} "
+                      f"({floor:.3f} s), x{median / ttl:.2f} of the {ttl:g} s lease")
             print(f"idle CPU over 10 s: standby {idle_standby:.2f} % of a core, leader "
                   f"{idle_leader:.2f} %")
             for p in agents:

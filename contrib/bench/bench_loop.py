@@ -8,7 +8,8 @@ actuator (``sleep`` instances) in a temporary folder, and prints:
   measured in the same run): the ratio says what a scale-up adds to stopping;
 - the CPU of an idle standby (a second agent while the first leads) and of the
   idle leader over ``--seconds``, in % of one core, and their ratio;
-- the CPU of an agent waiting for an etcd that does not answer.
+- the CPU of an agent waiting for an etcd that does not answer, against the idle
+  leader's.
 
 Every instance started is killed at the end.
 
@@ -122,9 +123,10 @@ def main() -> None:
             time.sleep(2)
             before = cpu_seconds(waiting.pid)
             time.sleep(args.seconds)
+            lost_cpu = (cpu_seconds(waiting.pid) - before) / args.seconds * 100
             print(f"idle CPU over {args.seconds:.0f} s waiting for an etcd that does not "
-                  f"answer: {(cpu_seconds(waiting.pid) - before) / args.seconds * 100:.2f} % "
-                  "of a core")
+                  f"answer: {lost_cpu:.2f} % of a core = x"
+                  f"{lost_cpu / max(used[leader.pid], 0.01):.2f} of the idle leader's")
             stop_time(waiting)
         finally:
             kill_all(folder)
