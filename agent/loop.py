@@ -408,11 +408,11 @@ class Loop:
             for name, reading in self.scaler.readings.items():
                 if reading.decision.count is not None and name in views:
                     views[name].desired = reading.decision.count
-        self._count_exits(views)
+        busy = self.actuation.busy_slots(mark)
+        self._count_exits(views, busy)
         self._track_overrides(views)
         quiet, seen = self._quiet(views)
         errors: list[str] = []
-        busy = self.actuation.busy_slots(mark)
         held_before, self._held = self._held, {}
         actions = [action for action in self.reconciler.plan(views)
                    if not (self._hold(action, views[action.service], busy)
@@ -535,8 +535,9 @@ class Loop:
     def _port_problem(self, service: str, port: int) -> str | None:
         return slot_port_problem(service, port, self._claims, self.settings.http)
 
-    def _count_exits(self, views: dict[str, ServiceView]) -> None:
-        """Each instance that exited on its own counts once towards its slot's backoff."""
+    def _count_exits(self, views: dict[str, ServiceView], busy: set[tuple[str, int]]) -> None:
+        """Each instance that exited on its own counts once towards its slot's backoff (one
+        on a slot with an action under way is the agent's own stop, not a crash)."""
         exited_now: set[str] = set()
         for name, view in views.items():
             if len(view.instances) == len(view.running):
@@ -545,6 +546,8 @@ class Loop:
                 continue  # the deploy owns its instances and judges them
             actuator = self.services[name].actuator
             for instance in view.exited:
+                if (name, instance.slot) in busy:
+                    continue  # being stopped (a TERM's exit code 143 is no crash)
                 exited_now.add(instance.name)
                 if instance.name in self._exited:
                     continue

@@ -115,6 +115,26 @@ def test_a_crashing_slot_backs_off_and_status_says_so(make_loop, embedded_store,
     assert loop.metrics.restarts.labels("crash")._value.get() == len(starts)
 
 
+def test_an_instance_the_agent_is_stopping_is_no_crash(make_loop):
+    """A TERM's exit (code 143) seen while the agent's own stop of that slot is under way
+    counts no restart; the same exit on a free slot does."""
+    from agent.reconcile import ServiceView
+
+    loop = make_loop(CRASHING.replace("count: 1", "count: 0"))
+
+    def exited(slot: int) -> dict[str, ServiceView]:
+        gone = Instance(name=f"crash-{slot}", service="crash", slot=slot, version="v1",
+                        host="127.0.0.1", port=None, running=False, exit_code=143)
+        return {"crash": ServiceView("crash", instances=[gone])}
+
+    loop._count_exits(exited(0), busy={("crash", 0)})
+    assert loop.metrics.restarts.labels("crash")._value.get() == 0
+    assert loop.restarts.may_start("crash", 0)
+    loop._count_exits(exited(1), busy={("crash", 0)})
+    assert loop.metrics.restarts.labels("crash")._value.get() == 1
+    assert not loop.restarts.may_start("crash", 1)
+
+
 def test_a_start_that_fails_backs_off_too(make_loop, tmp_path):
     loop = make_loop(CRASHING.replace('[sh, -c, "echo cannot find the thing >&2; exit 127"]',
                                       "[/no/such/command]"))
