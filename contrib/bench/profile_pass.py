@@ -105,8 +105,15 @@ def build(store: Store, n: int, folder: Path) -> tuple[Loop, Builder, float]:
     loop.leadership.campaign()
     loop.run_pass()  # the first pass: records releases, announces everything
     first = time.perf_counter() - started
+    prober = getattr(loop, "prober", None)  # None: a checkout that probes in the pass
+    deadline = time.monotonic() + 300
+    while prober is not None and time.monotonic() < deadline and not (
+            all(prober.health(i.name) is not None for i in MemoryActuator.running)
+            and loop.health_synced()):
+        time.sleep(0.1)  # the prober's first round (at most 1,000 probes a second)
     time.sleep(1.0)  # the first pass's own writes come back through the watch
     loop.run_pass()
+    loop.run_pass()  # what the first probes announced is now what the pass sees
     return loop, builder, first
 
 
