@@ -59,8 +59,18 @@ def observation_window(seconds: float, why: str) -> None:
 
 
 def process_records(state_dir: Path) -> list[dict]:
-    """The process actuator's records under ``state_dir`` (every cluster)."""
-    return [json.loads(p.read_text()) for p in sorted(state_dir.glob("**/processes/*/*.json"))]
+    """The process actuator's records under ``state_dir`` (every cluster).
+
+    A record the agent removes between the listing and the read (a stop that
+    just finished) is skipped: it is no longer a record.
+    """
+    records = []
+    for path in sorted(state_dir.glob("**/processes/*/*.json")):
+        try:
+            records.append(json.loads(path.read_text()))
+        except FileNotFoundError:
+            continue
+    return records
 
 
 def alive(pid: int) -> bool:
