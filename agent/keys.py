@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 FIELDS = ("desired", "override", "release", "deploy", "policy", "problems", "history")
+_FIELDS = frozenset(FIELDS)
 MAX_DIGITS = 12
 """A count of more digits is unknown (int() of thousands of digits is itself a failure)."""
 
@@ -17,7 +19,7 @@ class Keys:
 
     root: str
 
-    @property
+    @cached_property
     def services(self) -> str:
         """The prefix of every per-service key: one read gets them all."""
         return f"{self.root}/services/"
@@ -32,10 +34,11 @@ class Keys:
 
     def parse(self, key: str) -> tuple[str, str] | None:
         """``(service, field)`` for a per-service key, else None."""
-        if not key.startswith(self.services):
+        prefix = self.services
+        if not key.startswith(prefix):
             return None
-        parts = key[len(self.services):].split("/")
-        return (parts[0], parts[1]) if len(parts) == 2 and parts[1] in FIELDS else None
+        parts = key[len(prefix):].split("/")
+        return (parts[0], parts[1]) if len(parts) == 2 and parts[1] in _FIELDS else None
 
 
 def parse_count(raw: str | None) -> int | None:

@@ -17,10 +17,12 @@ A pass observes (one store read, or only what the store watch named: see
 :class:`agent.probes.Prober`, which probes on its own threads), plans, hands
 starts to :class:`agent.actuation.Actuation` (it never waits for them),
 announces, hands out stops (after the announcement, so none withdraws the last
-healthy instance), runs deploys, and records its problems. An unchanged
-service costs little: its parse, its empty plan and its followed YAML are
-reused, its problems and gauges not written again. The garbage collector
-waits while a pass runs. It is
+healthy instance), runs deploys, and records its problems. Every step but the
+observe takes only the services the observe made new views of
+(:attr:`Reconciler.fresh`: what may have changed, and what the last pass left
+unsettled; every service at a full resync); a settled service costs nothing
+until something about it changes (:meth:`Reconciler.settle`). The garbage
+collector waits while a pass runs. It is
 quick (1 s) only while instances are young and not yet healthy or a deploy
 runs; finished actions wake it. An instance whose health changes is announced
 (or withdrawn) at once by the probe that saw it (:meth:`Loop._health_changed`),
@@ -160,9 +162,11 @@ class Loop:
         self.next_pass = 0.0
         self.next_campaign = 0.0
         self.passes = 0
-        self._seen: dict[str, float] = {}  # instance -> when first seen running (monotonic)
-        self._unhealthy: dict[str, float] = {}  # instance -> unhealthy since (wall clock)
-        self._exited: set[str] = set()  # exits already counted
+        self._seen: dict[str, dict[str, float]] = {}
+        "service -> instance -> when first seen running (monotonic)"
+        self._unhealthy: dict[str, dict[str, float]] = {}
+        "service -> instance -> unhealthy since (wall clock)"
+        self._exited: dict[str, set[str]] = {}  # service -> its exits already counted
         self._published: dict[str, str] = {}  # service -> the problems record last written
         self._overrides: dict[str, int | None] = {}  # service -> override at the last pass
         self._held: dict[str, list[dict[str, Any]]] = {}  # service -> actions plugins hold
@@ -331,6 +335,7 @@ class Loop:
             if not self.settings.dry_run:
                 self._emit("shipmate_leadership_gained", term=self.leadership.term)
             self._overrides.clear()
+            self.reconciler.refresh()  # what it saw while it led before is stale
             self.poll_all()
             self.next_pass = 0.0
         elif self._was_leading and not leading:
@@ -403,18 +408,21 @@ class Loop:
         dry = self.settings.dry_run
         if not dry:
             self._quick_starts(mark, term)
-        views = self.reconciler.observe()
-        if dry:  # nothing was written: plan with the counts the policy decided
+        reconciler = self.reconciler
+        # a dry run plans every service with the counts the policy decided (nothing written)
+        views = reconciler.observe(everything=dry)
+        fresh = reconciler.fresh  # what may have changed; the rest is as the last pass left it
+        if dry:
             for name, reading in self.scaler.readings.items():
                 if reading.decision.count is not None and name in views:
                     views[name].desired = reading.decision.count
         busy = self.actuation.busy_slots(mark)
-        self._count_exits(views, busy)
-        self._track_overrides(views)
-        quiet, seen = self._quiet(views)
+        self._count_exits(fresh, busy)
+        self._track_overrides(fresh)
+        quiet, seen = self._quiet(fresh)
         errors: list[str] = []
         held_before, self._held = self._held, {}
-        actions = [action for action in self.reconciler.plan(views)
+        actions = [action for action in reconciler.plan(fresh)
                    if not (self._hold(action, views[action.service], busy)
                            or self._vetoed(action, held_before))]
         quiet -= held_before.keys() | self._held.keys()  # a hold said or unsaid is news
@@ -423,27 +431,38 @@ class Loop:
         if not self._submit([a for a in actions if a.verb == "start"], busy, term):
             return
         if not dry and self.leadership.valid(term):
-            errors += self.reconciler.announce(views, self.actuation.stopping(),
-                                               valid=lambda: self.leadership.valid(term))
+            # a full resync syncs every announcement (a key deleted by hand comes back)
+            errors += reconciler.announce(views if reconciler.full else fresh,
+                                          self.actuation.stopping(),
+                                          valid=lambda: self.leadership.valid(term))
         if not self._submit([a for a in actions if a.verb != "start"], busy, term):
             return
         if not dry:
             errors += self.orphans.handle(  # issue 11: orphans (agent/orphans.py)
-                self.reconciler.unowned, self.services, policy=self.settings.orphans,
+                reconciler.unowned, self.services, policy=self.settings.orphans,
                 stop_grace=self.settings.grace)
             if not self.settings.once:
-                errors += self._deploys(views)
-        self._track_health(views)
+                errors += self._deploys(fresh)
+        self._track_health(fresh)
         for error in errors:
             self.metrics.errors.labels("pass").inc()
             log.warning("%s", error)
-        changed = {name: view for name, view in views.items() if name not in quiet}
+        changed = {name: view for name, view in fresh.items() if name not in quiet}
         self._publish(changed, dry)
         self._record_metrics(changed, started)
         self.next_pass = self.clock() + self._next_delay(changed)
-        self._processed = seen  # what this pass saw, all of it handled
-        for gone in self._published.keys() - views.keys():
-            del self._published[gone]
+        for name in fresh:  # what this pass saw, all of it handled
+            if name in seen:
+                self._processed[name] = seen[name]
+            else:
+                self._processed.pop(name, None)
+        reconciler.settle({name for name in seen if name not in self._held
+                           and reconciler.settled(name)})
+        if reconciler.full:
+            for table in (self._published, self._seen, self._unhealthy, self._processed,
+                          self._exited):
+                for gone in table.keys() - views.keys():
+                    del table[gone]
         now = self.clock()
         waits = [t for _, t in self._stop_retry.values() if t > now]
         soonest = min([t for t in (self.restarts.next_try(), *waits) if t is not None],
@@ -455,7 +474,7 @@ class Loop:
         """The services exactly as the last completed pass saw and handled them (same keys
         as parsed, count, instances, all healthy; no deploy, no backoff): their problems,
         gauges and next-pass delay are left as they are. Also what this pass sees of
-        each, to compare the next pass with once this one has completed."""
+        each settled one (to compare the next pass with once this one has completed)."""
         troubled = {service for service, _ in list(self.restarts.slots)}
         last, quiet, seen = self._processed, set(), {}
         for name, view in views.items():
@@ -538,18 +557,19 @@ class Loop:
     def _count_exits(self, views: dict[str, ServiceView], busy: set[tuple[str, int]]) -> None:
         """Each instance that exited on its own counts once towards its slot's backoff (one
         on a slot with an action under way is the agent's own stop, not a crash)."""
-        exited_now: set[str] = set()
         for name, view in views.items():
+            counted_before = self._exited.pop(name, ())
             if len(view.instances) == len(view.running):
                 continue  # nothing stopped (the common case)
             if view.deploy is not None and view.deploy.get("phase") != "refused":
                 continue  # the deploy owns its instances and judges them
             actuator = self.services[name].actuator
+            exited_now = self._exited[name] = set()  # a name that runs again may exit again
             for instance in view.exited:
                 if (name, instance.slot) in busy:
                     continue  # being stopped (a TERM's exit code 143 is no crash)
                 exited_now.add(instance.name)
-                if instance.name in self._exited:
+                if instance.name in counted_before:
                     continue
                 output = None
                 with contextlib.suppress(Exception):
@@ -557,8 +577,6 @@ class Loop:
                 self.restarts.failed(name, instance.slot, "exited", code=instance.exit_code,
                                      output=output)
                 self.metrics.restarts.labels(name).inc()
-        self._exited &= exited_now  # a name that runs again may exit again
-        self._exited |= exited_now
 
     def _done(self, outcome: Outcome) -> None:
         action = outcome.action
@@ -600,6 +618,7 @@ class Loop:
         its service's announcements follow at once, without waiting for a pass."""
         if healthy or was is not None:  # a first failure is "not healthy yet", as before
             self._emit("shipmate_health_changed", instance=instance, healthy=healthy)
+        self.reconciler.health_changed(instance.service)  # the next pass looks at it
         with self._changed:
             self._dirty.add(instance.service)
             self._changed.notify()
@@ -646,28 +665,30 @@ class Loop:
     def _track_health(self, views: dict[str, ServiceView]) -> None:
         now, wall = self.clock(), self.wall()
         slots = self.restarts.slots
-        running: set[str] = set()
-        seen, unhealthy = self._seen, self._unhealthy
         for name, view in views.items():
             up = view.running
             every = len(view.healthy) == len(up)  # the common case: no set to build
             healthy = set() if every else {i.name for i in view.healthy}
+            seen_before = self._seen.get(name, {})
+            unhealthy_before = self._unhealthy.get(name, {})
+            seen, unhealthy = {}, {}
             for instance in up:
                 key = instance.name
-                running.add(key)
-                if key not in seen:
-                    seen[key] = now
-                if key in view.unprobed:
-                    continue  # not probed yet: neither healthy nor unhealthy
+                seen[key] = seen_before.get(key, now)
+                if key in view.unprobed:  # not probed yet: neither healthy nor unhealthy
+                    if key in unhealthy_before:
+                        unhealthy[key] = unhealthy_before[key]
+                    continue
                 if every or key in healthy:
-                    unhealthy.pop(key, None)
                     if (name, instance.slot) in slots:  # a slot with a backoff to reset
                         self.restarts.healthy(name, instance.slot)
                 else:
-                    unhealthy.setdefault(key, wall)
-        for table in (self._seen, self._unhealthy):
-            for gone in table.keys() - running:
-                del table[gone]
+                    unhealthy[key] = unhealthy_before.get(key, wall)
+            self._seen[name] = seen
+            if unhealthy:
+                self._unhealthy[name] = unhealthy
+            else:
+                self._unhealthy.pop(name, None)
 
     def _next_delay(self, views: dict[str, ServiceView]) -> float:
         """Seconds to the next pass: quick only while something is young. A deploy gets
@@ -686,7 +707,7 @@ class Loop:
                              "health_timeout", 60.0)
             healthy = {i.name for i in view.healthy}
             for instance in view.running:
-                age = now - self._seen.get(instance.name, now)
+                age = now - self._seen.get(name, {}).get(instance.name, now)
                 if instance.name not in healthy and age < window:
                     delay = min(delay, max(QUICK_PASS, 3 * age))
         return delay
@@ -731,10 +752,10 @@ class Loop:
         """Log each new problem once, and write a service's problems to its ``problems``
         key only when they change (``shipmate status`` shows them)."""
         troubled = {service for service, _ in list(self.restarts.slots)}  # other threads add
-        unhealthy = self._unhealthy
         for name, view in views.items():
             before = self._published.get(name)
             held = self._held.get(name, [])
+            unhealthy = self._unhealthy.get(name, {})
             if (before == _NOTHING and not view.problems and name not in troubled
                     and not held and not any(i.name in unhealthy for i in view.running)):
                 continue  # nothing to say, and nothing was said

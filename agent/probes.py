@@ -96,6 +96,7 @@ class Prober:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._targets: dict[str, _Target] = {}
+        self._by_service: dict[str, set[str]] = {}  # service -> its tracked instances
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count(1)
         self._in_flight: dict[str, _Target] = {}
@@ -106,17 +107,22 @@ class Prober:
 
     # ---------------------------------------------------------------- what runs
     def track(self, instances: Iterable[tuple[Instance, Check, Any]],
-              keep: Callable[[Instance], bool] = lambda instance: False) -> None:
+              keep: Callable[[Instance], bool] = lambda instance: False,
+              services: set[str] | None = None) -> None:
         """Probe exactly these running instances from now on: ``(instance, check, config)``
         with ``config`` the service's ``health`` block (its ``interval`` and ``timeout``)
         or None. New ones are probed at once; one whose listing changed (a container's
         HEALTHCHECK status, say) is probed again at once; the others that are not named
-        are dropped, unless ``keep(instance)`` (its service could not be listed)."""
+        are dropped, unless ``keep(instance)`` (its service could not be listed).
+        ``services``: these are all the instances of only those services (the others'
+        are left as they are)."""
         now = self.clock()
         with self._lock:
             seen = set()
+            by_service = self._by_service
             for instance, check, config in instances:
                 seen.add(instance.name)
+                by_service.setdefault(instance.service, set()).add(instance.name)
                 interval = float(getattr(config, "interval", None) or DEFAULT_INTERVAL)
                 timeout = (float(getattr(config, "timeout", None) or NO_CHECK_TIMEOUT)
                            if config is not None and (config.http or config.tcp)
@@ -133,10 +139,17 @@ class Prober:
                 target.interval, target.timeout = interval, timeout
                 if moved and target.due > now:
                     self._due(target, now)
-            for name in [n for n, t in self._targets.items()
-                         if n not in seen and not keep(t.instance)]:
-                del self._targets[name]
+            names = (self._targets.keys() if services is None
+                     else {n for s in services for n in by_service.get(s, ())})
+            for name in [n for n in names if n not in seen and n in self._targets
+                         and not keep(self._targets[n].instance)]:
+                target = self._targets.pop(name)
                 self._in_flight.pop(name, None)
+                owned = by_service.get(target.instance.service)
+                if owned is not None:
+                    owned.discard(name)
+                    if not owned:
+                        del by_service[target.instance.service]
             self._wake.notify()
 
     def health(self, name: str) -> bool | None:
@@ -148,6 +161,7 @@ class Prober:
         """Forget every instance (this agent no longer acts for the cluster)."""
         with self._lock:
             self._targets.clear()
+            self._by_service.clear()
             self._in_flight.clear()
             self._heap.clear()
 
@@ -156,6 +170,7 @@ class Prober:
         with self._lock:
             self._closed = True
             self._targets.clear()
+            self._by_service.clear()
             self._in_flight.clear()
             for _ in range(self._pool.threads):
                 self._pool.jobs.put(None)

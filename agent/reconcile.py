@@ -35,6 +35,11 @@ resync, every ``resync`` seconds (``agent.interval``), after the watch resynced
 changed for single reads to be cheaper. With no watch fed (``--once``, the CLI)
 every pass reads everything. :meth:`Reconciler.observe_changed` looks at only the
 services the watch named, so the loop can hand out their starts first.
+
+Views are incremental too: an observe makes new views only of the services that
+may have changed (:attr:`Reconciler.fresh`: keys re-read or of new revisions, a
+different list from their actuator, a health change, or left unsettled by the
+last pass); the rest keep the view the last pass handled.
 """
 
 from __future__ import annotations
@@ -291,6 +296,18 @@ class Reconciler:
         self._lists: dict[Actuator, list[Instance]] = {}  # listed by observe_changed
         self._settled: dict[str, tuple[Any, ...]] = {}
         "service -> (its store state, its instances) when its last plan was empty"
+        self._order = {name: i for i, name in enumerate(services)}  # the YAML's order
+        self._with_deploy: set[str] = set()  # services whose keys hold a deploy journal
+        self._listed: dict[Actuator, list[tuple[Instance, Any]]] = {}  # each one's last list
+        self._grouped: dict[Actuator, dict[str, list[Instance]]] = {}  # ... by service
+        self._unowned_by: dict[Actuator, dict[str, Instance]] = {}
+        self._touched: set[str] = set()  # services to look at again (any thread adds)
+        self._revisit: set[str] = set()  # services the last pass left unsettled
+        self._everything = False  # the next observe makes every view anew
+        self.fresh: dict[str, ServiceView] = {}
+        "the views the last :meth:`observe` made anew (the others are the earlier ones)"
+        self.full = True
+        "whether the last :meth:`observe` looked at every service (a full resync)"
 
     # ---------------------------------------------------------------- observe
     # ---------------------------------------------------------------- store changes
@@ -310,15 +327,18 @@ class Reconciler:
                 if parsed[1] not in _UNREAD:
                     self._dirty.add(parsed[0])
 
-    def _read(self) -> dict[str, dict[str, Entry]]:
-        """Every service's keys: all read again, or only the changed ones (see the module
-        docstring). :raises StoreError: as the store does; nothing is then forgotten."""
+    def _read(self) -> set[str] | None:
+        """Every service's keys into :attr:`_entries`: all read again (returns None), or
+        only the changed ones (returns their names; see the module docstring).
+
+        :raises StoreError: as the store does; nothing is then forgotten."""
         now = self.clock()
         with self._dirty_lock:
             dirty, full = self._dirty, self._full or not self._watched
             self._dirty, self._full = set(), False
-        dirty |= {name for name, state in self._states.items() if state.deploy is not None}
-        dirty |= self.services.keys() - self._entries.keys()
+        dirty |= self._with_deploy  # a deploy's journal is followed every pass
+        if len(self._entries) < len(self.services):
+            dirty |= self.services.keys() - self._entries.keys()
         full = (full or now - self._last_full >= self.resync
                 or len(dirty) > max(FULL_READ_MIN, FULL_READ_SHARE * len(self.services)))
         try:
@@ -332,21 +352,21 @@ class Reconciler:
                 self._entries = dict(per_service)
                 self._last_full = now
                 self.full_reads += 1
-            else:
-                for name in dirty & self.services.keys():
-                    got: dict[str, Entry] = {}
-                    for key, entry in self.store.get_prefix(
-                            self.keys.service(name, "")).items():
-                        parsed = self.keys.parse(key)
-                        if parsed and parsed[0] == name:
-                            got[parsed[1]] = entry
-                    self._entries[name] = got
+                return None
+            dirty &= self.services.keys()
+            for name in dirty:
+                got: dict[str, Entry] = {}
+                for key, entry in self.store.get_prefix(self.keys.service(name, "")).items():
+                    parsed = self.keys.parse(key)
+                    if parsed and parsed[0] == name:
+                        got[parsed[1]] = entry
+                self._entries[name] = got
         except BaseException:
             with self._dirty_lock:  # read them again next time
                 self._dirty |= dirty
                 self._full = self._full or full
             raise
-        return self._entries
+        return dirty
 
     def entry(self, service: str, name: str) -> Entry | None:
         """``service``'s key ``name`` as the last observe read it (any of
@@ -382,46 +402,127 @@ class Reconciler:
                             "`shipmate deploy` replaces it)")
         state.problems = tuple(problems)
         self._states[name] = state
+        if deploy is not None:
+            self._with_deploy.add(name)
+        else:
+            self._with_deploy.discard(name)
         return state
 
     # ---------------------------------------------------------------- observe
-    def observe(self, *, check_health: bool = True) -> dict[str, ServiceView]:
+    def observe(self, *, check_health: bool = True,
+                everything: bool = False) -> dict[str, ServiceView]:
         """Read the store (one prefix read, or only what changed: see the module
-        docstring) and every actuator (one list each).
+        docstring) and every actuator (one list each); every service's view.
+
+        Once a store watch feeds this, only the services that may have changed get a new
+        view (:attr:`fresh`): their keys changed, their actuator lists them otherwise,
+        their health changed (:meth:`health_changed`), or the last pass left them
+        unsettled (:meth:`settle`). The others keep their last view, as the last pass
+        handled it. ``everything`` (and every observe with no watch fed) makes every view
+        anew.
 
         :raises StoreError: if the store cannot be read; the caller must then do nothing.
         """
-        per_service = self._read()
-        empty: dict[str, Entry] = {}
-        views = {name: self._state(name, per_service.get(name, empty)).view(name)
-                 for name in self.services}
-        for gone in self._states.keys() - self.services.keys():
-            del self._states[gone]
-        unowned: dict[str, Instance] = {}
+        read = self._read()
+        everything = everything or self._everything or not self._watched or not self.views
+        self._everything = False
+        with self._dirty_lock:
+            touched, self._touched = self._touched, set()
+        candidates = set(self.services) if everything else touched | self._revisit
+        if read is not None:
+            candidates |= read
         lists, self._lists = self._lists, {}
+        failed: dict[str, str] = {}
         for actuator, names in self._by_actuator().items():
             try:
                 listed = lists[actuator] if actuator in lists else actuator.list()
             except Exception as exc:  # noqa: BLE001 - any actuator failure freezes its services
-                for name in names:
-                    views[name].listed = False
-                    views[name].problems.append(f"cannot list instances: {exc}")
+                self._listed.pop(actuator, None)
+                self._grouped[actuator] = {}
+                failed.update(dict.fromkeys(names, f"cannot list instances: {exc}"))
+                candidates |= names
                 continue
+            # an actuator's own handle counts too (a container's HEALTHCHECK status is in it)
+            signature = [(i, i.ref) for i in listed]
+            if not everything and self._listed.get(actuator) == signature:
+                continue  # nothing came, went or changed: its services stay as they were
+            self._listed[actuator] = signature
+            grouped: dict[str, list[Instance]] = defaultdict(list)
             for instance in listed:
-                if instance.service in names:
-                    views[instance.service].instances.append(instance)
-                elif instance.service not in self.services:
-                    unowned[instance.name] = instance
+                grouped[instance.service].append(instance)
+            earlier = self._grouped.get(actuator, {})
+            self._grouped[actuator] = grouped
+            unowned = self._unowned_by[actuator] = {}
+            for service, instances in grouped.items():
+                if service in names:
+                    if not _same(earlier.get(service), instances):
+                        candidates.add(service)
+                elif service not in self.services:
+                    unowned.update((i.name, i) for i in instances)
+            candidates |= {name for name in earlier.keys() - grouped.keys() if name in names}
+        unowned = {name: i for found in self._unowned_by.values() for name, i in found.items()}
         for name in unowned.keys() - self.unowned.keys():  # reported once, when first seen
             log.warning("instance %s of service %r belongs to no configured service: left alone",
                         name, unowned[name].service)
         self.unowned = unowned
+        if read is None:  # a full read: the services whose keys say something new
+            states, empty = self._states, {}
+            for name in self.services:
+                before = states.get(name)
+                if self._state(name, self._entries.get(name, empty)) is not before:
+                    candidates.add(name)
+            for gone in self._states.keys() - self.services.keys():
+                del self._states[gone]
+        fresh = self._views(candidates if len(candidates) < len(self.services)
+                            else self.services, failed)
+        self._revisit = set(fresh)
+        self.full = read is None or everything
         if check_health and self.prober is not None:
-            self._read_health(views)
+            self._read_health(fresh, everything)
         elif check_health:
-            self._check_health(views)
-        self.views = views
+            self._check_health(fresh)
+        views = fresh if len(fresh) == len(self.services) else {**self.views, **fresh}
+        self.views, self.fresh = views, fresh
         return views
+
+    def _views(self, names: Any, failed: dict[str, str]) -> dict[str, ServiceView]:
+        """New views of ``names`` (in the YAML's order), from the keys and lists last read."""
+        empty: dict[str, Entry] = {}
+        views = {}
+        order = self._order
+        for name in (self.services if names is self.services
+                     else sorted((n for n in names if n in order), key=order.__getitem__)):
+            view = views[name] = self._state(name, self._entries.get(name, empty)).view(name)
+            problem = failed.get(name)
+            if problem is not None:
+                view.listed = False
+                view.problems.append(problem)
+                continue
+            grouped = self._grouped.get(self.services[name].actuator, {})
+            view.instances = list(grouped.get(name, ()))
+        return views
+
+    def refresh(self) -> None:
+        """The next observe reads every key and makes every view anew (leadership won)."""
+        with self._dirty_lock:
+            self._full = True
+        self._everything = True
+
+    def health_changed(self, service: str) -> None:
+        """An instance of ``service`` changed health (any thread): the next observe makes
+        its view anew."""
+        with self._dirty_lock:
+            self._touched.add(service)
+
+    def settle(self, names: set[str]) -> None:
+        """The pass that just completed left ``names`` settled (nothing to plan, all
+        healthy, no deploy, no backoff): observes leave their views as they are until
+        something about them changes. The rest of :attr:`fresh` is looked at again."""
+        self._revisit -= names
+
+    def settled(self, name: str) -> bool:
+        """Whether ``name``'s last plan needed nothing (and it has not changed since)."""
+        return name in self._settled
 
     def observe_changed(self) -> dict[str, ServiceView]:
         """Views of only the services the store watch named since the last read (their
@@ -452,6 +553,8 @@ class Reconciler:
             with self._dirty_lock:
                 self._dirty |= dirty
             raise
+        with self._dirty_lock:
+            self._touched |= dirty  # the observe that follows makes their views anew
         views = {name: self._state(name, self._entries[name]).view(name) for name in dirty}
         for actuator, names in self._by_actuator().items():
             if not names & dirty:
@@ -479,8 +582,9 @@ class Reconciler:
             self._actuators = dict(out)
         return self._actuators
 
-    def _read_health(self, views: dict[str, ServiceView]) -> None:
-        """Hand what runs to the prober and take its latest results (never waits)."""
+    def _read_health(self, views: dict[str, ServiceView], everything: bool) -> None:
+        """Hand what runs in ``views`` to the prober (``everything``: all that runs; else
+        only these services' instances) and take its latest results (never waits)."""
         assert self.prober is not None
         prober, targets = self.prober, []
         for name, view in views.items():
@@ -489,7 +593,8 @@ class Reconciler:
             probe = _probe(runtime.actuator, check)
             targets += [(instance, probe, check) for instance in view.running]
         unlisted = {name for name, view in views.items() if not view.listed}
-        prober.track(targets, keep=lambda instance: instance.service in unlisted)
+        prober.track(targets, keep=lambda instance: instance.service in unlisted,
+                     services=None if everything else set(views))
         for view in views.values():
             health = {i.name: prober.health(i.name) for i in view.running}
             view.healthy = [i for i in view.running if health[i.name]]
@@ -535,9 +640,6 @@ class Reconciler:
             else:
                 settled[name] = seen
             actions += planned
-        if remember:
-            for gone in settled.keys() - views.keys():
-                del settled[gone]
         return actions
 
     def _plan_service(self, runtime: ServiceRuntime, view: ServiceView) -> list[Action]:
@@ -618,6 +720,12 @@ class Reconciler:
                 except Exception as exc:  # noqa: BLE001
                     errors.append(f"announce {counted(healthy, 'service')}: {exc}")
         return errors
+
+
+def _same(before: list[Instance] | None, now: list[Instance]) -> bool:
+    """Whether two lists of a service's instances say the same (their handles too)."""
+    return (before is not None and len(before) == len(now)
+            and all(a == b and a.ref == b.ref for a, b in zip(before, now, strict=True)))
 
 
 def _probe(actuator: Actuator, check: Any) -> Callable[[Instance], bool]:

@@ -10,10 +10,12 @@ and the bench prints, each against a baseline measured in the same run:
   imports the store client, reads the pass's prefixes and writes as many keys
   as the agent did, in batches (etcd: transactions of 128 puts; embedded: one
   SQLite transaction);
-- one unchanged full pass, without and then (after a reload) with a
-  ``health: {http: /}`` block; against the raw prefix reads a pass makes (the
-  cluster's keys: desired, policy, release...; and the announcements), done
-  directly with the store client, interleaved with the agent's passes;
+- one unchanged pass, without and then (after a reload) with a
+  ``health: {http: /}`` block, and one full resync (what every ``interval``
+  costs: every key read and compared, every announcement synced); against the
+  raw prefix reads a pass makes (the cluster's keys: desired, policy,
+  release...; and the announcements), done directly with the store client,
+  interleaved with the agent's passes;
 - with everything running: from a ``put`` of an override to the first start of a
   real process instance (busybox httpd) and to its announcement; against a raw
   watch on a key that then starts the same command (and waits for its HTTP
@@ -241,8 +243,10 @@ def child(config: Path) -> None:
             after = a_pass_after(polls[1], max(0.0, deadline - time.monotonic()))
             return {"ok": after["ok"], "at": time.time(), "trips": store.round_trips,
                     "width": width, "polls": polls[0]}
-        if command == "pass":
+        if command in ("pass", "resync"):  # a watched pass, or the full resync at interval
             began = time.time()
+            if command == "resync":
+                loop.store_changed([])
             loop.request_pass()
             return a_pass_after(began, timeout)
         if command == "reload":
@@ -497,6 +501,7 @@ class Run:
                      f"x{startup / floor['seconds']:.1f} / x{trips / floor['trips']:.0f} "
                      f"floor {floor['seconds']:.2f} s, {floor['trips']} trips")
             self.passes(agent, "unchanged pass")
+            self.passes(agent, "full resync (each interval)", command="resync")
             self.idle(agent, floor)
             self.reactions(agent)
             self.scale_out(agent)
@@ -533,11 +538,12 @@ class Run:
         got = json.loads(line)
         return {"seconds": got["at"] - spawned, "trips": got["trips"]}
 
-    def passes(self, agent: Child, what: str, probes: bool = False) -> None:
+    def passes(self, agent: Child, what: str, probes: bool = False,
+               command: str = "pass") -> None:
         times, trips, others, floor = [], [], [], []
         count = self.args.passes if self.n < 10_000 and not probes else min(self.args.passes, 3)
         for _ in range(count):
-            got = agent.ask(f"pass {self.timeout()}")
+            got = agent.ask(f"{command} {self.timeout()}")
             if not got.get("ok"):
                 self.row(what, "failed", agent.tail(1)[:100])
                 return

@@ -51,7 +51,9 @@ class MemoryActuator(Actuator):
     extra: list[Instance] = []
 
     def list(self) -> list[Instance]:
-        return [*self.running, *self.extra]
+        # new objects on every list, as a real actuator builds them from what it reads
+        return [Instance(i.name, i.service, i.slot, i.version, i.host, i.port, i.running,
+                         i.cluster) for i in (*self.running, *self.extra)]
 
     def start(self, spec):
         MemoryActuator.started.append((time.perf_counter(), spec.name))
@@ -120,7 +122,7 @@ def build(store: Store, n: int, folder: Path) -> tuple[Loop, Builder, float]:
 def measure(label: str, store: Store, n: int, passes: int, folder: Path, profile: bool,
             override: bool) -> None:
     loop, builder, first = build(store, n, folder)
-    profiler = cProfile.Profile() if profile else None
+    profilers = {kind: cProfile.Profile() for kind in ("full", "watched")} if profile else {}
     results = {}
     for kind in ("full", "watched"):
         times, trips = [], []
@@ -128,11 +130,11 @@ def measure(label: str, store: Store, n: int, passes: int, folder: Path, profile
             if kind == "full" and hasattr(loop, "store_changed"):  # every key read again
                 loop.store_changed([])
             before, started = store.round_trips, time.perf_counter()
-            profiling = profiler is not None and kind == "watched"  # what a pass costs most
-            if profiling:
+            profiler = profilers.get(kind)
+            if profiler:
                 profiler.enable()
             loop.run_pass()
-            if profiling:
+            if profiler:
                 profiler.disable()
             times.append(time.perf_counter() - started)
             trips.append(store.round_trips - before)
@@ -149,7 +151,8 @@ def measure(label: str, store: Store, n: int, passes: int, folder: Path, profile
         print(f"{label:9s} {n:6d} services: unchanged pass ({kind:7s}) {per_pass * 1000:7.1f}"
               f" ms, {trips:.0f} round trips | x{per_pass / raw:.2f} one raw prefix read",
               flush=True)
-    if profiler:
+    for kind, profiler in profilers.items():
+        print(f"--- profile of the {kind} passes")
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
     if override:
         print(f"{label:9s} {n:6d} services: override -> first start "

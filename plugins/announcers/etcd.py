@@ -5,7 +5,8 @@ in the agent's store, on one lease per announcer that a background thread
 keeps alive (every ``ttl / 3``: one keep-alive on v3, a TTL refresh of each
 key on v2), so the keys of a dead agent vanish after ``ttl``.
 
-Every pass resynchronises with one prefix read for all services, so that the
+Each sync (a pass, for the services it looked at; the full resync, for all of
+them) resynchronises with one prefix read of those services, so that the
 announced set equals the healthy set: missing keys are written again, keys of
 instances that no longer run or are unhealthy are removed. Only keys that name
 an instance of this cluster and of a service this announcer serves

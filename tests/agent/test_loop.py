@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import textwrap
 import time
 from pathlib import Path
@@ -436,6 +438,71 @@ def test_a_watched_pass_reads_only_what_changed_and_resyncs_at_interval(
     settle(loop)
     eventually(lambda: not live(tmp_path, "other"), 30, "other to stop at the resync")
     assert loop.reconciler.full_reads == reads + 1
+
+
+SETTLED = """
+agent: {cluster: settled, interval: 10s}
+services:
+  web:
+    command: [sleep, "60"]
+    source: {type: static, count: 1}
+    actuator: {type: process}
+    announce: {type: etcd, ttl: 30s, drain: 0s}
+  other:
+    command: [sleep, "60"]
+    source: {type: static, count: 1}
+    actuator: {type: process}
+    announce: {type: etcd, ttl: 30s, drain: 0s}
+"""
+
+
+def test_a_settled_service_is_left_alone_until_something_about_it_changes(
+        make_loop, embedded_store, tmp_path):
+    loop = make_loop(SETTLED)
+    settle(loop)
+    watch = embedded_store.watch(loop.keys.services, loop.store_changed)
+    try:
+        loop.store_changed([])
+        settle(loop)
+
+        def nothing_to_look_at() -> bool:  # the agent's own writes came back, all healthy
+            loop.run_pass()
+            return not loop.reconciler.fresh
+
+        eventually(nothing_to_look_at, 30, "a pass with every service settled")
+        other = loop.reconciler.views["other"]
+        embedded_store.put(loop.keys.service("web", "override"), "2")
+        eventually(lambda: "web" in loop.reconciler._dirty, 30, "the watch to see the override")
+        loop.run_pass()
+        assert set(loop.reconciler.fresh) == {"web"}  # only what changed is looked at
+        assert loop.reconciler.views["other"] is other
+        settle(loop)
+        eventually(lambda: len(live(tmp_path, "web")) == 2, 30, "the second web instance")
+
+        # a settled service whose instance dies is looked at (its list changed) and restarted
+        (crashed,) = live(tmp_path, "other")
+        os.kill(crashed["pid"], signal.SIGKILL)
+        eventually(lambda: not alive(crashed["pid"]), 30, "the instance to die")
+        eventually(lambda: (loop.run_pass(), "other" in loop.reconciler.fresh)[1], 30,
+                   "the pass to look at the crashed service")
+        loop.clock.now += 2  # past the first restart's backoff (1 s)
+        settle(loop)
+        eventually(lambda: len(live(tmp_path, "other")) == 1
+                   and live(tmp_path, "other")[0]["pid"] != crashed["pid"], 30, "a restart")
+    finally:
+        watch.cancel()
+    # (other stays under watch while its restart is young: its backoff resets after 10 min)
+    assert "other" in loop.reconciler.fresh
+    # an announcement deleted behind the agent's back comes back at the full resync
+    eventually(lambda: (loop.run_pass(), "web" not in loop.reconciler.fresh)[1], 30,
+               "web settled")
+    gone, _ = sorted(embedded_store.get_prefix("/services/web/"))
+    embedded_store.delete(gone)
+    loop.run_pass()
+    assert gone not in embedded_store.get_prefix("/services/web/")  # no resync yet
+    loop.clock.now += 10
+    loop.run_pass()
+    assert gone in embedded_store.get_prefix("/services/web/")
 
 
 # A web server that answers once the file `ready` exists and stops answering (while its
