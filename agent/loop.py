@@ -616,9 +616,10 @@ class Loop:
         """A probe saw ``instance`` pass (or fail) where it did not before (on the probe's
         thread; ``was`` None: its first result). The one place a health change is seen:
         its service's announcements follow at once, without waiting for a pass."""
+        self.reconciler.health_changed(instance.service)
         if healthy or was is not None:  # a first failure is "not healthy yet", as before
             self._emit("shipmate_health_changed", instance=instance, healthy=healthy)
-        self.reconciler.health_changed(instance.service)  # the next pass looks at it
+            self.request_pass()  # which looks at that service alone (gauges, problems)
         with self._changed:
             self._dirty.add(instance.service)
             self._changed.notify()

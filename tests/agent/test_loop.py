@@ -548,8 +548,11 @@ def test_an_instance_is_announced_when_it_passes_and_withdrawn_when_it_fails_wit
         == instance.port
     (tmp_path / "sick").touch()
     eventually(lambda: not embedded_store.get_prefix("/services/web/"), 20, "the withdrawal")
-    # no pass ran in between (the interval is 60 s and nothing woke the loop): the probe did
-    assert loop.passes == passes
+    # no pass ran in between (this test turns the loop, and did not): the probe did; it
+    # asked for one (to look at that service alone: its gauges and problems)
+    assert loop.passes == passes and loop.pass_wanted
+    loop.run_pass()
+    assert set(loop.reconciler.fresh) == {"web"}
     assert len(live(tmp_path, "web")) == 1  # still running: only its health changed
     print(f"announced {took * 1000:.0f} ms after `ready` (a python3 start included)")
 

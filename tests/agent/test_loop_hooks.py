@@ -114,11 +114,12 @@ def test_a_held_scale_down_is_not_run_and_status_names_the_plugin(hooked, embedd
     settle(loop)
     assert len(live(tmp_path)) == 2  # starts are allowed
     embedded_store.put(loop.keys.service("web", "override"), "1")
+    passes = loop.passes
     for _ in range(3):  # held at every pass, and asked again at each
         loop.pass_wanted = True
         settle(loop)
     assert len(live(tmp_path)) == 2
-    assert freeze.asked.count("stop web 1") == 3
+    assert freeze.asked.count("stop web 1") == loop.passes - passes >= 3
     web = status(path)
     assert web["held"] == [{"verb": "stop", "slot": 1, "plugin": "test-plugin",
                             "reason": "change freeze until 18:00"}]
