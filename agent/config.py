@@ -114,7 +114,9 @@ class AgentConfig(Model):
     cluster: str = Field(pattern=NAME)
     store: StoreConfig = StoreConfig()
     interval: Interval = 10.0
-    "a full pass at least this often"
+    "a full pass at least this often (every announcement synced)"
+    resync: Duration = Field(300.0, ge=1.0)
+    "how often every store key's revision is compared with what the store watch said"
     http: str | None = Field(None, pattern=r"^[^:]*:\d+$")
     "host:port of /healthz, /metrics and /status (the last readings, for status)"
     state_dir: Path = Path(".shipmate")

@@ -80,6 +80,7 @@ class Settings:
     """The agent's own settings the loop reads (``agent:`` in the YAML)."""
 
     interval: float = 10.0
+    resync: float = 300.0
     grace: float = 10.0
     parallelism: int = 4
     max_instances: int = 100
@@ -90,7 +91,7 @@ class Settings:
 
     @classmethod
     def from_config(cls, agent: Any, *, dry_run: bool = False, once: bool = False) -> Settings:
-        return cls(interval=agent.interval, grace=agent.grace, parallelism=agent.parallelism,
+        return cls(interval=agent.interval, resync=agent.resync, grace=agent.grace, parallelism=agent.parallelism,
                    max_instances=agent.max_instances, http=agent.http, dry_run=dry_run,
                    once=once, orphans=agent.orphans)
 
@@ -210,7 +211,8 @@ class Loop:
         self.reconciler = Reconciler(services=services, store=self.store, keys=self.keys,
                                      emit=self._emit, grace=settings.grace,
                                      ceiling=settings.max_instances, limit=MAX_ACTIONS,
-                                     resync=settings.interval, clock=self.clock,
+                                     resync=settings.resync, interval=settings.interval,
+                                     clock=self.clock,
                                      prober=None if settings.once else self.prober,
                                      announcing=self._announcing)
         if previous is not None and previous._watched:  # the watch feeds the new one

@@ -29,10 +29,12 @@ A pass costs what changed (issue 16). What a service's keys say is parsed once p
 set of key revisions (:class:`StoreState`) and reused while those revisions hold.
 Once the agent feeds the store watch to :meth:`Reconciler.store_changed`, a pass
 re-reads only the services the watch named since the last read (one prefix read of
-each), plus those with a deploy key; everything else is read again at the full
-resync, every ``resync`` seconds (``agent.interval``), after the watch resynced
-(an empty event list: it may have missed changes), or when too many services
-changed for single reads to be cheaper. With no watch fed (``--once``, the CLI)
+each), plus those with a deploy key; everything else is checked at the full
+resync, every ``resync`` seconds (``agent.resync``) and after the watch resynced
+(an empty event list: it may have missed changes): one keys-only read
+(:meth:`Store.get_revisions`, no values sent), then a read of each service whose
+revisions differ. When too many services changed for single reads to be cheaper,
+one read of every key and value. With no watch fed (``--once``, the CLI)
 every pass reads everything. :meth:`Reconciler.observe_changed` looks at only the
 services the watch named, so the loop can hand out their starts first.
 
@@ -259,7 +261,8 @@ class Reconciler:
     def __init__(self, *, services: dict[str, ServiceRuntime], store: Store, keys: Keys,
                  emit: Callable[..., None] = lambda *a, **k: None, grace: float = 10.0,
                  health_workers: int = 16, ceiling: int = 100, limit: int = 64,
-                 resync: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 resync: float = 300.0, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic,
                  prober: Prober | None = None,
                  announcing: threading.Lock | None = None) -> None:
         self.services = services
@@ -281,6 +284,10 @@ class Reconciler:
         self.views: dict[str, ServiceView] = {}
         "what the last :meth:`observe` saw"
         self.resync = resync
+        "seconds between comparisons of every key's revision (the watch may have missed one)"
+        self.interval = interval
+        "seconds between syncs of every service's announcements (:attr:`full`)"
+        self._synced_all = -math.inf
         "seconds between full reads of the store once a watch feeds :meth:`store_changed`"
         self.clock = clock
         self._states: dict[str, StoreState] = {}  # service -> its keys as last parsed
@@ -307,7 +314,7 @@ class Reconciler:
         self.fresh: dict[str, ServiceView] = {}
         "the views the last :meth:`observe` made anew (the others are the earlier ones)"
         self.full = True
-        "whether the last :meth:`observe` looked at every service (a full resync)"
+        "whether every announcement is to be synced (every ``interval``, and at a resync)"
 
     # ---------------------------------------------------------------- observe
     # ---------------------------------------------------------------- store changes
@@ -327,9 +334,11 @@ class Reconciler:
                 if parsed[1] not in _UNREAD:
                     self._dirty.add(parsed[0])
 
-    def _read(self) -> set[str] | None:
-        """Every service's keys into :attr:`_entries`: all read again (returns None), or
-        only the changed ones (returns their names; see the module docstring).
+    def _read(self) -> tuple[set[str] | None, bool]:
+        """Every service's keys into :attr:`_entries`: all read again (None), or only the
+        changed ones (their names; see the module docstring); and whether this was a
+        full resync. A watched resync reads keys and revisions only, then the services
+        whose revisions differ from what it holds.
 
         :raises StoreError: as the store does; nothing is then forgotten."""
         now = self.clock()
@@ -339,9 +348,14 @@ class Reconciler:
         dirty |= self._with_deploy  # a deploy's journal is followed every pass
         if len(self._entries) < len(self.services):
             dirty |= self.services.keys() - self._entries.keys()
-        full = (full or now - self._last_full >= self.resync
-                or len(dirty) > max(FULL_READ_MIN, FULL_READ_SHARE * len(self.services)))
+        resync = full or now - self._last_full >= self.resync
+        counted = False
         try:
+            if resync and self._watched and self._entries and not self._many(dirty):
+                dirty |= self._differ()  # then only what differs is read, values and all
+                self._last_full, counted = now, True
+                self.full_reads += 1
+            full = (resync and not counted) or self._many(dirty)
             if full:
                 entries = self.store.get_prefix(self.keys.services)
                 per_service: dict[str, dict[str, Entry]] = defaultdict(dict)
@@ -350,9 +364,10 @@ class Reconciler:
                     if parsed:
                         per_service[parsed[0]][parsed[1]] = entry
                 self._entries = dict(per_service)
-                self._last_full = now
-                self.full_reads += 1
-                return None
+                if not counted:
+                    self._last_full = now
+                    self.full_reads += 1
+                return None, True
             dirty &= self.services.keys()
             for name in dirty:
                 got: dict[str, Entry] = {}
@@ -366,7 +381,29 @@ class Reconciler:
                 self._dirty |= dirty
                 self._full = self._full or full
             raise
-        return dirty
+        return dirty, resync
+
+    def _many(self, names: set[str]) -> bool:
+        """Too many to read one by one: one read of every key is cheaper."""
+        return len(names) > max(FULL_READ_MIN, FULL_READ_SHARE * len(self.services))
+
+    def _differ(self) -> set[str]:
+        """The services whose keys (but policy and history) have other revisions in the
+        store than in what was last read: one keys-only read, no values sent."""
+        store: dict[str, dict[str, int]] = defaultdict(dict)
+        for key, revision in self.store.get_revisions(self.keys.services).items():
+            parsed = self.keys.parse(key)
+            if parsed is not None and parsed[1] not in _UNREAD:
+                store[parsed[0]][parsed[1]] = revision
+        empty: dict[str, int] = {}
+        differ = set()
+        for name in self.services:
+            held = self._entries.get(name, {})
+            now = store.get(name, empty)
+            if len(now) != sum(1 for f in held if f not in _UNREAD) or any(
+                    held.get(f) is None or held[f].revision != r for f, r in now.items()):
+                differ.add(name)
+        return differ
 
     def entry(self, service: str, name: str) -> Entry | None:
         """``service``'s key ``name`` as the last observe read it (any of
@@ -423,7 +460,7 @@ class Reconciler:
 
         :raises StoreError: if the store cannot be read; the caller must then do nothing.
         """
-        read = self._read()
+        read, resync = self._read()
         everything = everything or self._everything or not self._watched or not self.views
         self._everything = False
         with self._dirty_lock:
@@ -476,7 +513,10 @@ class Reconciler:
         fresh = self._views(candidates if len(candidates) < len(self.services)
                             else self.services, failed)
         self._revisit = set(fresh)
-        self.full = read is None or everything
+        now = self.clock()
+        self.full = resync or everything or now - self._synced_all >= self.interval
+        if self.full:
+            self._synced_all = now
         if check_health and self.prober is not None:
             self._read_health(fresh, everything)
         elif check_health:

@@ -114,6 +114,11 @@ class Store(ABC):
         """Every entry whose key starts with ``prefix``, as one consistent read: one
         request (etcd v3: one per ``page_size`` keys, all at one revision)."""
 
+    def get_revisions(self, prefix: str) -> dict[str, int]:
+        """Every key under ``prefix`` with its revision, no values, as one consistent read
+        (a resync that compares revisions transfers no values: etcd v3's ``keys_only``)."""
+        return {key: entry.revision for key, entry in self.get_prefix(prefix).items()}
+
     @abstractmethod
     def put(self, key: str, value: str, *, lease: Lease | None = None,
             fence: Fence | None = None) -> int:

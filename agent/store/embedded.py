@@ -218,6 +218,12 @@ class EmbeddedStore(Store):
             ).fetchall()
         return {row[0]: Entry(*row) for row in rows}
 
+    def get_revisions(self, prefix: str) -> dict[str, int]:
+        with self._tx() as db:
+            rows = db.execute("SELECT key, rev FROM kv WHERE key >= ? AND key < ? ORDER BY key",
+                              (prefix, prefix_end(prefix))).fetchall()
+        return dict(rows)
+
     def _fenced(self, db: sqlite3.Connection, fence: Fence | None) -> None:
         if fence is None:
             return

@@ -33,7 +33,7 @@ import logging
 import math
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import requests
@@ -539,20 +539,31 @@ class Etcd3Store(Store):
     def get_prefix(self, prefix: str) -> dict[str, Entry]:
         """Every entry under ``prefix``: pages of ``page_size`` keys, all read at the
         revision of the first page (one consistent snapshot)."""
+        out: dict[str, Entry] = {}
+        for kv in self._pages(prefix, keys_only=False):
+            entry = self._entry(kv)
+            out[entry.key] = entry
+        return out
+
+    def get_revisions(self, prefix: str) -> dict[str, int]:
+        """Keys and revisions only (``keys_only``: no value is sent), paged as above."""
+        return {_unb64(kv["key"]): int(kv["mod_revision"])
+                for kv in self._pages(prefix, keys_only=True)}
+
+    def _pages(self, prefix: str, *, keys_only: bool) -> Iterator[dict[str, Any]]:
         end = _b64_bytes(range_end(prefix))
         payload: dict[str, Any] = {"key": _b64(prefix or "\0"), "range_end": end,
                                    "limit": self.page_size}
-        out: dict[str, Entry] = {}
+        if keys_only:
+            payload["keys_only"] = True
         timeout = self.timeout
         while True:
             reply, size = self._call(lambda c, p=payload, t=timeout: _range(c, p, t),
                                      idempotent=True)
             kvs = reply.get("kvs") or []
-            for kv in kvs:
-                entry = self._entry(kv)
-                out[entry.key] = entry
+            yield from kvs
             if not reply.get("more") or not kvs:
-                return out
+                return
             # the next page: after the last key, at the first page's revision
             last = base64.b64decode(kvs[-1]["key"])
             payload = {**payload, "key": _b64_bytes(last + b"\0"),

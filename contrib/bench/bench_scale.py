@@ -11,11 +11,11 @@ and the bench prints, each against a baseline measured in the same run:
   as the agent did, in batches (etcd: transactions of 128 puts; embedded: one
   SQLite transaction);
 - one unchanged pass, without and then (after a reload) with a
-  ``health: {http: /}`` block, and one full resync (what every ``interval``
-  costs: every key read and compared, every announcement synced); against the
-  raw prefix reads a pass makes (the cluster's keys: desired, policy,
-  release...; and the announcements), done directly with the store client,
-  interleaved with the agent's passes;
+  ``health: {http: /}`` block, one at ``agent.interval`` (every announcement
+  synced) and one full resync (``agent.resync``: every key's revision compared
+  too); against the raw prefix reads a pass makes (the cluster's keys:
+  desired, policy, release...; and the announcements), done directly with the
+  store client, interleaved with the agent's passes;
 - with everything running: from a ``put`` of an override to the first start of a
   real process instance (busybox httpd) and to its announcement; against a raw
   watch on a key that then starts the same command (and waits for its HTTP
@@ -243,9 +243,11 @@ def child(config: Path) -> None:
             after = a_pass_after(polls[1], max(0.0, deadline - time.monotonic()))
             return {"ok": after["ok"], "at": time.time(), "trips": store.round_trips,
                     "width": width, "polls": polls[0]}
-        if command in ("pass", "resync"):  # a watched pass, or the full resync at interval
+        if command in ("pass", "interval", "resync"):  # watched; every interval; agent.resync
             began = time.time()
-            if command == "resync":
+            if command == "interval":  # as a pass at agent.interval: every announcement synced
+                loop.reconciler._synced_all = float("-inf")
+            if command == "resync":  # as one at agent.resync: every key's revision compared
                 loop.store_changed([])
             loop.request_pass()
             return a_pass_after(began, timeout)
@@ -501,7 +503,8 @@ class Run:
                      f"x{startup / floor['seconds']:.1f} / x{trips / floor['trips']:.0f} "
                      f"floor {floor['seconds']:.2f} s, {floor['trips']} trips")
             self.passes(agent, "unchanged pass")
-            self.passes(agent, "full resync (each interval)", command="resync")
+            self.passes(agent, "pass at agent.interval", command="interval")
+            self.passes(agent, "full resync (agent.resync)", command="resync")
             self.idle(agent, floor)
             self.reactions(agent)
             self.scale_out(agent)

@@ -209,6 +209,21 @@ def test_get_prefix_larger_than_a_page_is_whole_and_consistent(
     assert store.get(f"{prefix}s/{count - 1:04d}").value == "changed"  # type: ignore[union-attr]
 
 
+def test_get_revisions_gives_each_keys_revision_in_pages(store: Store, prefix: str) -> None:
+    count = PAGE + 3  # more than a page
+    for i in range(count):
+        store.put(f"{prefix}r/{i:04d}", "x" * 100)
+    store.put(prefix[:-1] + "Z", "outside")
+    changed = store.put(f"{prefix}r/0001", "y")
+    before = store.round_trips
+    revisions = store.get_revisions(prefix)
+    assert store.round_trips - before <= count // PAGE + 1
+    entries = store.get_prefix(prefix)
+    assert revisions == {key: entry.revision for key, entry in entries.items()}
+    assert len(revisions) == count and revisions[f"{prefix}r/0001"] == changed
+    assert store.get_revisions(prefix + "nothing/") == {}
+
+
 def test_create_many_creates_the_absent_keys_in_few_requests(store: Store, prefix: str) -> None:
     store.put(prefix + "k0007", "there before")
     items = {f"{prefix}k{i:04d}": f"v{i}" for i in range(250)}
