@@ -91,9 +91,9 @@ class Settings:
 
     @classmethod
     def from_config(cls, agent: Any, *, dry_run: bool = False, once: bool = False) -> Settings:
-        return cls(interval=agent.interval, resync=agent.resync, grace=agent.grace, parallelism=agent.parallelism,
-                   max_instances=agent.max_instances, http=agent.http, dry_run=dry_run,
-                   once=once, orphans=agent.orphans)
+        return cls(interval=agent.interval, resync=agent.resync, grace=agent.grace,
+                   parallelism=agent.parallelism, max_instances=agent.max_instances,
+                   http=agent.http, dry_run=dry_run, once=once, orphans=agent.orphans)
 
 
 class Waker:
@@ -176,6 +176,7 @@ class Loop:
         self._followed: dict[str, tuple[Any, list[str]]] = {}
         "service -> (store state, running versions) for which the YAML needed nothing"
         self._polls_running: set[str] = set()
+        self._failed: set[str] = set()  # services a write of this pass failed for
         self._was_leading = False
         self._campaigner: threading.Thread | None = None
         self._stop_retry: dict[tuple[str, int], tuple[int, float]] = {}
@@ -405,6 +406,7 @@ class Loop:
 
     def _pass(self) -> None:
         started = self.clock()
+        self._failed = set()
         term = self.leadership.term
         mark = self.actuation.tick()
         dry = self.settings.dry_run
@@ -434,9 +436,12 @@ class Loop:
             return
         if not dry and self.leadership.valid(term):
             # a full resync syncs every announcement (a key deleted by hand comes back)
-            errors += reconciler.announce(views if reconciler.full else fresh,
-                                          self.actuation.stopping(),
-                                          valid=lambda: self.leadership.valid(term))
+            failed = reconciler.announce(views if reconciler.full else fresh,
+                                         self.actuation.stopping(),
+                                         valid=lambda: self.leadership.valid(term))
+            if reconciler.full and not failed:
+                reconciler.synced_all()
+            errors += failed
         if not self._submit([a for a in actions if a.verb != "start"], busy, term):
             return
         if not dry:
@@ -453,16 +458,15 @@ class Loop:
         self._publish(changed, dry)
         self._record_metrics(changed, started)
         self.next_pass = self.clock() + self._next_delay(changed)
-        for name in fresh:  # what this pass saw, all of it handled
-            if name in seen:
-                self._processed[name] = seen[name]
-            else:
-                self._processed.pop(name, None)
-        reconciler.settle({name for name in seen if name not in self._held
-                           and reconciler.settled(name)})
+        self._processed.update(seen)  # what this pass saw, all of it handled
+        for name in fresh.keys() - seen.keys():
+            self._processed.pop(name, None)
+        # settled: nothing planned, all healthy, no deploy or backoff, nothing that failed
+        reconciler.settle({name for name in seen if reconciler.settled(name)
+                           and name not in self._failed})
         if reconciler.full:
             for table in (self._published, self._seen, self._unhealthy, self._processed,
-                          self._exited):
+                          self._exited, self._overrides):
                 for gone in table.keys() - views.keys():
                     del table[gone]
         now = self.clock()
@@ -476,7 +480,8 @@ class Loop:
         """The services exactly as the last completed pass saw and handled them (same keys
         as parsed, count, instances, all healthy; no deploy, no backoff): their problems,
         gauges and next-pass delay are left as they are. Also what this pass sees of
-        each settled one (to compare the next pass with once this one has completed)."""
+        each that is all healthy, with no deploy or backoff (to compare the next pass
+        with once this one has completed)."""
         troubled = {service for service, _ in list(self.restarts.slots)}
         last, quiet, seen = self._processed, set(), {}
         for name, view in views.items():
@@ -611,8 +616,6 @@ class Loop:
                 self._emit("shipmate_override_changed", service=name,
                            old=self._overrides[name], new=now)
             self._overrides[name] = now
-        for gone in self._overrides.keys() - views.keys():
-            del self._overrides[gone]
 
     def _health_changed(self, instance: Instance, healthy: bool, was: bool | None) -> None:
         """A probe saw ``instance`` pass (or fail) where it did not before (on the probe's
@@ -743,12 +746,14 @@ class Loop:
                     self._followed[name] = seen
             except (DeployError, StoreError) as exc:
                 errors.append(f"{name}: {exc}")
+                self._failed.add(name)
         if records:
             try:
                 record_releases(self.store, self.keys, records)
             except StoreError as exc:
                 errors.append(f"cannot record the releases of "
                               f"{counted([r[0] for r in records], 'service')}: {exc}")
+                self._failed.update(r[0] for r in records)
         return errors
 
     def _publish(self, views: dict[str, ServiceView], dry: bool) -> None:
@@ -789,6 +794,7 @@ class Loop:
                         self.store.delete(key)
                 except StoreError as exc:
                     log.warning("%s: cannot record its problems: %s", name, exc)
+                    self._failed.add(name)
                     continue
             self._published[name] = text
 

@@ -28,8 +28,8 @@ import yaml
 from agent.store.embedded import EmbeddedStore
 
 # The field names of agent.config's models: a test keeps these lists equal to them.
-AGENT_KEYS = frozenset({"cluster", "store", "interval", "resync", "http", "state_dir", "plugins", "grace",
-                        "parallelism", "max_instances", "leader_ttl", "orphans",
+AGENT_KEYS = frozenset({"cluster", "store", "interval", "resync", "http", "state_dir", "plugins",
+                        "grace", "parallelism", "max_instances", "leader_ttl", "orphans",
                         "default_strategy"})
 STORE_KEYS = frozenset({"backend", "path", "endpoints", "prefix", "timeout", "tls", "username",
                         "password", "allow_insecure"})

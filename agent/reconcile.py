@@ -287,8 +287,7 @@ class Reconciler:
         "seconds between comparisons of every key's revision (the watch may have missed one)"
         self.interval = interval
         "seconds between syncs of every service's announcements (:attr:`full`)"
-        self._synced_all = -math.inf
-        "seconds between full reads of the store once a watch feeds :meth:`store_changed`"
+        self._synced_all = -math.inf  # when every announcement was last synced
         self.clock = clock
         self._states: dict[str, StoreState] = {}  # service -> its keys as last parsed
         self._entries: dict[str, dict[str, Entry]] = {}  # service -> its keys as last read
@@ -363,25 +362,30 @@ class Reconciler:
                     parsed = self.keys.parse(key)
                     if parsed:
                         per_service[parsed[0]][parsed[1]] = entry
-                self._entries = dict(per_service)
+                # every configured service, those with no key too (else read again each pass)
+                self._entries = {name: per_service.get(name, {}) for name in self.services}
                 if not counted:
                     self._last_full = now
                     self.full_reads += 1
                 return None, True
             dirty &= self.services.keys()
             for name in dirty:
-                got: dict[str, Entry] = {}
-                for key, entry in self.store.get_prefix(self.keys.service(name, "")).items():
-                    parsed = self.keys.parse(key)
-                    if parsed and parsed[0] == name:
-                        got[parsed[1]] = entry
-                self._entries[name] = got
+                self._read_service(name)
         except BaseException:
             with self._dirty_lock:  # read them again next time
                 self._dirty |= dirty
                 self._full = self._full or full
             raise
         return dirty, resync
+
+    def _read_service(self, name: str) -> None:
+        """Read service ``name``'s keys again (one small prefix read)."""
+        got: dict[str, Entry] = {}
+        for key, entry in self.store.get_prefix(self.keys.service(name, "")).items():
+            parsed = self.keys.parse(key)
+            if parsed and parsed[0] == name:
+                got[parsed[1]] = entry
+        self._entries[name] = got
 
     def _many(self, names: set[str]) -> bool:
         """Too many to read one by one: one read of every key is cheaper."""
@@ -513,10 +517,7 @@ class Reconciler:
         fresh = self._views(candidates if len(candidates) < len(self.services)
                             else self.services, failed)
         self._revisit = set(fresh)
-        now = self.clock()
-        self.full = resync or everything or now - self._synced_all >= self.interval
-        if self.full:
-            self._synced_all = now
+        self.full = resync or everything or self.clock() - self._synced_all >= self.interval
         if check_health and self.prober is not None:
             self._read_health(fresh, everything)
         elif check_health:
@@ -560,6 +561,11 @@ class Reconciler:
         something about them changes. The rest of :attr:`fresh` is looked at again."""
         self._revisit -= names
 
+    def synced_all(self) -> None:
+        """Every service's announcements were just synced (the next :attr:`full` is due
+        ``interval`` from now)."""
+        self._synced_all = self.clock()
+
     def settled(self, name: str) -> bool:
         """Whether ``name``'s last plan needed nothing (and it has not changed since)."""
         return name in self._settled
@@ -576,19 +582,12 @@ class Reconciler:
         """
         with self._dirty_lock:
             if (not self._watched or self._full or not self._dirty
-                    or self.clock() - self._last_full >= self.resync
-                    or len(self._dirty) > max(FULL_READ_MIN,
-                                              FULL_READ_SHARE * len(self.services))):
+                    or self.clock() - self._last_full >= self.resync or self._many(self._dirty)):
                 return {}
             dirty, self._dirty = self._dirty & self.services.keys(), set()
         try:
             for name in dirty:
-                got: dict[str, Entry] = {}
-                for key, entry in self.store.get_prefix(self.keys.service(name, "")).items():
-                    parsed = self.keys.parse(key)
-                    if parsed and parsed[0] == name:
-                        got[parsed[1]] = entry
-                self._entries[name] = got
+                self._read_service(name)
         except BaseException:
             with self._dirty_lock:
                 self._dirty |= dirty

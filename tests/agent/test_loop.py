@@ -472,11 +472,14 @@ def test_a_settled_service_is_left_alone_until_something_about_it_changes(
 
         eventually(nothing_to_look_at, 30, "a pass with every service settled")
         other = loop.reconciler.views["other"]
+        events: list[tuple[str, dict]] = []
+        loop.emit = lambda hook, **kwargs: events.append((hook, kwargs))
         embedded_store.put(loop.keys.service("web", "override"), "2")
         eventually(lambda: "web" in loop.reconciler._dirty, 30, "the watch to see the override")
         loop.run_pass()
         assert set(loop.reconciler.fresh) == {"web"}  # only what changed is looked at
         assert loop.reconciler.views["other"] is other
+        assert ("shipmate_override_changed", {"service": "web", "old": None, "new": 2}) in events
         settle(loop)
         eventually(lambda: len(live(tmp_path, "web")) == 2, 30, "the second web instance")
 
