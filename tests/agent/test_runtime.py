@@ -131,6 +131,7 @@ def test_losing_etcd_freezes_changes_and_stops_nothing(etcd, write_config, tmp_p
         agent:
           cluster: frozen
           interval: 1s
+          resync: 1s  # every pass compares the store's revisions: each one fails while away
           store: {{backend: etcd, endpoints: ["{etcd.endpoint}"], timeout: 1s}}
         services:
           worker:
