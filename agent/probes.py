@@ -97,7 +97,8 @@ class Prober:
         self._wake = threading.Condition(self._lock)
         self._targets: dict[str, _Target] = {}
         self._by_service: dict[str, set[str]] = {}  # service -> its tracked instances
-        self._heap: list[tuple[float, int, str]] = []
+        self._heap: list[tuple[float, int, str]] = []  # healthy ones' next probes
+        self._first: list[tuple[float, int, str]] = []  # the others': probed first
         self._seq = itertools.count(1)
         self._in_flight: dict[str, _Target] = {}
         self._pool = _Pool()
@@ -164,6 +165,7 @@ class Prober:
             self._by_service.clear()
             self._in_flight.clear()
             self._heap.clear()
+            self._first.clear()
 
     def close(self) -> None:
         """Stop probing; threads in a probe finish it on their own (daemons)."""
@@ -179,7 +181,8 @@ class Prober:
     # ---------------------------------------------------------------- scheduling
     def _due(self, target: _Target, when: float) -> None:
         target.due = when
-        heapq.heappush(self._heap, (when, next(self._seq), target.instance.name))
+        heapq.heappush(self._heap if target.healthy else self._first,
+                       (when, next(self._seq), target.instance.name))
 
     def _next_due(self, target: _Target, now: float) -> float:
         if target.healthy:  # spread out: instances started together are not probed together
@@ -196,9 +199,9 @@ class Prober:
                 self._tokens = min(float(self.workers),
                                    self._tokens + (now - self._filled) * self.rate)
                 self._filled = now
-                while (not changes and self._heap and self._heap[0][0] <= now
+                while (not changes and (heap := self._due_heap(now)) is not None
                        and len(self._in_flight) < self.workers and self._tokens >= 1):
-                    due, _, name = heapq.heappop(self._heap)
+                    due, _, name = heapq.heappop(heap)
                     target = self._targets.get(name)
                     if target is None or target.due != due or name in self._in_flight:
                         continue  # dropped, rescheduled since, or being probed
@@ -207,12 +210,21 @@ class Prober:
                 if not changes:
                     waits = [t.started + t.timeout + HANG_SLACK
                              for t in self._in_flight.values()]
-                    if self._heap and len(self._in_flight) < self.workers:
-                        waits.append(max(self._heap[0][0],
+                    tops = [h[0][0] for h in (self._first, self._heap) if h]
+                    if tops and len(self._in_flight) < self.workers:
+                        waits.append(max(min(tops),
                                          now + max(0.0, 1 - self._tokens) / self.rate))
                     self._wake.wait(max(0.0, min(waits) - now) if waits else None)
             for change in changes:  # outside the lock: a handler may take its time
                 self._changed(*change)
+
+    def _due_heap(self, now: float) -> list[tuple[float, int, str]] | None:
+        """The heap whose next probe is due: an instance not healthy yet goes before every
+        healthy one's re-probe (a backlog of those never delays a new instance)."""
+        for heap in (self._first, self._heap):
+            if heap and heap[0][0] <= now:
+                return heap
+        return None
 
     def _dispatch(self, target: _Target, now: float) -> None:
         target.token = next(self._seq)

@@ -162,3 +162,26 @@ def test_probes_begin_at_most_rate_a_second():
         assert prober.probes <= 4 + 20 * took + 2, f"{prober.probes} probes in {took:.1f}s"
     finally:
         prober.close()
+
+
+def test_a_new_instance_is_probed_before_a_backlog_of_healthy_re_probes():
+    # 100 healthy instances due every 0.5 s at a rate of 50 probes a second: re-probes
+    # are always overdue; a new instance still goes next, not behind them
+    prober = Prober(workers=2, rate=50.0)
+    try:
+        healthy = [Instance(name=f"t-old-{i}-v1", service="old", slot=i, version="v1",
+                            host="127.0.0.1", port=None) for i in range(100)]
+        every = check(interval=0.5)
+        targets = [(i, lambda i: True, every) for i in healthy]
+        prober.track(targets)
+        eventually(lambda: all(prober.health(i.name) for i in healthy), 60, "all healthy")
+        eventually(lambda: prober._heap and prober._heap[0][0] < time.monotonic() - 1.0, 60,
+                   "a backlog of overdue re-probes")
+        new = Instance(name="t-new-0-v1", service="new", slot=0, version="v1",
+                       host="127.0.0.1", port=None)
+        before = prober.probes
+        prober.track([*targets, (new, lambda i: True, every)])
+        eventually(lambda: prober.health(new.name) is not None, 60, "the new one probed")
+        assert prober.probes - before <= 10  # not the 50 overdue re-probes first
+    finally:
+        prober.close()
