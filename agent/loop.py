@@ -435,7 +435,7 @@ class Loop:
         if not self._submit([a for a in actions if a.verb == "start"], busy, term):
             return
         if not dry and self.leadership.valid(term):
-            # a full resync syncs every announcement (a key deleted by hand comes back)
+            # every agent.interval, every announcement (a key deleted by hand comes back)
             failed = reconciler.announce(views if reconciler.full else fresh,
                                          self.actuation.stopping(),
                                          valid=lambda: self.leadership.valid(term))

@@ -348,13 +348,14 @@ class Reconciler:
         if len(self._entries) < len(self.services):
             dirty |= self.services.keys() - self._entries.keys()
         resync = full or now - self._last_full >= self.resync
-        counted = False
         try:
-            if resync and self._watched and self._entries and not self._many(dirty):
+            compared = resync and self._watched and self._entries and not self._many(dirty)
+            if compared:
                 dirty |= self._differ()  # then only what differs is read, values and all
-                self._last_full, counted = now, True
+            full = (resync and not compared) or self._many(dirty)
+            if full or resync:
+                self._last_full = now
                 self.full_reads += 1
-            full = (resync and not counted) or self._many(dirty)
             if full:
                 entries = self.store.get_prefix(self.keys.services)
                 per_service: dict[str, dict[str, Entry]] = defaultdict(dict)
@@ -364,9 +365,6 @@ class Reconciler:
                         per_service[parsed[0]][parsed[1]] = entry
                 # every configured service, those with no key too (else read again each pass)
                 self._entries = {name: per_service.get(name, {}) for name in self.services}
-                if not counted:
-                    self._last_full = now
-                    self.full_reads += 1
                 return None, True
             dirty &= self.services.keys()
             for name in dirty:
@@ -512,8 +510,6 @@ class Reconciler:
                 before = states.get(name)
                 if self._state(name, self._entries.get(name, empty)) is not before:
                     candidates.add(name)
-            for gone in self._states.keys() - self.services.keys():
-                del self._states[gone]
         fresh = self._views(candidates if len(candidates) < len(self.services)
                             else self.services, failed)
         self._revisit = set(fresh)
